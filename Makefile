@@ -1,0 +1,59 @@
+# Entry points of the study. `make repro` and `make test` are the two set-up
+# commands of the README; both install everything first (idempotent).
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+PROFILE ?= default
+KERNEL := mtl
+
+# glibc's default malloc returns freed tensor memory to the kernel on every
+# step; on a small CPU machine that made torch 2-3.7x slower.  These keep it.
+export MALLOC_MMAP_MAX_ := 0
+export MALLOC_TRIM_THRESHOLD_ := 100000000000
+export DVC_NO_ANALYTICS := 1
+export PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: setup repro test lint clean-results help
+
+help:
+	@echo "make repro              set up, then run the whole DVC pipeline (default CPU profile)"
+	@echo "make repro PROFILE=paper   the paper's settings (MobileNetV2, 224 px, GPU)"
+	@echo "make test               set up, then run the test suite"
+	@echo "make setup              only install (.venv, Debian tools, Jupyter kernel, DVC config)"
+
+setup: $(STAMP) kernel dvc-config
+
+# Debian side: apt package lists (the corpus downloads .deb files by name) and
+# libmagic (AugLy).  Needs root or sudo once; skipped when already satisfied.
+apt:
+	@bash scripts/setup_apt.sh
+
+$(STAMP): pyproject.toml Makefile scripts/setup_apt.sh
+	@bash scripts/setup_apt.sh
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23"
+	# torch first, pinned: these builds lie on the machine's disk (see README).
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+kernel: $(STAMP)
+	@$(PY) -m mtl.runtime install-kernel --name $(KERNEL)
+
+dvc-config: $(STAMP)
+	@$(VENV)/bin/dvc config core.analytics false
+	@$(VENV)/bin/dvc config core.check_update false
+
+repro: setup
+ifeq ($(PROFILE),default)
+	$(VENV)/bin/dvc repro
+else
+	$(VENV)/bin/dvc exp run -n $(PROFILE)-$$(date +%Y%m%d-%H%M%S) $$($(PY) -m mtl.params set-args profiles/$(PROFILE).yaml)
+endif
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-results:
+	rm -rf results/notebooks

@@ -1,0 +1,110 @@
+"""Process-level plumbing shared by every entry point: device choice, seeding,
+fast-malloc environment, the Jupyter kernel, and the git revision."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# glibc's default malloc hands freed tensor buffers back to the kernel after
+# every step; on a 2-core machine that made torch 2-3.7x slower.  These two
+# variables are read by glibc at process start, so they must be in the
+# environment *before* Python starts (Makefile, kernel spec, `mtl` re-exec).
+FAST_MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": "100000000000",
+}
+
+
+def ensure_fast_malloc() -> None:
+    """Re-execute the current command once with the fast-malloc variables set."""
+    missing = {k: v for k, v in FAST_MALLOC_ENV.items() if os.environ.get(k) != v}
+    if not missing or os.environ.get("MTL_NO_REEXEC"):
+        return
+    env = {**os.environ, **missing, "MTL_NO_REEXEC": "1"}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
+    """'auto' → CUDA when present, else CPU; anything else is passed to torch."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_revision(cwd: str | Path | None = None) -> str:
+    """Short SHA of HEAD (with '-dirty' when the tree has changes), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def is_interactive() -> bool:
+    """True for a terminal session; False under papermill, CI or a pipe, where
+    progress is printed as one line per epoch instead of a live bar."""
+    if os.environ.get("CI") or os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("MTL_NO_PROGRESS"):
+        return False
+    return sys.stderr.isatty()
+
+
+def install_kernel(name: str = "mtl") -> Path:
+    """Register this interpreter as Jupyter kernel `name` (user scope), with the
+    fast-malloc variables in the kernel's environment.  Idempotent."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    ksm = KernelSpecManager()
+    spec_dir = None
+    try:
+        spec_dir = Path(ksm.get_kernel_spec(name).resource_dir)
+    except Exception:  # noqa: BLE001 - jupyter raises NoSuchKernel, a plain KeyError subclass
+        pass
+    wanted_env = {**FAST_MALLOC_ENV, "PAPERMILL_EXECUTION": "1"}
+    if spec_dir is not None:
+        spec = json.loads((spec_dir / "kernel.json").read_text())
+        if spec.get("argv", [""])[0] == sys.executable and spec.get("env") == wanted_env:
+            return spec_dir
+    from ipykernel.kernelspec import install
+
+    spec_dir = Path(install(user=True, kernel_name=name, display_name=f"Python ({name})"))
+    spec = json.loads((spec_dir / "kernel.json").read_text())
+    spec["argv"][0] = sys.executable
+    spec["env"] = wanted_env
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    print(f"registered Jupyter kernel '{name}' -> {sys.executable}")
+    return spec_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mtl.runtime")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    k = sub.add_parser("install-kernel", help="register the Jupyter kernel used by the notebooks")
+    k.add_argument("--name", default="mtl")
+    args = parser.parse_args(argv)
+    if args.cmd == "install-kernel":
+        install_kernel(args.name)
+
+
+if __name__ == "__main__":
+    main()

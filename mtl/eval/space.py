@@ -1,0 +1,73 @@
+"""The embedding space, looked at and measured (the paper's Fig. 5, plus numbers).
+
+The paper shows t-SNE before and after training and says views of an anchor
+cluster with it.  We show t-SNE and UMAP and measure the same thing:
+  - view→anchor 1-NN accuracy: a view's nearest anchor is its own anchor;
+  - silhouette by anchor: how tight each anchor's group (anchor + its views) is
+    relative to the nearest other group (cosine distance; 1 is perfect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpaceScores:
+    knn_view_to_anchor: float
+    silhouette_by_anchor: float
+
+    def as_dict(self) -> dict:
+        return {"knn_view_to_anchor": self.knn_view_to_anchor,
+                "silhouette_by_anchor": self.silhouette_by_anchor}
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def view_to_anchor_accuracy(embeddings: np.ndarray, group: np.ndarray, is_anchor: np.ndarray) -> float:
+    """Share of views whose most similar anchor (cosine) is their own anchor."""
+    z = l2_normalize(embeddings)
+    group, is_anchor = np.asarray(group), np.asarray(is_anchor, dtype=bool)
+    if is_anchor.sum() == 0 or (~is_anchor).sum() == 0:
+        raise ValueError("need at least one anchor and one view")
+    anchors, views = z[is_anchor], z[~is_anchor]
+    nearest = np.argmax(views @ anchors.T, axis=1)
+    return float(np.mean(group[is_anchor][nearest] == group[~is_anchor]))
+
+
+def silhouette_by_anchor(embeddings: np.ndarray, group: np.ndarray) -> float:
+    from sklearn.metrics import silhouette_score
+
+    if len(np.unique(group)) < 2:
+        raise ValueError("silhouette needs at least two anchors")
+    return float(silhouette_score(l2_normalize(embeddings), group, metric="cosine"))
+
+
+def score_space(embeddings: np.ndarray, group: np.ndarray, is_anchor: np.ndarray) -> SpaceScores:
+    return SpaceScores(view_to_anchor_accuracy(embeddings, group, is_anchor),
+                       silhouette_by_anchor(embeddings, group))
+
+
+def project_tsne(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE (cosine), perplexity scaled down for small sets."""
+    from sklearn.manifold import TSNE
+
+    n = len(embeddings)
+    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed)
+    return tsne.fit_transform(l2_normalize(embeddings))
+
+
+def project_umap(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D UMAP (cosine); neighbours scaled down for small sets."""
+    import umap
+
+    n = len(embeddings)
+    reducer = umap.UMAP(n_components=2, n_neighbors=int(min(15, max(2, n - 1))), metric="cosine",
+                        random_state=seed, n_jobs=1)
+    return reducer.fit_transform(l2_normalize(embeddings))

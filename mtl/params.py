@@ -1,0 +1,108 @@
+"""params.yaml: the study's single source of parameters.
+
+Profiles (`profiles/<name>.yaml`) are partial YAML files overlaid on params.yaml;
+`dvc exp run -S` and papermill overrides use dotted keys (`loss.memory_size=0`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameter file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """A copy of `base` with `overlay` written over it, recursing into mappings."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def set_dotted(params: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not of the form key.path=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = params
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            raise KeyError(f"override {assignment!r}: {key!r} is not a section of the parameters")
+        node = node[key]
+    if keys[-1] not in node:
+        known = ", ".join(sorted(node)) or "(none)"
+        raise KeyError(f"override {assignment!r}: unknown key {keys[-1]!r}; known here: {known}")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = (),
+                profile: str | Path | None = None) -> dict:
+    """params.yaml, then a profile overlay, then dotted overrides, in that order."""
+    params = read_yaml(path)
+    if profile:
+        params = deep_merge(params, read_yaml(profile))
+    for assignment in overrides:
+        set_dotted(params, assignment)
+    return params
+
+
+def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Leaves of a nested mapping as (dotted key, value), in file order."""
+    leaves: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            leaves.extend(flatten(value, dotted + "."))
+        else:
+            leaves.append((dotted, value))
+    return leaves
+
+
+def dvc_set_args(profile: str | Path) -> list[str]:
+    """`-S key=value` arguments for `dvc exp run` that apply a profile overlay."""
+    args: list[str] = []
+    for key, value in flatten(read_yaml(profile)):
+        rendered = yaml.safe_dump(value, default_flow_style=True).strip()
+        rendered = rendered.removesuffix("...").strip()
+        args += ["-S", f"{key}={rendered}"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtl.params", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("set-args", help="print `dvc exp run -S` arguments for a profile")
+    s.add_argument("profile")
+    w = sub.add_parser("write", help="write params.yaml merged with a profile to OUT")
+    w.add_argument("profile")
+    w.add_argument("--base", default="params.yaml")
+    w.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.cmd == "set-args":
+        print(" ".join(shlex.quote(a) for a in dvc_set_args(args.profile)))
+    else:
+        merged = load_params(args.base, profile=args.profile)
+        Path(args.out).write_text(yaml.safe_dump(merged, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

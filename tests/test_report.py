@@ -1,0 +1,34 @@
+"""results/metrics.json gathering and README table generation."""
+
+import json
+
+import pandas as pd
+
+from mtl.report import gather_metrics, main, replace_block
+
+
+def test_gather_and_readme_tables(tmp_path):
+    results = tmp_path / "results"
+    (results / "train_frozen").mkdir(parents=True)
+    (results / "evaluate").mkdir(parents=True)
+    (results / "train_frozen" / "metrics.json").write_text(json.dumps(
+        {"epochs": 2, "final_train_total": 0.5, "final_val_total": 0.6, "wall_seconds": 12.5}))
+    (results / "evaluate" / "metrics.json").write_text(json.dumps({"phash": {"muap": 0.25}}))
+    pd.DataFrame([{"method": "phash", "muap": 0.25, "recall_at_p90": 0.1, "acc_at_1": 0.5,
+                   "fp_at_threshold": 3, "bytes_per_vector": 8}]).to_csv(results / "evaluate" / "methods.csv",
+                                                                       index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:retrieval -->\nold\n<!-- /table:retrieval -->\n"
+                      "<!-- table:training -->\nold\n<!-- /table:training -->\nend\n")
+    main(["--results", str(results), "--readme", str(readme)])
+    gathered = json.loads((results / "metrics.json").read_text())
+    assert gathered == gather_metrics(results)
+    assert gathered["retrieval"]["phash"]["muap"] == 0.25
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
+    assert "| phash | 0.250 | 0.100 | 0.500 | 3 | 8 |" in text
+    assert "| train_frozen | 2 | 0.500 | 0.600 |" in text
+
+
+def test_replace_block_leaves_text_without_markers_alone():
+    assert replace_block("no markers here", "retrieval", "x") == "no markers here"

@@ -1,0 +1,125 @@
+"""Figures of the study.  Each function takes data, draws one figure, writes a
+PNG and returns its path; the notebooks only call these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless under papermill / CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from PIL import Image  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def loss_curves(log: pd.DataFrame, title: str, path: str | Path) -> Path:
+    """Train vs. validation loss per branch (the paper's Fig. 3 / Fig. 4):
+    contrastive (embedding branch), cross-entropy (classification branch), total."""
+    panels = [("contrastive", "embedding branch: contrastive"),
+              ("cross_entropy", "classification branch: cross-entropy"),
+              ("total", "multi-task total")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            column = f"{split}_{key}"
+            if column in log:
+                ax.plot(log["epoch"], log[column], style, label=split)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def projections(panels: Mapping[str, np.ndarray], group: np.ndarray, is_anchor: np.ndarray,
+                path: str | Path, title: str = "") -> Path:
+    """2-D projections side by side (the paper's Fig. 5): colour = anchor,
+    stars = anchors, dots = their transformed views."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    palette = sns.color_palette("husl", len(np.unique(group)))
+    colour_of = {g: palette[i] for i, g in enumerate(np.unique(group))}
+    colours = [colour_of[g] for g in group]
+    for ax, (name, xy) in zip(axes[0], panels.items()):
+        views = ~is_anchor
+        ax.scatter(xy[views, 0], xy[views, 1], c=[colours[i] for i in np.flatnonzero(views)], s=14, alpha=0.8)
+        ax.scatter(xy[is_anchor, 0], xy[is_anchor, 1], c=[colours[i] for i in np.flatnonzero(is_anchor)],
+                   s=140, marker="*", edgecolors="black", linewidths=0.6)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> Path:
+    """Precision–recall of every method, pooled over all queries (μAP's curve)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for name, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=name, lw=1.5)
+    ax.axhline(0.9, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+def bar_chart(frame: pd.DataFrame, x: str, y: str, hue: str | None, path: str | Path, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(frame)), 4))
+    sns.barplot(data=frame, x=x, y=y, hue=hue, ax=ax)
+    ax.tick_params(axis="x", rotation=60)
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def image_grid(paths: Sequence[str | Path], path: str | Path, columns: int = 8, size: int = 96,
+               captions: Sequence[str] | None = None, title: str = "") -> Path:
+    """Thumbnails in a grid, optionally captioned."""
+    rows = max(1, int(np.ceil(len(paths) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * size / 64, rows * size / 58), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, image_path in enumerate(paths):
+        ax = axes.ravel()[i]
+        with Image.open(image_path) as img:
+            ax.imshow(img.convert("RGB"))
+        if captions:
+            ax.set_title(captions[i], fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def image_pairs(pairs: Sequence[tuple[str | Path, str | Path, str]], path: str | Path, title: str = "") -> Path:
+    """Query / reference pairs side by side, each with a caption (e.g. score)."""
+    n = max(1, len(pairs))
+    fig, axes = plt.subplots(n, 2, figsize=(4.4, 2.2 * n), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for row, (query, reference, caption) in enumerate(pairs):
+        for col, image_path in enumerate((query, reference)):
+            if image_path is None or not Path(image_path).is_file():
+                continue
+            with Image.open(image_path) as img:
+                axes[row, col].imshow(img.convert("RGB"))
+        axes[row, 0].set_title(f"query  {caption}", fontsize=7, loc="left")
+        axes[row, 1].set_title("reference", fontsize=7, loc="left")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,113 @@
+"""Nearest references of each query: exact inner product with faiss.
+
+Every descriptor in this study is a unit vector (hashes as ±1/√bits), so inner
+product is cosine similarity and, for hashes, 1 − 2·hamming/bits.  Search is
+exact (`IndexFlatIP`) so that methods differ only by their descriptors; the
+compressed indexes of the 1M-scale claim live in benchmarks/scale_1m.py.
+A GPU index is used when CUDA and faiss-gpu are both present.
+
+    mtl search --queries q.npz --references r.npz --k 10 --out preds.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def faiss_gpu_available() -> bool:
+    """True when this faiss build was compiled with GPU support and sees a GPU."""
+    import faiss
+
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return bool(get_num_gpus and get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"))
+
+
+def _as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d array [n, dim], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def build_flat_index(references: np.ndarray, use_gpu: bool | None = None):
+    """An exact inner-product index holding `references` (GPU when available)."""
+    import faiss
+
+    references = _as_float32_matrix(references, "references")
+    index = faiss.IndexFlatIP(references.shape[1])
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    if use_gpu:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(references)
+    return index
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    predictions: pd.DataFrame  # query_id, reference_id, score, rank (1 = nearest)
+    seconds: float             # wall time of index build + search
+    n_queries: int
+
+    @property
+    def ms_per_query(self) -> float:
+        return 1000.0 * self.seconds / max(self.n_queries, 1)
+
+
+def search(query_embeddings: np.ndarray, query_ids, reference_embeddings: np.ndarray,
+           reference_ids, k: int = 10, use_gpu: bool | None = None) -> SearchResult:
+    """Top-k references of each query by inner product, as a predictions table."""
+    queries = _as_float32_matrix(query_embeddings, "query embeddings")
+    references = _as_float32_matrix(reference_embeddings, "reference embeddings")
+    if queries.shape[1] != references.shape[1]:
+        raise ValueError(f"query dim {queries.shape[1]} != reference dim {references.shape[1]}")
+    query_ids, reference_ids = np.asarray(query_ids).astype(str), np.asarray(reference_ids).astype(str)
+    if len(query_ids) != len(queries) or len(reference_ids) != len(references):
+        raise ValueError("ids and embeddings differ in length")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, len(references))
+    start = time.perf_counter()
+    if k == 0 or len(queries) == 0:
+        scores = np.zeros((len(queries), 0), np.float32)
+        neighbours = np.zeros((len(queries), 0), np.int64)
+    else:
+        scores, neighbours = build_flat_index(references, use_gpu).search(queries, k)
+    seconds = time.perf_counter() - start
+    valid = neighbours >= 0  # faiss pads with -1 when fewer than k exist
+    rows, cols = np.nonzero(valid)
+    predictions = pd.DataFrame({
+        "query_id": query_ids[rows],
+        "reference_id": reference_ids[neighbours[rows, cols]],
+        "score": scores[rows, cols].astype(np.float64),
+        "rank": cols + 1,
+    })
+    return SearchResult(predictions=predictions, seconds=seconds, n_queries=len(queries))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtl.eval.embed import load_npz
+
+    parser = argparse.ArgumentParser(prog="mtl search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--queries", required=True, type=Path, help="query embeddings (.npz)")
+    parser.add_argument("--references", required=True, type=Path, help="reference embeddings (.npz)")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    parser.add_argument("--out", required=True, type=Path, help="predictions CSV")
+    parser.add_argument("--cpu", action="store_true", help="never use a GPU index")
+    args = parser.parse_args(argv)
+    queries, references = load_npz(args.queries), load_npz(args.references)
+    result = search(queries.embeddings, queries.ids, references.embeddings, references.ids,
+                    k=args.k, use_gpu=False if args.cpu else None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.predictions.to_csv(args.out, index=False)
+    print(f"{len(result.predictions)} predictions for {result.n_queries} queries "
+          f"({result.ms_per_query:.3f} ms/query) -> {args.out}")
+    return 0

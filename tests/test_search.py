@@ -1,0 +1,43 @@
+"""faiss search equals brute-force numpy inner-product search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mtl.eval.search import search
+
+
+def unit_rows(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_top_k_equals_brute_force_numpy():
+    rng = np.random.default_rng(0)
+    refs, queries = unit_rows(rng, 200, 32), unit_rows(rng, 40, 32)
+    ref_ids = np.array([f"r{i}" for i in range(200)])
+    query_ids = np.array([f"q{i}" for i in range(40)])
+    result = search(queries, query_ids, refs, ref_ids, k=10, use_gpu=False)
+    sims = queries @ refs.T
+    expected = np.argsort(-sims, axis=1)[:, :10]
+    got = result.predictions
+    assert len(got) == 40 * 10
+    for qi in range(40):
+        rows = got[got["query_id"] == query_ids[qi]].sort_values("rank")
+        assert list(rows["rank"]) == list(range(1, 11))
+        assert list(rows["reference_id"]) == list(ref_ids[expected[qi]])
+        np.testing.assert_allclose(rows["score"], sims[qi, expected[qi]], rtol=1e-5, atol=1e-6)
+    assert result.ms_per_query >= 0
+
+
+def test_k_larger_than_reference_count_returns_all_references():
+    rng = np.random.default_rng(1)
+    result = search(unit_rows(rng, 3, 8), ["a", "b", "c"], unit_rows(rng, 4, 8), list("wxyz"), k=10)
+    assert len(result.predictions) == 12
+
+
+def test_dimension_mismatch_is_a_clear_error():
+    rng = np.random.default_rng(2)
+    with pytest.raises(ValueError, match="dim"):
+        search(unit_rows(rng, 3, 8), list("abc"), unit_rows(rng, 3, 16), list("xyz"))

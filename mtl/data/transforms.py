@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-side", type=int, default=384, help="downscale the image to this longest side first")
     args = parser.parse_args(argv)
     with Image.open(args.image) as im:
-        img = _rgb(im)
+        img = im.convert("RGB")  # loads the pixels before the file closes
     img.thumbnail((args.max_side, args.max_side))
     out = render_gallery(img, args.out, seed=args.seed)
     print(f"wrote {out} ({len(REGISTRY)} transformations)")

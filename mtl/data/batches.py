@@ -1,0 +1,247 @@
+"""Training and validation batches: K instances x V views, deterministic per (seed, epoch).
+
+A *view* is a random `train`-family copy transformation of an original, then a mild
+random crop, resized to the model's square input and normalized with the backbone's
+mean/std.  The V views of one original share its instance id (the positives of the
+contrastive loss, §II-C) and its class id (the content-type head, §II-B).
+
+Determinism: the batch sampler (main process) draws the epoch's instance order from
+(seed, epoch); every view is drawn from its own generator seeded by
+(seed, epoch, instance, view), so the same epoch gives the same tensors whichever
+DataLoader worker computes them.
+
+Speed: originals are <= 384 px JPEGs.  Each process decodes an original once, at
+reduced scale (JPEG draft mode), downscaled to about 2x the input size, and keeps it
+in memory (a few thousand 224 px images are a few hundred MB); DataLoader workers are
+persistent, so their caches survive from epoch to epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as F
+
+from mtl.data.transforms import apply_random
+
+Normalization = tuple[Sequence[float], Sequence[float]]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+SPLITS = ("train", "val", "test")
+# Originals are cached with their shorter side at this multiple of the input size: enough
+# room for crops and rescales to keep detail, small enough to decode and transform fast.
+CACHE_SCALE = 2
+# The mild crop taken after the copy transformation: share of the area and aspect range.
+VIEW_CROP_AREA = (0.6, 1.0)
+VIEW_CROP_ASPECT = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class Original:
+    """One manifest row as the batches need it."""
+
+    id: str
+    path: Path     # absolute (corpus dir joined)
+    class_name: str
+
+
+# --------------------------------------------------------------------------- manifest
+
+def read_manifest(manifest_csv: str | Path) -> list[dict[str, str]]:
+    manifest_csv = Path(manifest_csv)
+    if not manifest_csv.is_file():
+        raise FileNotFoundError(f"manifest not found: {manifest_csv} (build the corpus first: mtl corpus)")
+    with manifest_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"id", "path", "class", "split"} - set(rows[0] if rows else {})
+    if rows and missing:
+        raise ValueError(f"{manifest_csv}: missing columns {sorted(missing)}")
+    return rows
+
+
+def class_names_from_manifest(manifest_csv: str | Path) -> list[str]:
+    """The sorted class names: class id i is the i-th name, in every split."""
+    return sorted({row["class"] for row in read_manifest(manifest_csv)})
+
+
+def split_originals(manifest_csv: str | Path, corpus_dir: str | Path, split: str) -> list[Original]:
+    """The originals of one split, sorted by id (a stable order for seeded choices)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    corpus_dir = Path(corpus_dir)
+    rows = [r for r in read_manifest(manifest_csv) if r["split"] == split]
+    return sorted((Original(r["id"], corpus_dir / r["path"], r["class"]) for r in rows), key=lambda o: o.id)
+
+
+# --------------------------------------------------------------------------- pixels
+
+def load_original(path: str | Path, shorter_side: int | None = None) -> Image.Image:
+    """Decode an RGB original; with `shorter_side`, downscaled to it (never upscaled).
+
+    JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale directly, which is
+    several times cheaper than a full decode followed by a resize."""
+    with Image.open(path) as im:
+        if shorter_side is not None:
+            im.draft("RGB", (shorter_side, shorter_side))
+        img = im.convert("RGB")
+    if shorter_side is not None and min(img.size) > shorter_side:
+        factor = shorter_side / min(img.size)
+        img = img.resize((max(1, round(img.width * factor)), max(1, round(img.height * factor))),
+                         Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return img
+
+
+def normalize_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    x = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
+    return F.normalize(x, list(mean), list(std))
+
+
+def to_model_input(img: Image.Image, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Evaluation input [3, S, S]: shorter side resized to S, centre crop, normalized."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    img = F.resize(img, image_size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+    return normalize_tensor(F.center_crop(img, [image_size, image_size]), mean, std)
+
+
+def mild_random_crop(img: Image.Image, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """A random crop of 60-100 % of the area, resized to the square input size."""
+    w, h = img.size
+    area = rng.uniform(*VIEW_CROP_AREA) * w * h
+    aspect = float(np.exp(rng.uniform(np.log(VIEW_CROP_ASPECT[0]), np.log(VIEW_CROP_ASPECT[1]))))
+    cw = int(min(w, max(1, round(np.sqrt(area * aspect)))))
+    ch = int(min(h, max(1, round(np.sqrt(area / aspect)))))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return F.resized_crop(img, top, left, ch, cw, [image_size, image_size],
+                          interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+
+
+def training_view(original: Image.Image, rng: np.random.Generator, image_size: int,
+                  mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """One view [3, S, S]: a random train-family transformation, a mild crop, normalization."""
+    _, edited = apply_random("train", original, rng)
+    return normalize_tensor(mild_random_crop(edited, rng, image_size), mean, std)
+
+
+# --------------------------------------------------------------------------- dataset + sampler
+
+@dataclass(frozen=True)
+class ViewKey:
+    """What one batch slot asks the dataset for: view `view` of instance `instance` in `epoch`."""
+
+    epoch: int
+    instance: int
+    view: int
+
+
+class InstanceViews(Dataset):
+    """Views of one split's originals, addressed by ViewKey.  Instance ids are positions in
+    the split's id-sorted list; class ids index `class_names`."""
+
+    def __init__(self, originals: Sequence[Original], class_names: Sequence[str], image_size: int,
+                 normalization: Normalization, seed: int):
+        unknown = sorted({o.class_name for o in originals} - set(class_names))
+        if unknown:
+            raise ValueError(f"classes {unknown} are not in class_names {list(class_names)}")
+        self.originals = list(originals)
+        self.class_ids = [list(class_names).index(o.class_name) for o in self.originals]
+        self.image_size = image_size
+        self.mean, self.std = (tuple(float(v) for v in normalization[0]), tuple(float(v) for v in normalization[1]))
+        self.seed = seed
+        self._cache: dict[int, Image.Image] = {}  # per process: decoded, downscaled originals
+
+    def __len__(self) -> int:
+        return len(self.originals)
+
+    def original(self, instance: int) -> Image.Image:
+        img = self._cache.get(instance)
+        if img is None:
+            img = load_original(self.originals[instance].path, CACHE_SCALE * self.image_size)
+            self._cache[instance] = img
+        return img
+
+    def __getitem__(self, key: ViewKey) -> tuple[torch.Tensor, int, int]:
+        rng = np.random.default_rng((self.seed, key.epoch, key.instance, key.view))
+        view = training_view(self.original(key.instance), rng, self.image_size, self.mean, self.std)
+        return view, key.instance, self.class_ids[key.instance]
+
+
+class InstanceBatchSampler(Sampler):
+    """Batches of `instances_per_batch` distinct instances x `views_per_instance` views,
+    the instances in an order drawn from (seed, epoch).  Set `epoch` before iterating."""
+
+    def __init__(self, num_instances: int, instances_per_batch: int, views_per_instance: int, seed: int,
+                 drop_last: bool = True):
+        if instances_per_batch < 1 or views_per_instance < 1:
+            raise ValueError("instances_per_batch and views_per_instance must be >= 1")
+        self.num_instances = num_instances
+        self.instances_per_batch = instances_per_batch
+        self.views_per_instance = views_per_instance
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_instances, self.instances_per_batch)
+        return full + (0 if self.drop_last or rest == 0 else 1)
+
+    def __iter__(self) -> Iterator[list[ViewKey]]:
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.num_instances)
+        for b in range(len(self)):
+            chunk = order[b * self.instances_per_batch:(b + 1) * self.instances_per_batch]
+            yield [ViewKey(self.epoch, int(i), v) for i in chunk for v in range(self.views_per_instance)]
+
+
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> Batch:
+    images, instances, classes = zip(*items)
+    return torch.stack(images), torch.tensor(instances, dtype=torch.long), torch.tensor(classes, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- what the trainer calls
+
+def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: str, instances_per_batch: int,
+                       views_per_instance: int, image_size: int, normalization: Normalization, seed: int,
+                       num_workers: int = 0, class_names: Sequence[str] | None = None
+                       ) -> Callable[[int], Iterable[Batch]]:
+    """`batches(epoch) -> iterable of (images [K*V,3,S,S], instance_ids [K*V], class_ids [K*V])`.
+
+    Train drops the last incomplete batch (every batch is exactly K x V); val keeps it, so
+    every val original is scored.  The same epoch gives the same batches."""
+    originals = split_originals(manifest_csv, corpus_dir, split)
+    if len(originals) < 2:
+        raise ValueError(f"split {split!r} of {manifest_csv} has {len(originals)} images; need at least 2")
+    drop_last = split == "train"
+    if drop_last and len(originals) < instances_per_batch:
+        raise ValueError(f"split {split!r} has {len(originals)} images, fewer than instances_per_batch="
+                         f"{instances_per_batch}: no full batch")
+    class_names = list(class_names) if class_names is not None else class_names_from_manifest(manifest_csv)
+    dataset = InstanceViews(originals, class_names, image_size, normalization, seed)
+    sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+    def batches(epoch: int = 0) -> Iterable[Batch]:
+        return EpochBatches(loader, sampler, epoch)
+
+    return batches
+
+
+class EpochBatches:
+    """The batches of one epoch; iterating twice gives the same batches again."""
+
+    def __init__(self, loader: DataLoader, sampler: InstanceBatchSampler, epoch: int):
+        self.loader, self.sampler, self.epoch = loader, sampler, epoch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        # The sampler runs in this process and reads its epoch when iteration starts, so a
+        # persistent worker pool can serve any epoch.
+        self.sampler.epoch = self.epoch
+        return iter(self.loader)

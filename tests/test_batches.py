@@ -1,0 +1,126 @@
+"""Training batches: K instances x V views with the right labels, deterministic per
+(seed, epoch), different across epochs, identical with DataLoader workers."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from mtl.data.batches import class_names_from_manifest, make_stage_batches, to_model_input
+
+NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+SIZE = 32
+
+
+def write_tiny_corpus(root: Path, per_split: dict[str, int]) -> Path:
+    """Crops of scikit-image photos as a corpus: class 'scene' from colour photos,
+    'clipart' from grayscale ones (converted to RGB), split as asked."""
+    sources = {"scene": [data.chelsea(), data.coffee(), data.astronaut()],
+               "clipart": [np.stack([data.camera()] * 3, -1), np.stack([data.moon()] * 3, -1)]}
+    rows, n = [], 0
+    for split, count in per_split.items():
+        for i in range(count):
+            cls = ("scene", "clipart")[n % 2]
+            photo = sources[cls][n % len(sources[cls])]
+            y, x = (n * 37) % (photo.shape[0] - 96), (n * 53) % (photo.shape[1] - 96)
+            path = root / "images" / f"img{n:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo[y:y + 96, x:x + 96]).save(path, quality=90)
+            rows.append({"id": f"img{n:03d}", "path": f"images/img{n:03d}.jpg", "class": cls, "source": "test",
+                         "group": f"g{n}", "split": split, "hash": f"{n:016x}", "width": 96, "height": 96})
+            n += 1
+    manifest = root / "manifest.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"), {"train": 10, "val": 5, "test": 3})
+
+
+def _batches(manifest: Path, split: str = "train", seed: int = 0, workers: int = 0, k: int = 4, v: int = 3):
+    return make_stage_batches(manifest, manifest.parent, split, k, v, SIZE, NORM, seed, workers)
+
+
+def _all(batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return list(batches)
+
+
+def test_class_names_follow_sorted_order_not_row_order(corpus: Path) -> None:
+    first_row = next(csv.DictReader(corpus.open()))
+    assert first_row["class"] == "scene"
+    assert class_names_from_manifest(corpus) == ["clipart", "scene"]
+
+
+def test_train_batches_are_k_instances_by_v_views_with_right_labels(corpus: Path) -> None:
+    batches = _all(_batches(corpus)(0))
+    assert len(batches) == 10 // 4  # the incomplete last batch is dropped in training
+    names = class_names_from_manifest(corpus)
+    rows = sorted(csv.DictReader(corpus.open()), key=lambda r: r["id"])
+    train_classes = [names.index(r["class"]) for r in rows if r["split"] == "train"]
+    seen = []
+    for images, instances, classes in batches:
+        assert images.shape == (12, 3, SIZE, SIZE) and images.dtype == torch.float32
+        assert instances.dtype == classes.dtype == torch.long
+        assert instances.view(4, 3).unique(dim=1).shape == (4, 1)  # V consecutive views share an id
+        assert len(instances.unique()) == 4
+        assert classes.tolist() == [train_classes[i] for i in instances.tolist()]
+        assert -1.0 - 1e-6 <= images.min() and images.max() <= 1.0 + 1e-6  # (x - 0.5) / 0.5
+        seen += instances.unique().tolist()
+    assert len(seen) == len(set(seen))  # each instance at most once per epoch
+
+
+def test_views_of_one_instance_differ(corpus: Path) -> None:
+    images, _, _ = next(iter(_batches(corpus)(0)))
+    assert not torch.equal(images[0], images[1])
+
+
+def test_same_seed_and_epoch_give_identical_batches_even_with_workers(corpus: Path) -> None:
+    first = _all(_batches(corpus)(3))
+    again = _all(_batches(corpus)(3))
+    with_workers = _all(_batches(corpus, workers=2)(3))
+    for a, b, c in zip(first, again, with_workers, strict=True):
+        for x, y, z in zip(a, b, c):
+            assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_epochs_and_seeds_differ(corpus: Path) -> None:
+    make = _batches(corpus)
+    e0, e1 = _all(make(0)), _all(make(1))
+    other_seed = _all(_batches(corpus, seed=1)(0))
+    assert not torch.equal(e0[0][0], e1[0][0])
+    assert not torch.equal(e0[0][0], other_seed[0][0])
+    assert [b[1].tolist() for b in e0] != [b[1].tolist() for b in e1]  # a new instance order
+
+
+def test_val_split_keeps_its_last_partial_batch(corpus: Path) -> None:
+    batches = _all(_batches(corpus, split="val")(0))
+    assert [len(b[1]) for b in batches] == [12, 3]
+    assert sorted(torch.cat([b[1] for b in batches]).unique().tolist()) == list(range(5))
+
+
+def test_too_few_images_for_a_batch_fail_clearly(corpus: Path) -> None:
+    with pytest.raises(ValueError, match="fewer than instances_per_batch"):
+        _batches(corpus, k=11)
+    with pytest.raises(ValueError, match="unknown split"):
+        _batches(corpus, split="holdout")
+
+
+def test_to_model_input_resizes_shorter_side_and_centre_crops() -> None:
+    img = Image.fromarray(data.chelsea())  # 451 x 300
+    x = to_model_input(img, 64, *NORM)
+    assert x.shape == (3, 64, 64)
+    mean = np.asarray(img, dtype=np.float32).mean() / 255
+    assert abs(float(x.mean()) * 0.5 + 0.5 - mean) < 0.05
+    tiny = to_model_input(Image.fromarray(data.camera()).resize((8, 8)), 64, *NORM)
+    assert tiny.shape == (3, 64, 64)

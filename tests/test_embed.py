@@ -1,0 +1,92 @@
+"""`mtl embed`: every method through one path; unreadable images skipped and reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtl.eval.baselines import hamming_from_score
+from mtl.eval.embed import images_in_folder, load_npz, main, parse_method
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        pixels = rng.integers(0, 256, (40 + 4 * i, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    (folder / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(folder / "sub" / "deep.jpg")
+    (folder / "broken.jpg").write_text("this is not a picture")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image extension: ignored")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from mtl.model import ModelConfig, MTLNet
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    MTLNet(ModelConfig(pretrained=False)).save_checkpoint(path)
+    return path
+
+
+GOOD = {"img0.png", "img1.png", "img2.png", "img3.png", "img4.png", "sub/deep.jpg"}
+
+
+def test_folder_lists_images_recursively(image_folder):
+    assert set(images_in_folder(image_folder).ids) == GOOD | {"broken.jpg", "empty.png"}
+
+
+@pytest.mark.parametrize("method", ["phash", "dhash"])
+def test_hashes_skip_bad_files_and_map_hamming_to_inner_product(image_folder, tmp_path, capsys, method):
+    out = tmp_path / f"{method}.npz"
+    assert main(["--method", method, "--folder", str(image_folder), "--out", str(out)]) == 0
+    result = load_npz(out)
+    assert set(result.ids) == GOOD
+    assert dict(zip(result.failed, result.failed_reasons)) == {"broken.jpg": "not_an_image", "empty.png": "empty"}
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().err
+    assert result.embeddings.shape == (6, 64) and result.bytes_per_vector == 8
+    np.testing.assert_allclose(np.abs(result.embeddings), 1 / 8)
+    # inner product = 1 - 2·hamming/64, so a score maps back to the Hamming distance
+    import imagehash
+
+    hasher = getattr(imagehash, method)
+    h0, h1 = (hasher(Image.open(image_folder / result.ids[i])) for i in (0, 1))
+    score = float(result.embeddings[0] @ result.embeddings[1])
+    assert score == pytest.approx(1 - 2 * (h0 - h1) / 64)
+    assert hamming_from_score(score) == h0 - h1
+
+
+def test_checkpoint_gives_embedding_class_probs_and_gap_in_one_pass(image_folder, checkpoint, tmp_path, capsys):
+    out, gap_out = tmp_path / "mtl.npz", tmp_path / "gap.npz"
+    code = main(["--method", str(checkpoint), "--folder", str(image_folder), "--out", str(out),
+                 "--gap-out", str(gap_out), "--image-size", "32", "--batch-size", "4", "--device", "cpu"])
+    assert code == 0
+    mtl, gap = load_npz(out), load_npz(gap_out)
+    assert set(mtl.ids) == GOOD and list(mtl.ids) == list(gap.ids)
+    assert set(mtl.failed) == {"broken.jpg", "empty.png"}
+    assert mtl.embeddings.shape == (6, 320) and gap.embeddings.shape == (6, 1280)
+    np.testing.assert_allclose(np.linalg.norm(mtl.embeddings, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(gap.embeddings, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(mtl.class_probs.sum(axis=1), 1, atol=1e-5)
+    assert list(mtl.class_names) == ["scene", "clipart"] and gap.class_probs is None
+    assert mtl.images_per_second > 0 and gap.method == f"backbone_gap1280:{checkpoint}"
+    assert "skipped 2" in capsys.readouterr().err
+
+
+def test_same_image_gives_same_embedding_regardless_of_batch(image_folder, checkpoint):
+    from mtl.eval.embed import embed
+
+    paths = [image_folder / "img0.png", image_folder / "img1.png", image_folder / "img0.png"]
+    result = embed(str(checkpoint), paths, ["a", "b", "c"], image_size=32, batch_size=2, device="cpu",
+                   num_workers=0)
+    np.testing.assert_allclose(result.embeddings[0], result.embeddings[2], atol=1e-5)
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_method("sift")

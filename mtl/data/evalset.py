@@ -1,0 +1,252 @@
+"""The fixed evaluation set: references, queries and their ground truth, per split.
+
+For each split (test: the reported numbers; val: choosing thresholds), built once and
+deterministically from that split's originals (never seen in training):
+
+  references   a seeded subset of the split's originals, copied unchanged;
+  positives    `eval`-family transformations of a subset of the references (one per
+               reference), each recording its transformation and whether it is held out
+               from training; the names cycle over the family so each gets its share;
+  distractors  transformations of the split's images that are NOT references: queries
+               whose right answer is "no match", at least as many as the positives, as
+               in DISC21.  When the split has fewer non-references than distractors,
+               sources repeat (with different transformations and seeds).
+
+Written to `<out_dir>/<split>/` (format in docs/architecture.md):
+  references.csv  reference_id, path, class
+  queries.csv     query_id, path, class, reference_id (empty for distractors),
+                  transformation, held_out
+  references/*.jpg, queries/*.jpg
+Query ids are assigned in a seeded shuffled order, so neither an id nor a file name
+tells a positive from a distractor.  Every image comes from a generator seeded by
+(seed, split, query number): the same inputs give byte-identical files, whatever the
+number of worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from mtl.data.batches import Original, load_original, split_originals
+from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out, render_gallery
+from mtl.runtime import is_interactive
+
+EVAL_SPLITS = ("test", "val")
+QUERY_JPEG_QUALITY = 90  # queries are shared as JPEGs, as DISC21's are
+REFERENCE_COLUMNS = ("reference_id", "path", "class")
+QUERY_COLUMNS = ("query_id", "path", "class", "reference_id", "transformation", "held_out")
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    references: int
+    positive_queries: int
+    distractor_queries: int
+
+    def __post_init__(self) -> None:
+        if min(self.references, self.positive_queries, self.distractor_queries) < 0:
+            raise ValueError(f"counts must be >= 0, got {self}")
+        if self.positive_queries > self.references:
+            raise ValueError(f"positive_queries ({self.positive_queries}) cannot exceed references "
+                             f"({self.references}): each positive comes from a different reference")
+        if self.distractor_queries < self.positive_queries:
+            raise ValueError(f"distractor_queries ({self.distractor_queries}) must be at least positive_queries "
+                             f"({self.positive_queries}): most real queries have no match")
+
+
+@dataclass(frozen=True)
+class EvalsetConfig:
+    """The `evalset` section of params.yaml."""
+
+    dir: str = "data/eval"
+    seed: int = 1
+    splits: Mapping[str, SplitCounts] = field(default_factory=lambda: {
+        "test": SplitCounts(1200, 1000, 1000), "val": SplitCounts(300, 300, 300)})
+    workers: int = min(2, os.cpu_count() or 1)
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> "EvalsetConfig":
+        splits = {s: SplitCounts(**section[s]) for s in EVAL_SPLITS if s in section}
+        if not splits:
+            raise ValueError(f"evalset parameters name none of the splits {EVAL_SPLITS}")
+        extra = set(section) - {"dir", "seed", "workers", *EVAL_SPLITS}
+        if extra:
+            raise ValueError(f"unknown evalset parameters {sorted(extra)}")
+        return cls(dir=section.get("dir", cls.dir), seed=int(section.get("seed", cls.seed)), splits=splits,
+                   workers=int(section.get("workers", cls.workers)))
+
+
+@dataclass(frozen=True)
+class QueryJob:
+    """One query to render: source original, transformation, seed, destination."""
+
+    query_id: str
+    source: Original
+    reference_id: str  # '' for a distractor
+    transformation: str
+    seed: tuple[int, ...]
+    out_path: Path
+
+
+# --------------------------------------------------------------------------- planning (pure)
+
+def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_index: int,
+               out_dir: Path, split: str = "") -> tuple[list[Original], list[QueryJob]]:
+    """Choose references, positive and distractor sources and each query's transformation."""
+    needed = counts.references + (1 if counts.distractor_queries else 0)
+    if len(originals) < needed:
+        raise ValueError(
+            f"split {split!r} has {len(originals)} images, too few for {counts.references} references"
+            f"{' plus at least one distractor source' if counts.distractor_queries else ''}: lower "
+            f"evalset.{split}.references or build a larger corpus")
+    rng = np.random.default_rng((seed, split_index))
+    order = rng.permutation(len(originals))
+    references = sorted((originals[i] for i in order[:counts.references]), key=lambda o: o.id)
+    others = [originals[i] for i in order[counts.references:]]
+    positive_sources = [references[i] for i in rng.permutation(len(references))[:counts.positive_queries]]
+    distractor_sources = [others[i % len(others)] for i in range(counts.distractor_queries)] if others else []
+
+    family = list(EVAL_FAMILY)
+    offset = int(rng.integers(len(family)))  # distractors start elsewhere in the cycle
+    plans = [(src, src.id, family[i % len(family)]) for i, src in enumerate(positive_sources)]
+    plans += [(src, "", family[(offset + i) % len(family)]) for i, src in enumerate(distractor_sources)]
+    shuffled = rng.permutation(len(plans))
+    jobs = []
+    for number, p in enumerate(shuffled):
+        source, reference_id, name = plans[p]
+        query_id = f"{split or 'q'}_q{number:05d}"
+        jobs.append(QueryJob(query_id, source, reference_id, name, (seed, split_index, number),
+                             out_dir / "queries" / f"{query_id}.jpg"))
+    return references, jobs
+
+
+# --------------------------------------------------------------------------- rendering
+
+def render_query(job: QueryJob) -> str:
+    img = apply(job.transformation, load_original(job.source.path), job.seed)
+    img.save(job.out_path, quality=QUERY_JPEG_QUALITY)
+    return job.query_id
+
+
+def copy_reference(original: Original, dest: Path) -> None:
+    """Copy the original's bytes (JPEG corpus files), or re-encode other formats as JPEG."""
+    if original.path.suffix.lower() in {".jpg", ".jpeg"}:
+        shutil.copyfile(original.path, dest)
+    else:
+        load_original(original.path).save(dest, quality=95)
+
+
+def _progress(items: Iterable, total: int, desc: str) -> Iterable:
+    if is_interactive():
+        from tqdm import tqdm
+
+        return tqdm(items, total=total, desc=desc)
+    return items
+
+
+def render_queries(jobs: list[QueryJob], workers: int, desc: str) -> None:
+    if workers > 1 and len(jobs) > 50:
+        with Pool(workers) as pool:
+            for _ in _progress(pool.imap_unordered(render_query, jobs, chunksize=16), len(jobs), desc):
+                pass
+    else:
+        for job in _progress(jobs, len(jobs), desc):
+            render_query(job)
+
+
+# --------------------------------------------------------------------------- writing
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: Iterable[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build_split(originals: list[Original], counts: SplitCounts, seed: int, split: str, out_dir: Path,
+                workers: int) -> dict[str, Any]:
+    """Write one split's references, queries and CSVs; return its counts."""
+    split_dir = out_dir / split
+    references, jobs = plan_split(originals, counts, seed, EVAL_SPLITS.index(split), split_dir, split)
+    if split_dir.exists():
+        shutil.rmtree(split_dir)  # stale queries of an earlier, larger build must not linger
+    (split_dir / "references").mkdir(parents=True)
+    (split_dir / "queries").mkdir()
+
+    for ref in _progress(references, len(references), f"{split} references"):
+        copy_reference(ref, split_dir / "references" / f"{ref.id}.jpg")
+    _write_csv(split_dir / "references.csv", REFERENCE_COLUMNS,
+               ({"reference_id": r.id, "path": f"references/{r.id}.jpg", "class": r.class_name} for r in references))
+
+    render_queries(jobs, workers, f"{split} queries")
+    _write_csv(split_dir / "queries.csv", QUERY_COLUMNS, (
+        {"query_id": j.query_id, "path": f"queries/{j.query_id}.jpg", "class": j.source.class_name,
+         "reference_id": j.reference_id, "transformation": j.transformation,
+         "held_out": is_held_out(j.transformation)} for j in jobs))
+
+    positives = [j for j in jobs if j.reference_id]
+    per_transformation = {name: sum(j.transformation == name for j in positives) for name in EVAL_FAMILY}
+    return {"images_in_split": len(originals), "references": len(references), "positive_queries": len(positives),
+            "distractor_queries": len(jobs) - len(positives),
+            "distinct_distractor_sources": len({j.source.id for j in jobs if not j.reference_id}),
+            "held_out_positive_queries": sum(is_held_out(j.transformation) for j in positives),
+            "positives_per_transformation": per_transformation}
+
+
+def build_evalset(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str | Path,
+                  cfg: EvalsetConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Build every split of `cfg` under `out_dir`, plus `out_dir/gallery.png`; return a summary
+    (counts per split and the build time)."""
+    cfg = cfg if isinstance(cfg, EvalsetConfig) else EvalsetConfig.from_params(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"seed": cfg.seed, "transformations": list(EVAL_FAMILY),
+                               "held_out": [n for n in EVAL_FAMILY if is_held_out(n)], "splits": {}}
+    for split, counts in cfg.splits.items():
+        originals = split_originals(manifest_csv, corpus_dir, split)
+        summary["splits"][split] = build_split(originals, counts, cfg.seed, split, out_dir, cfg.workers)
+        print(f"{split}: {summary['splits'][split]['references']} references, "
+              f"{summary['splits'][split]['positive_queries']} positive + "
+              f"{summary['splits'][split]['distractor_queries']} distractor queries")
+    gallery_split = "test" if "test" in cfg.splits else next(iter(cfg.splits))
+    first_reference = sorted((out_dir / gallery_split / "references").glob("*.jpg"))[0]
+    render_gallery(load_original(first_reference), out_dir / "gallery.png", seed=cfg.seed)
+    summary["build_seconds"] = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtl.params import load_params
+
+    parser = argparse.ArgumentParser(prog="mtl evalset", description="build the fixed evaluation set")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default=None, help="a profiles/*.yaml overlay")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    parser.add_argument("--summary", default=None, help="also write the summary as JSON here")
+    args = parser.parse_args(argv)
+    params = load_params(args.params, args.set, args.profile)
+    cfg = EvalsetConfig.from_params(params["evalset"])
+    corpus_dir = Path(params["data"]["corpus_dir"])
+    summary = build_evalset(corpus_dir / "manifest.csv", corpus_dir, cfg.dir, cfg)
+    text = json.dumps(summary, indent=1)
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

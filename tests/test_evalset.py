@@ -1,0 +1,165 @@
+"""The fixed evaluation set: right counts, ground truth that points at real references,
+distractors that are truly unmatched, byte-identical rebuilds, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from mtl.data.evalset import EvalsetConfig, SplitCounts, build_evalset, main
+from mtl.data.transforms import EVAL_FAMILY, is_held_out
+
+COUNTS = {"test": SplitCounts(references=8, positive_queries=6, distractor_queries=8),
+          "val": SplitCounts(references=4, positive_queries=3, distractor_queries=3)}
+
+
+def write_photo_corpus(root: Path, per_split: dict[str, int]) -> Path:
+    """Distinct 64 px crops of scikit-image photos, two classes, as a corpus manifest."""
+    photos = {"scene": data.astronaut(), "clipart": np.stack([data.camera()] * 3, -1)}
+    rows, n = [], 0
+    for split, count in per_split.items():
+        for _ in range(count):
+            cls = ("scene", "clipart")[n % 2]
+            y, x = divmod(n * 64, 448)
+            Image.fromarray(photos[cls][y % 448:y % 448 + 64, x:x + 64]).save(root / f"{cls}{n:03d}.jpg")
+            rows.append({"id": f"{cls}{n:03d}", "path": f"{cls}{n:03d}.jpg", "class": cls, "source": "test",
+                         "group": str(n), "split": split, "hash": str(n), "width": 64, "height": 64})
+            n += 1
+    with (root / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    return write_photo_corpus(root, {"train": 4, "val": 6, "test": 14})
+
+
+@pytest.fixture(scope="module")
+def evalset(corpus: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval")
+    build_evalset(corpus, corpus.parent, out, EvalsetConfig(seed=3, splits=COUNTS, workers=1))
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _split_ids(corpus: Path, split: str) -> set[str]:
+    return {r["id"] for r in _rows(corpus) if r["split"] == split}
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_counts_are_as_requested_and_columns_as_documented(evalset: Path, split: str) -> None:
+    refs, queries = _rows(evalset / split / "references.csv"), _rows(evalset / split / "queries.csv")
+    assert list(refs[0]) == ["reference_id", "path", "class"]
+    assert list(queries[0]) == ["query_id", "path", "class", "reference_id", "transformation", "held_out"]
+    assert len(refs) == COUNTS[split].references
+    assert sum(bool(q["reference_id"]) for q in queries) == COUNTS[split].positive_queries
+    assert sum(not q["reference_id"] for q in queries) == COUNTS[split].distractor_queries
+    assert len({q["query_id"] for q in queries}) == len(queries)
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_every_ground_truth_reference_and_image_exists(evalset: Path, corpus: Path, split: str) -> None:
+    root = evalset / split
+    refs = {r["reference_id"]: r for r in _rows(root / "references.csv")}
+    assert set(refs) <= _split_ids(corpus, split)  # references come from this split only
+    for r in refs.values():
+        assert (root / r["path"]).is_file()
+    for q in _rows(root / "queries.csv"):
+        assert Image.open(root / q["path"]).mode == "RGB"
+        if q["reference_id"]:
+            assert q["reference_id"] in refs and q["class"] == refs[q["reference_id"]]["class"]
+        assert q["transformation"] in EVAL_FAMILY
+        assert q["held_out"] == str(is_held_out(q["transformation"]))
+
+
+def test_references_are_unchanged_copies_of_the_originals(evalset: Path, corpus: Path) -> None:
+    for r in _rows(evalset / "test" / "references.csv"):
+        assert (evalset / "test" / r["path"]).read_bytes() == (corpus.parent / f"{r['reference_id']}.jpg").read_bytes()
+
+
+def test_distractor_sources_are_not_references(corpus: Path, tmp_path: Path) -> None:
+    """Distractors are rendered from non-references: rebuild with a recorder to see the sources."""
+    from mtl.data import evalset as E
+    from mtl.data.batches import split_originals
+
+    originals = split_originals(corpus, corpus.parent, "test")
+    references, jobs = E.plan_split(originals, COUNTS["test"], 3, 0, tmp_path, "test")
+    ref_ids = {r.id for r in references}
+    distractors = [j for j in jobs if not j.reference_id]
+    assert distractors and not {j.source.id for j in distractors} & ref_ids
+    assert all(j.source.id == j.reference_id for j in jobs if j.reference_id)
+    # 14 test images - 8 references = 6 distinct sources for the 8 distractors
+    assert len({j.source.id for j in distractors}) == 6
+
+
+def test_transformations_cycle_evenly_over_the_eval_family(corpus: Path, tmp_path: Path) -> None:
+    from mtl.data import evalset as E
+    from mtl.data.batches import split_originals
+
+    originals = split_originals(corpus, corpus.parent, "test")
+    per_name = 2 * len(EVAL_FAMILY)
+    _, jobs = E.plan_split(originals * 5, SplitCounts(50, per_name, per_name), 0, 0, tmp_path, "test")
+    for is_positive in (True, False):
+        counts = Counter(j.transformation for j in jobs if bool(j.reference_id) == is_positive)
+        assert set(counts) == set(EVAL_FAMILY) and set(counts.values()) == {2}
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rebuilding_gives_identical_files_with_any_worker_count(evalset: Path, corpus: Path, tmp_path: Path) -> None:
+    build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(seed=3, splits=COUNTS, workers=2))
+    assert _digest(tmp_path) == _digest(evalset)
+
+
+def test_another_seed_gives_another_set(evalset: Path, corpus: Path, tmp_path: Path) -> None:
+    build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(seed=4, splits=COUNTS, workers=1))
+    assert _digest(tmp_path) != _digest(evalset)
+
+
+def test_gallery_is_written(evalset: Path) -> None:
+    assert Image.open(evalset / "gallery.png").width > 0
+
+
+def test_too_small_split_fails_clearly(corpus: Path, tmp_path: Path) -> None:
+    too_many = {"val": SplitCounts(references=6, positive_queries=3, distractor_queries=3)}
+    with pytest.raises(ValueError, match=r"split 'val' has 6 images, too few for 6 references"):
+        build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(splits=too_many, workers=1))
+
+
+def test_inconsistent_counts_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="cannot exceed references"):
+        SplitCounts(references=2, positive_queries=3, distractor_queries=3)
+    with pytest.raises(ValueError, match="at least positive_queries"):
+        SplitCounts(references=5, positive_queries=3, distractor_queries=2)
+    with pytest.raises(ValueError, match="unknown evalset parameters"):
+        EvalsetConfig.from_params({"seed": 1, "test": {"references": 2, "positive_queries": 1,
+                                                         "distractor_queries": 1}, "tset": {}})
+
+
+def test_command_line_reads_the_evalset_section(corpus: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data: {{corpus_dir: {corpus.parent}}}\n"
+                      f"evalset:\n  dir: {tmp_path / 'eval'}\n  seed: 1\n"
+                      "  test: {references: 5, positive_queries: 2, distractor_queries: 2}\n"
+                      "  val: {references: 2, positive_queries: 1, distractor_queries: 1}\n")
+    assert main(["--params", str(params), "--summary", str(tmp_path / "summary.json")]) == 0
+    assert len(_rows(tmp_path / "eval" / "test" / "queries.csv")) == 4
+    assert (tmp_path / "summary.json").is_file()

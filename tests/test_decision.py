@@ -62,3 +62,66 @@ def test_unknown_ids_and_negative_beta_are_rejected():
         attach_class_agreement(predictions(), ["q0"], QUERY_PROBS[:1], ["r0", "r1", "r2"], REF_PROBS)
     with pytest.raises(ValueError, match="beta"):
         apply_fusion(with_agreement(), -1.0)
+
+
+# --------------------------------------------------------------------------- methods side by side
+
+def _write_split(root, split, rng, n_refs=20, n_pos=14, n_distractors=10, dim=16):
+    """A synthetic eval split on disk: CSV tables and two methods' embeddings (no pixels needed)."""
+    from mtl.eval.embed import EmbeddingResult, save_npz
+
+    directory = root / "eval" / split
+    directory.mkdir(parents=True)
+    ref_ids = [f"{split}_r{i}" for i in range(n_refs)]
+    ref_class = np.arange(n_refs) % 2
+    pd.DataFrame({"reference_id": ref_ids, "path": [f"references/{r}.jpg" for r in ref_ids],
+                  "class": ref_class}).to_csv(directory / "references.csv", index=False)
+    q_ids = [f"{split}_q{i}" for i in range(n_pos + n_distractors)]
+    truth = ref_ids[:n_pos] + [""] * n_distractors
+    pd.DataFrame({"query_id": q_ids, "path": [f"queries/{q}.jpg" for q in q_ids], "class": 0,
+                  "reference_id": truth, "transformation": (["blur", "crop"] * n_pos)[:n_pos] + ["none"] * n_distractors,
+                  "held_out": ([False, True] * n_pos)[:n_pos] + [False] * n_distractors}
+                 ).to_csv(directory / "queries.csv", index=False)
+    refs = rng.standard_normal((n_refs, dim))
+    # Each distractor is close to a reference of the *other* class: only the class branch can tell.
+    queries = np.concatenate([refs[:n_pos] + 0.6 * rng.standard_normal((n_pos, dim)),
+                              refs[:n_distractors] + 0.5 * rng.standard_normal((n_distractors, dim))])
+    q_class = np.concatenate([ref_class[:n_pos], 1 - ref_class[:n_distractors]])
+    one_hot = lambda c: np.eye(2)[c] * 0.9 + 0.05  # noqa: E731
+    vectors = np.concatenate([refs, queries])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.array(ref_ids + q_ids)
+    roles = np.array(["reference"] * n_refs + ["query"] * len(q_ids))
+    paths = {}
+    for method in ("backbone_gap1280", "mtl_finetune"):
+        result = EmbeddingResult(ids=ids, embeddings=vectors.astype(np.float32), method=method,
+                                 images_per_second=100.0, roles=roles,
+                                 class_probs=np.concatenate([one_hot(ref_class), one_hot(q_class)]).astype(np.float32))
+        paths[method] = save_npz(result, root / "emb" / split / f"{method}.npz")
+    return paths
+
+
+def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(tmp_path):
+    from mtl.eval.methods import evaluate_methods
+
+    rng = np.random.default_rng(0)
+    per_split = {split: _write_split(tmp_path, split, rng) for split in ("val", "test")}
+    embeddings = {m: {s: per_split[s][m] for s in per_split} for m in ("backbone_gap1280", "mtl_finetune")}
+    evaluation = evaluate_methods(tmp_path / "eval", embeddings, k=5, betas=[0.0, 0.5, 1.0])
+    table = evaluation.table.set_index("method")
+    assert list(table.index) == ["backbone_gap1280", "mtl_finetune", "mtl_finetune_gate", "mtl_finetune_fusion"]
+    assert table.loc["backbone_gap1280", "bytes_per_vector"] == 64
+    # Distractors sit next to a reference of the other class: the gate removes them.
+    assert table.loc["mtl_finetune_gate", "muap"] > table.loc["mtl_finetune", "muap"]
+    assert table.loc["mtl_finetune_fusion", "muap"] >= table.loc["mtl_finetune", "muap"]
+    assert table.loc["mtl_finetune_fusion", "beta"] > 0
+    assert set(evaluation.metrics_dict()["mtl_finetune"]) == {
+        "muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "bytes_per_vector"}
+    fps = evaluation.worst_false_positives(3)
+    assert len(fps) == 3 and fps["score"].is_monotonic_decreasing and not fps["correct"].any()
+    assert all(str(p).endswith(".jpg") for p in fps["query_path"])
+    missed = evaluation.missed_copies(50)
+    assert set(missed["transformation"]) <= {"blur", "crop"}
+    written = evaluation.save(tmp_path / "out")
+    assert pd.read_csv(written["methods"]).shape[0] == 4
+    assert set(pd.read_csv(written["per_transformation"])["transformation"]) == {"blur", "crop"}

@@ -1,0 +1,354 @@
+"""All methods on the same evaluation set, one table.
+
+The `evaluate` notebook is four calls:
+
+    from mtl.eval.methods import embed_methods, evaluate_methods
+
+    paths = embed_methods("data/eval", "data/embeddings",
+                          checkpoints={"mtl_frozen": "models/frozen/final.pt",
+                                       "mtl_finetune_mem0": "models/finetune_mem0/final.pt",
+                                       "mtl_finetune": "models/finetune/final.pt"},
+                          corpus_dir="data/corpus", image_size=112)
+    evaluation = evaluate_methods("data/eval", paths, k=10, target_precision=0.9)
+    evaluation.save("results/evaluate")          # methods.csv, per_transformation.csv,
+                                                 # pr_curves.csv, fusion_beta.csv, metrics.json
+    evaluation.table                             # the side-by-side table (DataFrame)
+
+and for the figures: `evaluation.pr_curve_arrays()` (for mtl.plots.pr_curves),
+`evaluation.per_transformation`, `evaluation.worst_false_positives(n)` and
+`evaluation.missed_copies(n)` (ids and image paths, for mtl.plots.image_pairs).
+
+Rows, in order:
+    phash, dhash             64-bit perceptual hashes (Hamming distance as score)
+    backbone_gap1280         the ImageNet backbone's pooled 1280-d output (the paper's
+                             baseline; from the frozen-stage checkpoint, whose backbone
+                             is the untouched ImageNet one)
+    backbone_pca320          that descriptor, PCA to 320-d fit on train-split images
+    mtl_frozen               MTL embedding after stage 1 (backbone frozen)
+    mtl_finetune_mem0        stage 2 with within-batch negatives only
+    mtl_finetune             stage 2 with the cross-batch memory (the paper's method)
+    mtl_finetune_gate        + drop matches whose predicted classes differ
+    mtl_finetune_fusion      + score − β·P(classes differ), β tuned on val
+
+Columns: muap, recall_at_p90, acc_at_1 (test split); fp_at_threshold and
+tp_at_threshold at `threshold`, chosen on the val split for precision ≥ 0.9;
+bytes_per_vector; images_per_second (embedding, end to end with decoding);
+search_ms_per_query (exact faiss search over the test references).
+
+Every number is on the test split; val only chooses the threshold and β.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from mtl.eval.decision import (DEFAULT_BETAS, apply_fusion, apply_gate, attach_class_agreement,
+                               tune_fusion_beta)
+from mtl.eval.embed import EmbeddingResult, load_npz
+from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_positives_at,
+                              label_predictions, precision_recall_curve, recall_by_transformation,
+                              retrieval_metrics, threshold_for_precision)
+from mtl.eval.search import search
+
+SPLITS = ("val", "test")
+EMBEDDED_METHODS = ("phash", "dhash", "backbone_gap1280", "backbone_pca320",
+                    "mtl_frozen", "mtl_finetune_mem0", "mtl_finetune")
+DECISION_METHODS = ("gate", "fusion")
+METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "bytes_per_vector")
+
+
+# --------------------------------------------------------------------------- eval set
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """One split of the evaluation set: its tables, with paths made absolute."""
+
+    name: str
+    directory: Path
+    references: pd.DataFrame  # reference_id, path, class
+    queries: pd.DataFrame     # query_id, path, class, reference_id, transformation, held_out
+
+    @classmethod
+    def load(cls, eval_dir: str | Path, split: str) -> "EvalSplit":
+        directory = Path(eval_dir) / split
+        tables = {}
+        for name in ("references", "queries"):
+            path = directory / f"{name}.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} missing: build the eval set first (mtl evalset)")
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+            table["path"] = [str(directory / p) for p in table["path"]]
+            tables[name] = table
+        queries = tables["queries"]
+        queries["reference_id"] = queries["reference_id"].replace("", np.nan)
+        return cls(split, directory, tables["references"], queries)
+
+    @property
+    def n_ground_truth(self) -> int:
+        return count_ground_truth(self.queries)
+
+
+# --------------------------------------------------------------------------- embedding
+
+def embedding_path(embeddings_dir: str | Path, split: str, method: str) -> Path:
+    return Path(embeddings_dir) / split / f"{method}.npz"
+
+
+def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, checkpoints: Mapping[str, str | Path],
+                  corpus_dir: str | Path | None = None, gap_from: str = "mtl_frozen",
+                  pca_images: int = 2000, pca_dim: int = 320, image_size: int = 112,
+                  batch_size: int = 128, device: str = "auto", num_workers: int = 1,
+                  seed: int = 0, overwrite: bool = False) -> dict[str, dict[str, Path]]:
+    """Embed both eval splits with every method; {method: {split: npz path}}.
+
+    `checkpoints` maps mtl_* method names to checkpoints.  The 1280-d baseline
+    comes out of the same pass as `gap_from`'s embedding; its PCA is fit on
+    `pca_images` train-split images of `corpus_dir` (skipped without a corpus).
+    Existing files are reused unless `overwrite`.
+    """
+    from mtl.eval.baselines import HASH_METHODS, apply_pca_to_embeddings, fit_backbone_pca
+    from mtl.eval.embed import embed_hashes, embed_many, images_in_evalset, save_npz
+
+    if gap_from not in checkpoints:
+        raise ValueError(f"gap_from={gap_from!r} is not among the checkpoints {sorted(checkpoints)}")
+    options = dict(image_size=image_size, batch_size=batch_size, device=device, num_workers=num_workers)
+    paths: dict[str, dict[str, Path]] = {}
+
+    def wanted(method: str, split: str) -> Path | None:
+        path = embedding_path(embeddings_dir, split, method)
+        paths.setdefault(method, {})[split] = path
+        return None if path.is_file() and not overwrite else path
+
+    pca = None
+    if corpus_dir is not None:
+        pca_file = Path(embeddings_dir) / "backbone_pca320_projection.npz"
+        if pca_file.is_file() and not overwrite:
+            from mtl.eval.baselines import PCAProjection
+            pca = PCAProjection.load(pca_file)
+        else:
+            pca = fit_backbone_pca(checkpoints[gap_from], corpus_dir, pca_images, pca_dim, seed, **options)
+            pca.save(pca_file)
+    for split in SPLITS:
+        images = images_in_evalset(Path(eval_dir) / split)
+        for kind in HASH_METHODS:
+            if (out := wanted(kind, split)) is not None:
+                save_npz(embed_hashes(kind, images, num_workers=num_workers), out)
+        for method, checkpoint in checkpoints.items():
+            outs = {"mtl": wanted(method, split)}
+            if method == gap_from:
+                outs["gap1280"] = wanted("backbone_gap1280", split)
+                if pca is not None:
+                    outs["pca"] = wanted("backbone_pca320", split)
+            if all(out is None for out in outs.values()):
+                continue
+            many = embed_many(checkpoint, images, **options)
+            many["pca"] = apply_pca_to_embeddings(many["gap1280"], pca) if pca is not None else None
+            for key, out in outs.items():
+                if out is not None:
+                    save_npz(many[key], out)
+    return paths
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@dataclass
+class _Run:
+    """One method on one split: what search returned, labelled."""
+
+    predictions: pd.DataFrame
+    search_ms_per_query: float
+    embeddings: EmbeddingResult
+
+
+def _search_split(result: EmbeddingResult, split: EvalSplit, k: int) -> _Run:
+    references, queries = result.role("reference"), result.role("query")
+    found = search(queries.embeddings, queries.ids, references.embeddings, references.ids, k=k)
+    return _Run(label_predictions(found.predictions, split.queries), found.ms_per_query, result)
+
+
+def _class_agreement(run: _Run) -> pd.DataFrame:
+    emb = run.embeddings
+    if emb.class_probs is None:
+        raise ValueError(f"{emb.method} has no class probabilities: gate and fusion need a checkpoint")
+    refs, queries = emb.role("reference"), emb.role("query")
+    return attach_class_agreement(run.predictions, queries.ids, queries.class_probs,
+                                  refs.ids, refs.class_probs)
+
+
+@dataclass
+class MethodsEvaluation:
+    """The side-by-side comparison; see the module docstring."""
+
+    table: pd.DataFrame
+    per_transformation: pd.DataFrame
+    pr_curves: dict[str, PrecisionRecallCurve]
+    test_predictions: dict[str, pd.DataFrame]
+    test_split: EvalSplit
+    fusion_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def metrics_dict(self) -> dict[str, dict[str, float]]:
+        """{method: {muap, recall_at_p90, acc_at_1, fp_at_threshold, bytes_per_vector}}:
+        results/evaluate/metrics.json, gathered as `retrieval.<method>`."""
+        return {row["method"]: {key: _plain(row[key]) for key in METRIC_KEYS}
+                for row in self.table.to_dict("records")}
+
+    def pr_curve_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{method: (recall, precision)}: the input of mtl.plots.pr_curves."""
+        return {name: (c.recall, c.precision) for name, c in self.pr_curves.items()}
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = {"methods": out_dir / "methods.csv", "per_transformation": out_dir / "per_transformation.csv",
+                   "pr_curves": out_dir / "pr_curves.csv", "metrics": out_dir / "metrics.json"}
+        self.table.to_csv(written["methods"], index=False)
+        self.per_transformation.to_csv(written["per_transformation"], index=False)
+        curves = [c.to_frame().assign(method=name) for name, c in self.pr_curves.items()]
+        pd.concat(curves, ignore_index=True).to_csv(written["pr_curves"], index=False)
+        written["metrics"].write_text(json.dumps(self.metrics_dict(), indent=2, sort_keys=True) + "\n")
+        if not self.fusion_grid.empty:
+            written["fusion_beta"] = out_dir / "fusion_beta.csv"
+            self.fusion_grid.to_csv(written["fusion_beta"], index=False)
+        return written
+
+    def _paths(self) -> tuple[dict[str, str], dict[str, str]]:
+        split = self.test_split
+        return (dict(zip(split.queries["query_id"], split.queries["path"])),
+                dict(zip(split.references["reference_id"], split.references["path"])))
+
+    def worst_false_positives(self, n: int = 8, method: str = "mtl_finetune") -> pd.DataFrame:
+        """The n highest-scored wrong matches of `method` on test, with image paths."""
+        predictions = self._predictions(method)
+        wrong = predictions[~predictions["correct"]].nlargest(n, "score")
+        query_path, reference_path = self._paths()
+        truth = self.test_split.queries.set_index("query_id")
+        return wrong.assign(
+            query_path=wrong["query_id"].map(query_path),
+            reference_path=wrong["reference_id"].map(reference_path),
+            true_reference_id=wrong["query_id"].map(truth["reference_id"]),
+            transformation=wrong["query_id"].map(truth["transformation"]),
+        ).reset_index(drop=True)
+
+    def missed_copies(self, n: int = 8, method: str = "mtl_finetune") -> pd.DataFrame:
+        """Copies whose reference is not the best match of `method`, worst first
+        (not retrieved at all, then lowest score of the true pair)."""
+        predictions = self._predictions(method)
+        queries = self.test_split.queries
+        positives = queries[queries["reference_id"].notna()]
+        ranked = predictions.sort_values(["score", "correct"], ascending=[False, True], kind="stable")
+        top1 = ranked.drop_duplicates("query_id").set_index("query_id")
+        true_score = predictions[predictions["correct"]].set_index("query_id")["score"]
+        missed = positives[~positives["query_id"].map(top1["correct"]).fillna(False).astype(bool)]
+        query_path, reference_path = self._paths()
+        out = pd.DataFrame({
+            "query_id": missed["query_id"], "reference_id": missed["reference_id"],
+            "transformation": missed["transformation"],
+            "true_score": missed["query_id"].map(true_score),
+            "top1_reference_id": missed["query_id"].map(top1["reference_id"]),
+            "top1_score": missed["query_id"].map(top1["score"]),
+            "query_path": missed["query_id"].map(query_path),
+            "reference_path": missed["reference_id"].map(reference_path),
+        })
+        return out.sort_values("true_score", na_position="first", kind="stable").head(n).reset_index(drop=True)
+
+    def _predictions(self, method: str) -> pd.DataFrame:
+        if method not in self.test_predictions:
+            raise KeyError(f"no method {method!r}; evaluated: {sorted(self.test_predictions)}")
+        return self.test_predictions[method]
+
+
+def image_pairs(frame: pd.DataFrame, caption_columns=("score", "transformation")) -> list[tuple[str, str, str]]:
+    """(query_path, reference_path, caption) triples for mtl.plots.image_pairs."""
+    pairs = []
+    for row in frame.to_dict("records"):
+        parts = [f"{c}={_short(row[c])}" for c in caption_columns if c in row and not _missing(row[c])]
+        pairs.append((row["query_path"], row["reference_path"], " ".join(parts)))
+    return pairs
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _short(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _plain(value):
+    """numpy scalars → python numbers for JSON; inf/NaN → None."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _score_method(name: str, val: pd.DataFrame, test: pd.DataFrame, val_split: EvalSplit,
+                  test_split: EvalSplit, target_precision: float) -> tuple[dict, pd.DataFrame, PrecisionRecallCurve]:
+    """Test metrics, with the operating threshold chosen on val."""
+    threshold = threshold_for_precision(val, val_split.n_ground_truth, target_precision)
+    metrics = retrieval_metrics(test, test_split.queries, target_precision)
+    operating = false_positives_at(test, threshold, test_split.n_ground_truth)
+    row = {"method": name, "muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90,
+           "acc_at_1": metrics.acc_at_1, "fp_at_threshold": operating.false_positives,
+           "tp_at_threshold": operating.true_positives, "threshold": threshold}
+    per = recall_by_transformation(test, test_split.queries, threshold).assign(method=name)
+    return row, per, precision_recall_curve(test, test_split.n_ground_truth)
+
+
+def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str, str | Path]],
+                     k: int = 10, target_precision: float = 0.9, decisions_from: str | None = "mtl_finetune",
+                     betas=DEFAULT_BETAS) -> MethodsEvaluation:
+    """Search, score and tabulate every method; see the module docstring.
+
+    `embeddings` maps a method name to {"val": npz, "test": npz} (as returned by
+    embed_methods); each npz holds the split's references and queries (roles).
+    With `decisions_from`, that method's class probabilities add the gate and
+    fusion rows.  Methods not in EMBEDDED_METHODS are kept, in the given order.
+    """
+    if decisions_from is not None and decisions_from not in embeddings:
+        raise ValueError(f"decisions_from={decisions_from!r} has no embeddings; given: {sorted(embeddings)}")
+    splits = {s: EvalSplit.load(eval_dir, s) for s in SPLITS}
+    order = [m for m in EMBEDDED_METHODS if m in embeddings] + [m for m in embeddings if m not in EMBEDDED_METHODS]
+    rows, per_transformation, curves, test_predictions = [], [], {}, {}
+    fusion_grid = pd.DataFrame()
+
+    def add(name: str, val: pd.DataFrame, test: pd.DataFrame, extra: dict) -> None:
+        row, per, curve = _score_method(name, val, test, splits["val"], splits["test"], target_precision)
+        rows.append({**row, **extra})
+        per_transformation.append(per)
+        curves[name] = curve
+        test_predictions[name] = test
+
+    for method in order:
+        files = embeddings[method]
+        missing = [s for s in SPLITS if s not in files]
+        if missing:
+            raise ValueError(f"method {method!r} lacks embeddings for split(s) {missing}")
+        runs = {s: _search_split(load_npz(files[s]), splits[s], k) for s in SPLITS}
+        test_emb = runs["test"].embeddings
+        extra = {"bytes_per_vector": test_emb.bytes_per_vector, "dim": test_emb.dim,
+                 "images_per_second": test_emb.images_per_second,
+                 "search_ms_per_query": runs["test"].search_ms_per_query,
+                 "n_failed_images": len(test_emb.failed)}
+        add(method, runs["val"].predictions, runs["test"].predictions, extra)
+        if method == decisions_from:
+            agreed = {s: _class_agreement(runs[s]) for s in SPLITS}
+            add(f"{method}_gate", apply_gate(agreed["val"]), apply_gate(agreed["test"]), extra)
+            tuning = tune_fusion_beta(agreed["val"], splits["val"].n_ground_truth, betas)
+            fusion_grid = tuning.grid
+            add(f"{method}_fusion", apply_fusion(agreed["val"], tuning.beta),
+                apply_fusion(agreed["test"], tuning.beta), {**extra, "beta": tuning.beta})
+    table = pd.DataFrame(rows)
+    columns = ["method", "muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "tp_at_threshold",
+               "threshold", "bytes_per_vector", "dim", "images_per_second", "search_ms_per_query",
+               "n_failed_images", "beta"]
+    table = table.reindex(columns=[c for c in columns if c in table.columns])
+    return MethodsEvaluation(table=table, per_transformation=pd.concat(per_transformation, ignore_index=True),
+                             pr_curves=curves, test_predictions=test_predictions,
+                             test_split=splits["test"], fusion_grid=fusion_grid)

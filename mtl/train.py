@@ -1,0 +1,421 @@
+"""The two training stages of §III-A.
+
+- ``frozen``: the backbone is frozen (no gradients, BatchNorm in eval mode, so its
+  weights and running statistics stay bit-identical); only the two branches learn.
+- ``finetune``: the whole network learns, starting from the ``frozen`` checkpoint.
+
+Both minimize the multi-task objective of :mod:`mtl.loss` (cross-batch contrastive
++ lambda * cross-entropy).  :func:`train_stage` logs one CSV row per epoch, writes an
+atomic checkpoint after every epoch (model, optimizer, scheduler, loss memory, RNG
+states, configs, log history) and resumes from it when rerun with the same ``out_dir``.
+
+Optimizer and schedule: AdamW, the usual choice for fine-tuning ImageNet CNNs with
+small batches.  The learning rate follows a cosine from ``lr`` down to
+``lr * final_lr_fraction``, stepped once per epoch: the paper states no schedule, our
+runs are a handful of epochs with no validation-driven tuning, and a cosine needs no
+milestones to choose yet ends low, which the fine-tuned backbone benefits from.  Stepping
+per epoch keeps the schedule independent of how many batches a dataset yields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtl.loss import CrossBatchContrastiveLoss, LossParts, MultiTaskLoss
+from mtl.model import MTLNet, ModelConfig, load_checkpoint
+from mtl.runtime import git_revision, is_interactive, resolve_device, seed_everything
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+STAGES = ("frozen", "finetune")
+LOG_COLUMNS = (
+    "epoch",
+    "train_contrastive", "train_cross_entropy", "train_total",
+    "val_contrastive", "val_cross_entropy", "val_total", "val_class_accuracy",
+    "train_positive_pairs", "train_negatives_compared", "train_active_negatives",
+    "val_positive_pairs", "val_negatives_compared", "val_active_negatives",
+    "lr", "train_steps", "images_per_second", "wall_seconds",
+)
+PAIR_COUNTS = ("positive_pairs", "negatives_compared", "active_negatives")
+# Fields that may differ when a run is resumed (they do not change what is learned).
+RESUMABLE_DIFFERENCES = {"device", "num_workers"}
+
+
+@dataclass
+class StageConfig:
+    """One stage's settings; the keys of params.yaml ``train.<stage>`` plus ``loss``."""
+
+    stage: str = "frozen"              # "frozen" (branches only) or "finetune" (everything)
+    epochs: int = 4
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-4
+    instances_per_batch: int = 16      # K originals per batch ...
+    views_per_instance: int = 4        # ... x V views each = batch size (paper: 64)
+    image_size: int = 112
+    seed: int = 0
+    device: str = "auto"               # "auto" = CUDA when present, else CPU
+    amp: bool = True                   # mixed precision; CUDA only (ignored on CPU)
+    channels_last: bool = True         # faster convolutions on CPU and tensor cores
+    num_workers: int = 1               # data loading processes (used by the CLI's batches)
+    memory_size: int = 10240           # cross-batch memory entries (paper: 10,240 negatives)
+    margin: float = 0.45               # contrastive margin alpha (paper: 0.45)
+    lambda_cls: float = 1.0            # weight of the content-type cross-entropy
+    final_lr_fraction: float = 0.01    # cosine ends at lr * this
+    max_steps_per_epoch: int | None = None  # cap, for smoke tests; None = the whole epoch
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        for name in ("epochs", "instances_per_batch", "views_per_instance", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.views_per_instance < 2:
+            raise ValueError("views_per_instance must be >= 2: positives are views of one original")
+        if self.memory_size and self.memory_size < self.batch_size:
+            raise ValueError(f"memory_size={self.memory_size} is smaller than the batch "
+                             f"({self.batch_size}); use 0 (within-batch loss) or >= the batch")
+
+    @property
+    def batch_size(self) -> int:
+        return self.instances_per_batch * self.views_per_instance
+
+    @classmethod
+    def from_params(cls, params: dict, stage: str) -> "StageConfig":
+        """Build from a loaded params.yaml: ``train.<stage>`` merged with ``loss``."""
+        if stage not in params.get("train", {}):
+            raise KeyError(f"params have no train.{stage} section (stages: {sorted(params.get('train', {}))})")
+        merged = {**params.get("loss", {}), **params["train"][stage], "stage": stage}
+        known = {f.name for f in fields(cls)}
+        unknown = set(merged) - known
+        if unknown:
+            raise ValueError(f"unknown stage parameters {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**merged)
+
+
+# --------------------------------------------------------------------------- RNG + checkpoint state
+
+def rng_states() -> dict[str, Any]:
+    """torch / numpy / python RNG states as plain values (weights_only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def config_differences(saved: dict[str, Any], current: StageConfig) -> dict[str, tuple[Any, Any]]:
+    return {k: (saved.get(k), v) for k, v in asdict(current).items()
+            if k not in RESUMABLE_DIFFERENCES and saved.get(k) != v}
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class EpochMeans:
+    """Running sums of one pass over batches, kept on the device to avoid syncs."""
+
+    steps: int = 0
+    images: int = 0
+    correct: int = 0
+    sums: dict[str, torch.Tensor] | None = None
+
+    def add(self, parts: LossParts, counts: dict[str, torch.Tensor]) -> None:
+        values = {"contrastive": parts.contrastive.detach(), "cross_entropy": parts.cross_entropy.detach(),
+                  "total": parts.total.detach(), **{k: v.float() for k, v in counts.items()}}
+        self.sums = values if self.sums is None else {k: self.sums[k] + v for k, v in values.items()}
+        self.steps += 1
+
+    def means(self, prefix: str) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {f"{prefix}_{k}": float(v) / self.steps for k, v in (self.sums or {}).items()}
+
+
+class StageRun:
+    """Everything one stage holds between epochs; :func:`train_stage` drives it."""
+
+    def __init__(self, model: MTLNet, cfg: StageConfig, out_dir: Path):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.device = resolve_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.freeze_backbone(cfg.stage == "frozen")
+        contrastive = CrossBatchContrastiveLoss(cfg.margin, cfg.memory_size, model.config.embed_dim)
+        self.criterion = MultiTaskLoss(contrastive, cfg.lambda_cls).to(self.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=cfg.epochs, eta_min=cfg.lr * cfg.final_lr_fraction)
+        # fp16 needs loss scaling; bf16 (and fp32) do not.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(
+            path, stage_config=asdict(self.cfg), epoch=self.epoch, history=self.history,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), loss_state=self.criterion.contrastive.state_dict(),
+            rng=rng_states(), finished=self.epoch >= self.cfg.epochs, git_revision=git_revision())
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        differences = config_differences(checkpoint["stage_config"], self.cfg)
+        if differences:
+            raise ValueError(f"{self.out_dir} holds a run with other settings {differences} (saved, now); "
+                             "use another out dir or delete it to start over")
+        self.model.load_state_dict(checkpoint["model_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.criterion.contrastive.load_state_dict(checkpoint["loss_state"])
+        restore_rng_states(checkpoint["rng"])
+        self.epoch, self.history = int(checkpoint["epoch"]), list(checkpoint["history"])
+
+    # -- steps ------------------------------------------------------------------
+
+    def _to_device(self, batch: Batch) -> Batch:
+        images, instance_ids, class_ids = batch
+        images = images.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, instance_ids.to(self.device), class_ids.to(self.device)
+
+    def _loss(self, batch: Batch, update_memory: bool) -> tuple[LossParts, torch.Tensor]:
+        images, instance_ids, class_ids = batch
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            output = self.model(images)
+        # The loss runs in fp32 outside autocast: distances of unit vectors near the margin
+        # need more than fp16's 3 digits.
+        parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory)
+        return parts, output.logits
+
+    def train_step(self, batch: Batch, step: int) -> tuple[LossParts, dict[str, torch.Tensor]]:
+        parts, _ = self._loss(self._to_device(batch), update_memory=True)
+        total = float(parts.total.detach())  # one host sync per step, needed to stop at once
+        if not math.isfinite(total):
+            raise FloatingPointError(f"{self.cfg.stage} stage: non-finite loss {total} at epoch {self.epoch + 1}, "
+                                     f"step {step + 1} (contrastive {float(parts.contrastive)}, "
+                                     f"cross-entropy {float(parts.cross_entropy)}); lower the lr or check the inputs")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return parts, self.criterion.contrastive.last_counts
+
+    def train_epoch(self, batches: Iterable[Batch], progress: Callable[[Iterable], Iterable]) -> tuple[EpochMeans, float]:
+        self.model.train()
+        sums, start = EpochMeans(), time.perf_counter()
+        for step, batch in enumerate(progress(batches)):
+            if self.cfg.max_steps_per_epoch is not None and step >= self.cfg.max_steps_per_epoch:
+                break
+            parts, counts = self.train_step(batch, step)
+            sums.add(parts, counts)
+            sums.images += len(batch[0])
+        if not sums.steps:
+            raise ValueError(f"epoch {self.epoch + 1} yielded no training batches")
+        return sums, time.perf_counter() - start
+
+    @torch.no_grad()
+    def validate(self, batches: Iterable[Batch]) -> EpochMeans:
+        """Scores against the batch + the training memory; adds nothing to the memory."""
+        self.model.eval()
+        sums = EpochMeans()
+        for batch in batches:
+            batch = self._to_device(batch)
+            parts, logits = self._loss(batch, update_memory=False)
+            sums.add(parts, self.criterion.contrastive.last_counts)
+            sums.correct += int((logits.argmax(dim=1) == batch[2]).sum())
+            sums.images += len(batch[0])
+        return sums
+
+    def log_row(self, train: EpochMeans, train_seconds: float, val: EpochMeans | None, lr: float,
+                wall_seconds: float) -> dict[str, float]:
+        row: dict[str, float] = {name: float("nan") for name in LOG_COLUMNS}
+        row.update(epoch=self.epoch, lr=lr, train_steps=train.steps, wall_seconds=wall_seconds,
+                   images_per_second=train.images / max(train_seconds, 1e-9), **train.means("train"))
+        if val is not None and val.steps:
+            row.update(val.means("val"), val_class_accuracy=val.correct / val.images)
+        return row
+
+
+def write_log(path: Path, history: list[dict[str, float]]) -> None:
+    """Rewrite log.csv from the checkpointed history (atomically), so the log and the
+    last checkpoint always agree, also after a kill and a resume."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def print_header(cfg: StageConfig, model: MTLNet, out_dir: Path, device: torch.device, start_epoch: int) -> None:
+    print(f"mtl train  stage={cfg.stage}  git={git_revision()}  device={device}  out={out_dir}", flush=True)
+    for key, value in sorted(asdict(cfg).items()):
+        print(f"  {key}: {value}")
+    for key, value in sorted(model.config.to_dict().items()):
+        print(f"  model.{key}: {value}")
+    if start_epoch:
+        print(f"  resuming after epoch {start_epoch} of {cfg.epochs}")
+    sys.stdout.flush()
+
+
+def epoch_line(stage: str, epochs: int, row: dict[str, float]) -> str:
+    return (f"[{stage}] epoch {int(row['epoch'])}/{epochs}  train {row['train_total']:.4f} "
+            f"(contrastive {row['train_contrastive']:.4f}, ce {row['train_cross_entropy']:.4f})  "
+            f"val {row['val_total']:.4f}  val_acc {row['val_class_accuracy']:.3f}  "
+            f"active_neg {row['train_active_negatives']:.0f}/{row['train_negatives_compared']:.0f}  "
+            f"lr {row['lr']:.2e}  {row['images_per_second']:.1f} img/s  {row['wall_seconds']:.1f} s")
+
+
+def progress_bar(batches: Iterable[Batch], cfg: StageConfig, epoch: int) -> Iterable[Batch]:
+    """A live bar over one epoch's batches (interactive sessions only)."""
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    if cfg.max_steps_per_epoch is not None and total is not None:
+        total = min(total, cfg.max_steps_per_epoch)
+    return tqdm(batches, total=total, desc=f"{cfg.stage} {epoch}/{cfg.epochs}", leave=False)
+
+
+def _initial_model(model_or_init: MTLNet | str | Path) -> MTLNet:
+    if isinstance(model_or_init, MTLNet):
+        return model_or_init
+    return MTLNet.from_checkpoint(model_or_init)
+
+
+def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
+                make_train_batches: Callable[[int], Iterable[Batch]],
+                make_val_batches: Callable[[], Iterable[Batch]] | None,
+                out_dir: str | Path) -> Path:
+    """Train one stage and return the path of its final checkpoint (``out_dir/final.pt``).
+
+    ``model_or_init``: an :class:`MTLNet`, or the path of a checkpoint to start from (the
+    ``frozen`` stage's final.pt for ``finetune``).  ``make_train_batches(epoch)``, for
+    epoch = 1..epochs, and ``make_val_batches()`` yield ``(images, instance_ids,
+    class_ids)``; the same epoch must give the same batches, which (with the restored RNG
+    states) makes a resumed run end with the same weights as an uninterrupted one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last, final, log_path = out_dir / "last.pt", out_dir / "final.pt", out_dir / "log.csv"
+    if final.is_file():
+        saved = load_checkpoint(final)
+        if saved.get("finished") and not config_differences(saved["stage_config"], cfg):
+            print(f"[{cfg.stage}] {final} is complete; nothing to do")
+            return final
+
+    run = StageRun(_initial_model(model_or_init), cfg, out_dir)
+    if last.is_file():
+        run.restore(load_checkpoint(last, map_location=run.device))
+    else:
+        seed_everything(cfg.seed)
+    print_header(cfg, run.model, out_dir, run.device, run.epoch)
+
+    interactive = is_interactive()
+    while run.epoch < cfg.epochs:
+        started = time.perf_counter()
+        epoch = run.epoch + 1
+        lr = run.optimizer.param_groups[0]["lr"]
+
+        def progress(batches: Iterable[Batch]) -> Iterable[Batch]:
+            return progress_bar(batches, cfg, epoch) if interactive else batches
+
+        train, train_seconds = run.train_epoch(make_train_batches(epoch), progress)
+        val = run.validate(make_val_batches()) if make_val_batches is not None else None
+        run.scheduler.step()
+        run.epoch = epoch
+        row = run.log_row(train, train_seconds, val, lr, time.perf_counter() - started)
+        run.history.append(row)
+        run.save(last)
+        write_log(log_path, run.history)
+        print(epoch_line(cfg.stage, cfg.epochs, row), flush=True)
+
+    _atomic_copy(last, final)
+    write_log(log_path, run.history)
+    return final
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# --------------------------------------------------------------------------- CLI: mtl train
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl train", description="Train one stage of §III-A.")
+    parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    parser.add_argument("--profile", default=None, help="a partial YAML overlaid on --params")
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--out", required=True, help="output folder: last.pt, final.pt, log.csv")
+    parser.add_argument("--init", default=None,
+                        help="checkpoint to start from (required for finetune: the frozen stage's final.pt)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set loss.memory_size=0 (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mtl.data.batches import make_stage_batches  # the data stack is only needed here
+    from mtl.params import load_params
+
+    params = load_params(args.params, args.set, args.profile)
+    cfg = StageConfig.from_params(params, args.stage)
+    if args.init is not None:
+        model = MTLNet.from_checkpoint(args.init)
+    elif args.stage == "finetune":
+        raise SystemExit("mtl train: --stage finetune needs --init (the frozen stage's final.pt)")
+    else:
+        model = MTLNet(ModelConfig.from_dict(params["model"]))
+    corpus_dir = Path(params["data"]["corpus_dir"])
+
+    def batches_for(split: str) -> Callable[[int], Iterable[Batch]]:
+        return make_stage_batches(corpus_dir / "manifest.csv", corpus_dir, split, cfg.instances_per_batch,
+                                  cfg.views_per_instance, cfg.image_size, model.normalization, cfg.seed,
+                                  num_workers=cfg.num_workers, class_names=model.config.class_names)
+
+    val_batches = batches_for("val")
+    train_stage(model, cfg, batches_for("train"), lambda: val_batches(0), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

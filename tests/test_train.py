@@ -1,0 +1,215 @@
+"""The two stages of §III-A: what each trains, the log, checkpoints and resume.
+
+Instances are real photos that ship with scikit-image and scikit-learn; their views
+are simple torchvision augmentations, drawn from (seed, epoch) like the real batches."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from mtl.model import MTLNet, ModelConfig, load_checkpoint
+from mtl.train import LOG_COLUMNS, StageConfig, train_stage
+
+IMAGE_SIZE = 48
+INSTANCES_PER_BATCH, VIEWS = 3, 3
+
+
+def load_photos(side: int = 72) -> torch.Tensor:
+    """Six real photos as [6, 3, side, side] floats in [-1, 1] (Lite0's normalization)."""
+    from skimage import data
+    from sklearn.datasets import load_sample_images
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), *load_sample_images().images]
+    tensors = []
+    for photo in photos:
+        x = torch.from_numpy(photo.copy()).permute(2, 0, 1).float() / 255.0
+        x = v2.functional.resize(x, side, antialias=True)
+        tensors.append(v2.functional.center_crop(x, [side, side]) * 2 - 1)
+    return torch.stack(tensors)
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    return load_photos()
+
+
+VIEW_AUGMENTATION = v2.Compose([
+    v2.RandomResizedCrop(IMAGE_SIZE, scale=(0.4, 1.0), antialias=True),
+    v2.RandomHorizontalFlip(),
+    v2.ColorJitter(brightness=0.3, contrast=0.3),
+])
+
+
+def epoch_batches(photos: torch.Tensor, seed: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """K instances x V views per batch; instance order and views are a function of (seed, epoch)."""
+    with torch.random.fork_rng():  # leave the trainer's RNG stream alone
+        torch.manual_seed(seed * 10_000 + epoch)
+        order = torch.randperm(len(photos))
+        batches = []
+        for start in range(0, len(photos) - INSTANCES_PER_BATCH + 1, INSTANCES_PER_BATCH):
+            ids = order[start:start + INSTANCES_PER_BATCH].repeat_interleave(VIEWS)
+            images = torch.stack([VIEW_AUGMENTATION(photos[i]) for i in ids])
+            batches.append((images, ids, ids % 2))  # two content classes
+    return batches
+
+
+def stage_config(stage: str = "frozen", **overrides) -> StageConfig:
+    settings = dict(stage=stage, epochs=2, lr=1e-3, weight_decay=1e-4, instances_per_batch=INSTANCES_PER_BATCH,
+                    views_per_instance=VIEWS, image_size=IMAGE_SIZE, seed=0, device="cpu", amp=False,
+                    channels_last=False, num_workers=0, memory_size=4 * INSTANCES_PER_BATCH * VIEWS)
+    return StageConfig(**{**settings, **overrides})
+
+
+def tiny_model(pretrained: bool = False, seed: int = 0) -> MTLNet:
+    torch.manual_seed(seed)
+    return MTLNet(ModelConfig(pretrained=pretrained))
+
+
+def run(photos, model_or_init, cfg: StageConfig, out_dir: Path, val: bool = True) -> Path:
+    return train_stage(model_or_init, cfg, lambda epoch: epoch_batches(photos, cfg.seed, epoch),
+                       (lambda: epoch_batches(photos, cfg.seed + 1, 0)) if val else None, out_dir)
+
+
+def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def branch_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith(("embedding.", "classifier.")) and v.is_floating_point()}
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+@pytest.fixture(scope="module")
+def frozen_run(photos, tmp_path_factory):
+    model = tiny_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    out_dir = tmp_path_factory.mktemp("frozen")
+    final = run(photos, model, stage_config("frozen"), out_dir)
+    return initial, final, out_dir
+
+
+def test_frozen_stage_leaves_backbone_bit_identical_and_trains_branches(frozen_run):
+    initial, final, _ = frozen_run
+    trained = load_checkpoint(final)["model_state"]
+    # BatchNorm running statistics included: the frozen backbone ran in eval mode.
+    assert changed(backbone_state(initial), backbone_state(trained)) == []
+    branch_changes = changed(branch_state(initial), branch_state(trained))
+    assert any(k.startswith("embedding.") for k in branch_changes)
+    assert any(k.startswith("classifier.") for k in branch_changes)
+
+
+def test_finetune_stage_starts_from_frozen_checkpoint_and_trains_backbone(photos, frozen_run, tmp_path):
+    _, frozen_final, _ = frozen_run
+    start = load_checkpoint(frozen_final)["model_state"]
+    final = run(photos, frozen_final, stage_config("finetune", epochs=1, lr=1e-4), tmp_path, val=False)
+    trained = load_checkpoint(final)["model_state"]
+    assert changed(backbone_state(start), backbone_state(trained))
+
+
+def test_log_has_one_row_per_epoch_with_every_column(frozen_run):
+    _, _, out_dir = frozen_run
+    with (out_dir / "log.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == LOG_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        for column in LOG_COLUMNS:
+            assert math.isfinite(float(row[column])), column
+        assert float(row["train_negatives_compared"]) > float(row["train_active_negatives"]) >= 0
+        assert 0.0 <= float(row["val_class_accuracy"]) <= 1.0
+    # cosine schedule: the second epoch runs at a lower rate than the first
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) == pytest.approx(1e-3)
+
+
+def test_checkpoint_holds_everything_needed_to_continue(frozen_run):
+    _, final, _ = frozen_run
+    checkpoint = load_checkpoint(final)
+    for key in ("optimizer", "scheduler", "loss_state", "rng", "epoch", "stage_config", "model_config", "history"):
+        assert key in checkpoint, key
+    assert checkpoint["epoch"] == 2 and checkpoint["finished"]
+    assert int(checkpoint["loss_state"]["filled"]) > 0  # the cross-batch memory is saved
+    assert MTLNet.from_checkpoint(final).config == ModelConfig(pretrained=False)
+
+
+def test_finished_run_returns_at_once(frozen_run):
+    _, final, out_dir = frozen_run
+
+    def must_not_be_called(epoch):
+        raise AssertionError("a finished run must not train again")
+
+    assert train_stage(tiny_model(), stage_config("frozen"), must_not_be_called, None, out_dir) == final
+
+
+def test_resume_after_a_kill_gives_the_same_weights(photos, tmp_path):
+    cfg = stage_config("finetune", epochs=2, lr=1e-4)
+    straight = load_checkpoint(run(photos, tiny_model(), cfg, tmp_path / "straight", val=False))
+
+    def killed_in_second_epoch(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return epoch_batches(photos, cfg.seed, epoch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(tiny_model(), cfg, killed_in_second_epoch, None, tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    # A different starting model proves the weights come from the checkpoint.
+    resumed = load_checkpoint(run(photos, tiny_model(seed=1), cfg, tmp_path / "resumed", val=False))
+    for key, value in straight["model_state"].items():
+        assert torch.equal(value, resumed["model_state"][key]), key
+    for key, value in straight["loss_state"].items():
+        assert torch.equal(value, resumed["loss_state"][key]), key
+    assert len(resumed["history"]) == 2
+
+
+def test_resume_refuses_a_changed_configuration(photos, tmp_path):
+    run(photos, tiny_model(), stage_config("frozen", epochs=1, max_steps_per_epoch=1), tmp_path, val=False)
+    (tmp_path / "final.pt").unlink()
+    with pytest.raises(ValueError, match="margin"):
+        run(photos, tiny_model(), stage_config("frozen", epochs=1, max_steps_per_epoch=1, margin=0.3), tmp_path)
+
+
+def test_non_finite_loss_stops_the_run_with_a_clear_error(photos, tmp_path):
+    def poisoned(epoch):
+        images, ids, classes = epoch_batches(photos, 0, epoch)[0]
+        return [(torch.full_like(images, float("nan")), ids, classes)]
+
+    with pytest.raises(FloatingPointError, match="epoch 1, step 1"):
+        train_stage(tiny_model(), stage_config("frozen"), poisoned, None, tmp_path)
+
+
+def test_stage_config_reads_params_yaml():
+    from mtl.params import load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    for stage in ("frozen", "finetune"):
+        cfg = StageConfig.from_params(params, stage)
+        assert cfg.stage == stage and cfg.memory_size == params["loss"]["memory_size"]
+        assert cfg.batch_size == params["train"][stage]["instances_per_batch"] * params["train"][stage]["views_per_instance"]
+    with pytest.raises(ValueError, match="views_per_instance"):
+        stage_config(views_per_instance=1)
+
+
+@pytest.mark.slow
+def test_loss_falls_on_a_tiny_real_image_run(photos, tmp_path):
+    """Lite0 ImageNet weights, frozen backbone: six photos are learnt as six instances."""
+    cfg = stage_config("frozen", epochs=12, lr=1e-3)
+    run(photos, tiny_model(pretrained=True), cfg, tmp_path)
+    with (tmp_path / "log.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def mean_of(column: str, part: list[dict[str, str]]) -> float:
+        return sum(float(r[column]) for r in part) / len(part)
+
+    # Two small steps per epoch make single epochs noisy: compare the first and last three.
+    for column in ("train_total", "val_total"):
+        assert mean_of(column, rows[-3:]) < 0.8 * mean_of(column, rows[:3]), column

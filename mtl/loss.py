@@ -28,16 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 
 # Squared distances at or below this are treated as exactly zero: sqrt has an
-# infinite slope at 0, and fp32 round-off of 2 - 2cos is ~1e-7 anyway.
+# infinite slope at 0 (NaN gradients for identical views).
 _SQ_DIST_EPS = 1e-12
+# Slack on the cosine pre-selection of negatives, so that no pair the exact distance
+# puts inside the margin is missed because of matmul round-off.
+_COSINE_SLACK = 1e-4
 
 
-class PairScores(NamedTuple):
-    """Distances of anchors to references, and which pairs are positives/negatives."""
+class ContributingPairs(NamedTuple):
+    """The pairs that can carry a non-zero term, as (anchor row, reference column)
+    index vectors, and how many negatives were compared in all."""
 
-    distance: torch.Tensor  # [B, R]
-    positive: torch.Tensor  # [B, R] bool, self-pairs excluded
-    negative: torch.Tensor  # [B, R] bool
+    positive_anchor: torch.Tensor
+    positive_reference: torch.Tensor
+    negative_anchor: torch.Tensor     # negatives inside the margin (or just outside, see _COSINE_SLACK)
+    negative_reference: torch.Tensor
+    negatives_compared: torch.Tensor  # 0-d count of all label-different pairs
 
 
 class LossParts(NamedTuple):
@@ -46,24 +52,43 @@ class LossParts(NamedTuple):
     cross_entropy: torch.Tensor
 
 
-def unit_distance_matrix(anchors: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances between rows of two sets of unit vectors, by one matmul.
-
-    ``|a - r|^2 = 2 - 2 a.r`` for unit vectors; this is what makes 64 x 10,240
-    comparisons cost a few milliseconds.  Gradients are zero (not NaN) for
-    coincident vectors.
-    """
-    squared = (2.0 - 2.0 * anchors @ references.T).clamp_min(0.0)
+def pair_distance(anchors: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Row-wise Euclidean distance, exactly 0 (with zero gradient) for coincident rows."""
+    squared = (anchors - references).pow(2).sum(dim=1)
     distance = squared.clamp_min(_SQ_DIST_EPS).sqrt()
     return torch.where(squared > _SQ_DIST_EPS, distance, torch.zeros_like(distance))
 
 
-def mean_of_nonzero(terms: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of the strictly positive masked terms (0 when there are none) and their count."""
-    active = mask & (terms > 0)
+@torch.no_grad()
+def contributing_pairs(anchors: torch.Tensor, labels: torch.Tensor, references: torch.Tensor,
+                       ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float) -> ContributingPairs:
+    """Find, without building a graph, the few pairs out of B x R that matter.
+
+    Every positive contributes (term d); a negative contributes only inside the margin,
+    i.e. when its cosine exceeds 1 - margin^2 / 2 (unit vectors: d^2 = 2 - 2cos).  With
+    10,240 references this keeps the dense work to one matmul and two comparisons; the
+    distances (and gradients) are then computed for the selected pairs only.
+    ``self_columns[i]`` is anchor i's own column (its stored copy), never a pair.
+    """
+    same = labels[:, None] == ref_labels[None, :]
+    positive_anchor, positive_reference = same.nonzero(as_tuple=True)
+    not_self = positive_reference != self_columns[positive_anchor]
+    positive_anchor, positive_reference = positive_anchor[not_self], positive_reference[not_self]
+
+    cosine_threshold = 1.0 - margin * margin / 2.0 - _COSINE_SLACK
+    near_anchor, near_reference = (anchors @ references.T > cosine_threshold).nonzero(as_tuple=True)
+    different = labels[near_anchor] != ref_labels[near_reference]
+    return ContributingPairs(positive_anchor, positive_reference, near_anchor[different],
+                             near_reference[different], same.numel() - same.sum())
+
+
+def mean_of_nonzero(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of the strictly positive terms (0 when there are none) and their count:
+    PML's AvgNonZeroReducer, which lets the few hard pairs speak instead of being
+    drowned by thousands of satisfied ones."""
+    active = terms > 0
     count = active.sum()
-    total = torch.where(active, terms, torch.zeros_like(terms)).sum()
-    return total / count.clamp_min(1), count
+    return torch.where(active, terms, torch.zeros_like(terms)).sum() / count.clamp_min(1), count
 
 
 class CrossBatchContrastiveLoss(nn.Module):
@@ -132,39 +157,23 @@ class CrossBatchContrastiveLoss(nn.Module):
 
     # -- pairs ------------------------------------------------------------------
 
-    def _pairs_within_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> PairScores:
-        """Fig. 2 (top): every ordered pair of distinct batch items; both sides learn."""
-        distance = unit_distance_matrix(embeddings, embeddings)
-        same = labels[:, None] == labels[None, :]
-        not_self = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        return PairScores(distance, same & not_self, ~same)
-
-    def _pairs_with_references(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                               ref_embeddings: torch.Tensor, ref_labels: torch.Tensor,
-                               self_slots: torch.Tensor) -> PairScores:
-        """Fig. 2 (bottom): batch anchors against detached references; an anchor's
-        own stored copy (column ``self_slots[i]``) is neither positive nor negative."""
-        distance = unit_distance_matrix(embeddings, ref_embeddings)
-        same = labels[:, None] == ref_labels[None, :]
-        is_self = torch.zeros_like(same)
-        is_self[torch.arange(len(labels), device=labels.device), self_slots] = True
-        return PairScores(distance, same & ~is_self, ~same)
-
-    def _score_pairs(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool) -> PairScores:
+    def _references(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the batch is compared with: (reference embeddings, their labels, each
+        anchor's own column).  Only the within-batch case (memory_size=0, Fig. 2 top)
+        has references that carry gradient, as in PML's plain ContrastiveLoss."""
+        batch_columns = torch.arange(len(labels), device=labels.device)
         if self.memory_size == 0:
-            return self._pairs_within_batch(embeddings, labels)
+            return embeddings, labels, batch_columns
         if update_memory:
             slots = self._enqueue(embeddings, labels)
             n = self.stored
-            return self._pairs_with_references(embeddings, labels, self.memory_embeddings[:n],
-                                               self.memory_labels[:n], slots)
-        # Validation: the stored entries plus a detached copy of the batch, as
-        # training would see them, but nothing is written.
+            return self.memory_embeddings[:n], self.memory_labels[:n], slots
+        # Validation: the stored entries plus a detached copy of the batch, as training
+        # would see them, but nothing is written.
         n = self.stored
-        refs = torch.cat([self.memory_embeddings[:n], embeddings.detach()])
-        ref_labels = torch.cat([self.memory_labels[:n], labels])
-        slots = n + torch.arange(len(labels), device=labels.device)
-        return self._pairs_with_references(embeddings, labels, refs, ref_labels, slots)
+        references = torch.cat([self.memory_embeddings[:n], embeddings.detach()])
+        return references, torch.cat([self.memory_labels[:n], labels]), n + batch_columns
 
     # -- forward ----------------------------------------------------------------
 
@@ -186,14 +195,16 @@ class CrossBatchContrastiveLoss(nn.Module):
         if self.memory_embeddings.device != embeddings.device:
             raise ValueError(f"loss memory is on {self.memory_embeddings.device} but embeddings are on "
                              f"{embeddings.device}; move the loss with .to(device)")
-        pairs = self._score_pairs(embeddings, labels, update_memory)
+        references, ref_labels, self_columns = self._references(embeddings, labels, update_memory)
+        pairs = contributing_pairs(embeddings, labels, references, ref_labels, self_columns, self.margin)
 
-        positive_loss, _ = mean_of_nonzero(pairs.distance, pairs.positive)
-        negative_terms = F.relu(self.margin - pairs.distance)
-        negative_loss, active_negatives = mean_of_nonzero(negative_terms, pairs.negative)
+        positive_distance = pair_distance(embeddings[pairs.positive_anchor], references[pairs.positive_reference])
+        positive_loss, _ = mean_of_nonzero(positive_distance)
+        negative_distance = pair_distance(embeddings[pairs.negative_anchor], references[pairs.negative_reference])
+        negative_loss, active_negatives = mean_of_nonzero(F.relu(self.margin - negative_distance))
         self._last_counts = {
-            "positive_pairs": pairs.positive.sum(),
-            "negatives_compared": pairs.negative.sum(),
+            "positive_pairs": torch.as_tensor(len(pairs.positive_anchor), device=embeddings.device),
+            "negatives_compared": pairs.negatives_compared,
             "active_negatives": active_negatives,
         }
         return positive_loss + negative_loss

@@ -95,7 +95,7 @@ def embeddings_table(metrics: dict) -> str:
 
 def corpus_table(metrics: dict) -> str:
     counts = metrics.get("corpus", {}).get("counts", {})
-    rows = [{"class": c, **splits, "total": sum(splits.values())} for c, splits in counts.items()]
+    rows = [{"class": c, **splits} for c, splits in counts.items()]
     columns = [("class", "class"), ("train", "train"), ("val", "val"), ("test", "test"), ("total", "total")]
     return markdown_table(rows, columns)
 

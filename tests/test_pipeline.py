@@ -1,0 +1,112 @@
+"""The whole study, end to end: `dvc repro` of the tiny profile in a copy of the
+repository.  Every declared output must exist and every number must be finite
+and in range.  (The numbers of the tiny profile mean nothing; the plumbing does.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def tracked_files(root: Path) -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line and (root / line).is_file()]
+
+
+def copy_repository(dest: Path) -> None:
+    for rel in tracked_files(ROOT):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+
+
+def declared_outputs(dvc_yaml: dict) -> list[str]:
+    paths = []
+    for stage in dvc_yaml["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return paths
+
+
+def numbers(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from numbers(v, f"{prefix}{k}.")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield prefix.rstrip("."), float(tree)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("study")
+    copy_repository(repo)
+    subprocess.run([sys.executable, "-m", "mtl.params", "write", "profiles/tiny.yaml", "--out", "params.yaml"],
+                   cwd=repo, check=True)
+    # Share the downloaded Debian packages with the working copy: no second download.
+    (ROOT / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    (repo / "data").mkdir(exist_ok=True)
+    (repo / "data" / "raw").symlink_to(ROOT / "data" / "raw")
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    dvc = str(VENV_BIN / "dvc")
+    subprocess.run([dvc, "config", "core.no_scm", "true"], cwd=repo, check=True, env=env)
+    result = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+    if result.returncode != 0:
+        pytest.fail(f"dvc repro failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return repo
+
+
+def test_every_declared_output_exists(tiny_study):
+    dvc_yaml = yaml.safe_load((tiny_study / "dvc.yaml").read_text())
+    missing = [p for p in declared_outputs(dvc_yaml) if not (tiny_study / p).exists()]
+    assert not missing, f"declared but not produced: {missing}"
+    assert (tiny_study / "dvc.lock").is_file()
+
+
+def test_metrics_are_gathered_finite_and_in_range(tiny_study):
+    metrics = json.loads((tiny_study / "results" / "metrics.json").read_text())
+    for key in ("corpus", "train_frozen", "train_finetune", "train_finetune_mem0", "embeddings", "retrieval"):
+        assert key in metrics, key
+    assert {"before", "after"} <= set(metrics["embeddings"])
+    for method in ("phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen", "mtl_finetune_mem0",
+                   "mtl_finetune", "mtl_finetune_gate", "mtl_finetune_fusion"):
+        row = metrics["retrieval"][method]
+        for key in ("muap", "recall_at_p90", "acc_at_1"):
+            assert 0.0 <= row[key] <= 1.0, (method, key, row[key])
+        assert row["fp_at_threshold"] >= 0
+        assert row["bytes_per_vector"] > 0
+    for name, value in numbers(metrics):
+        assert math.isfinite(value), name
+
+
+def test_rerun_is_a_no_op(tiny_study):
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    status = subprocess.run([str(VENV_BIN / "dvc"), "status"], cwd=tiny_study, env=env, capture_output=True,
+                            text=True, check=True).stdout
+    assert "changed" not in status, status
+
+
+def test_notebooks_are_committed_without_outputs():
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
+        tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{path.name} needs exactly one 'parameters' cell"

@@ -3,6 +3,10 @@ scikit-image and scikit-learn, so tests need no download and no generated noise.
 
 from __future__ import annotations
 
+import struct
+import zlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -44,3 +48,84 @@ def small_real_photos(real_photos) -> dict[str, Image.Image]:
         copy.thumbnail((160, 160), Image.Resampling.LANCZOS)
         small[name] = copy
     return small
+
+
+# ---------------------------------------------------------------------------
+# Awkward image files, as found in real folders (see mtl.data.imageio)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def handmade_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes = b"") -> bytes:
+    """A PNG written byte by byte: lets us make 48-bit files and bomb headers Pillow cannot write."""
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    body = _png_chunk(b"IDAT", zlib.compress(rows)) if rows else b""
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + body + _png_chunk(b"IEND", b"")
+
+
+def _rgb48_png(photo: Image.Image) -> bytes:
+    """A 16-bit-per-channel RGB PNG of `photo` (each 8-bit value v stored as v*257)."""
+    pixels = np.asarray(photo).astype(">u2") * 257
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    return handmade_png(photo.width, photo.height, 16, 2, rows)
+
+
+def _rgba_with_hole(photo: Image.Image) -> Image.Image:
+    """The photo with a fully transparent square in its middle."""
+    rgba = photo.convert("RGBA")
+    alpha = np.full((photo.height, photo.width), 255, np.uint8)
+    alpha[photo.height // 4: 3 * photo.height // 4, photo.width // 4: 3 * photo.width // 4] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    return rgba
+
+
+def _write_awkward_images(folder: Path, photo: Image.Image) -> dict[str, str | None]:
+    """Seed `folder` with one file of each awkward kind; return file name -> expected reason."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+
+    def add(name: str, reason: str | None) -> Path:
+        expected[name] = reason
+        return folder / name
+
+    add("empty.jpg", "empty").write_bytes(b"")
+    photo.save(folder / "whole.jpg", quality=90)
+    add("truncated.jpg", "truncated").write_bytes((folder / "whole.jpg").read_bytes()[:1500])
+    (folder / "whole.jpg").unlink()
+    photo.save(folder / "whole.png")
+    add("truncated.png", "truncated").write_bytes((folder / "whole.png").read_bytes()[:3000])
+    (folder / "whole.png").unlink()
+    add("notes.png", "not_an_image").write_text("this is a text file with an image name\n")
+    add("drawing.svg", "not_an_image").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    add("one_pixel.png", "too_small").write_bytes(b"")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one_pixel.png")
+    add("bomb.png", "too_large").write_bytes(handmade_png(100_000, 100_000, 8, 2))
+    photo.convert("CMYK").save(add("cmyk.jpg", None), quality=90)
+    grey16 = (np.asarray(photo.convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(grey16).save(add("grey16.png", None))
+    add("rgb48.png", None).write_bytes(_rgb48_png(photo))
+    rgba = _rgba_with_hole(photo)
+    rgba.save(add("rgba.png", None))
+    rgba.convert("LA").save(add("la.png", None))
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=255)
+    colours = palette.getpalette()
+    palette.putpalette(colours + [0, 0, 0] * (256 - len(colours) // 3))  # index 255: black, transparent
+    palette.putpixel((0, 0), 255)
+    palette.save(add("palette_transparent.png", None), transparency=255)
+    photo.save(add("plain.jpg", None), quality=90)
+    return expected
+
+
+@pytest.fixture()
+def awkward_images(tmp_path, small_real_photos) -> tuple[Path, dict[str, str | None], Image.Image]:
+    """(folder, file name -> expected load_image reason or None if it converts, the photo used).
+
+    One file of each awkward kind: empty, truncated JPEG and PNG, text and SVG
+    named as images, 1x1, a 100k x 100k bomb header, CMYK, 16-bit grey, 48-bit
+    RGB, RGBA and LA with a transparent hole, palette with a transparent index.
+    """
+    photo = small_real_photos["coffee"]
+    folder = tmp_path / "awkward"
+    return folder, _write_awkward_images(folder, photo), photo

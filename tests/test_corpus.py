@@ -1,0 +1,279 @@
+"""The corpus: clean ground truth (no duplicates, no group in two splits), bad
+files counted by reason, and the real default corpus from the Debian packages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from mtl.data import corpus
+from mtl.data.corpus import (MANIFEST_COLUMNS, SPLITS, CorpusConfig, CorpusImage, assign_splits, build_corpus,
+                             drop_duplicates, near_duplicate_pairs, read_manifest, scene_picture,
+                             strip_variant_number, tile_content)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def _stored_phashes(corpus_dir: Path, rows: list[dict]) -> np.ndarray:
+    with_hashes = []
+    for row in rows:
+        with Image.open(corpus_dir / row["path"]) as im:
+            with_hashes.append(int(str(imagehash.phash(im.convert("RGB"))), 16))
+    return np.array(with_hashes, dtype=np.uint64)
+
+
+def assert_corpus_invariants(corpus_dir: Path, radius: int) -> list[dict]:
+    """What every corpus promises; returns the manifest rows."""
+    manifest = corpus_dir / "manifest.csv"
+    assert manifest.read_text().splitlines()[0].split(",") == list(MANIFEST_COLUMNS)
+    rows = read_manifest(manifest)
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert len({r["hash"] for r in rows}) == len(rows), "exact duplicates left in the corpus"
+    splits_of_group = defaultdict(set)
+    for row in rows:
+        splits_of_group[row["group"]].add(row["split"])
+        assert row["split"] in SPLITS
+        with Image.open(corpus_dir / row["path"]) as im:
+            assert im.mode == "RGB" and im.size == (int(row["width"]), int(row["height"]))
+    assert all(len(s) == 1 for s in splits_of_group.values()), "a group lies in two splits"
+    # Hashes of the stored JPEGs: encoding moves a hash by a bit or two at most,
+    # so the stored images must still be further apart than the radius minus 2.
+    close = near_duplicate_pairs(_stored_phashes(corpus_dir, rows), max(radius - 2, 0))
+    assert len(close) == 0, [(rows[i]["id"], rows[j]["id"]) for i, j in close[:5]]
+    return rows
+
+
+def _image(image_id: str, phash: int, group: str, pixels: str = "", class_name: str = "a") -> CorpusImage:
+    return CorpusImage(image_id, class_name, "test", group, f"images/{image_id}.jpg", pixels or image_id, phash, 8, 8)
+
+
+# ---------------------------------------------------------------------------
+# pure parts
+
+
+def test_near_duplicate_pairs_match_brute_force():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, size=40, dtype=np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, size=(40, 3)).astype(np.uint64)
+    hashes = np.concatenate([base, base ^ flips[:, 0] ^ flips[:, 1] ^ flips[:, 2]])  # <= 3 bits away
+    found = {tuple(p) for p in near_duplicate_pairs(hashes, radius=4, block=7).tolist()}
+    brute = {(i, j) for i in range(len(hashes)) for j in range(i + 1, len(hashes))
+             if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= 4}
+    assert found == brute and len(found) >= 40
+
+
+def test_drop_duplicates_leaves_no_pair_within_radius():
+    images = [_image("a", 0b0, "g1"), _image("a_copy", 0b0, "g2", pixels="a"),   # exact
+              _image("b", 0b111, "g1"),                                             # 3 bits from a
+              _image("c", (1 << 40) - 1, "g3"), _image("d", 0xFFFF_FFFF_0000_0000, "g4")]
+    result = drop_duplicates(images, radius=4, seed=0)
+    assert len(result.exact) == 1 and len(result.near) == 1 and len(result.kept) == 3
+    kept = np.array([im.phash for im in result.kept], dtype=np.uint64)
+    assert len(near_duplicate_pairs(kept, 4)) == 0
+    assert {im.image_id for im in result.kept} >= {"c", "d"}
+
+
+def test_splits_keep_groups_together_and_meet_the_fractions():
+    rng = np.random.default_rng(1)
+    images = [_image(f"g{g}-{k}", 0, f"g{g}", class_name="scene" if g < 80 else "clipart")
+              for g in range(400) for k in range(int(rng.integers(1, 25)))]
+    fractions = {"train": 0.6, "val": 0.1, "test": 0.3}
+    split_of = assign_splits(images, fractions, seed=0)
+    assert set(split_of) == {im.group for im in images}
+    for class_name in ("scene", "clipart"):
+        members = [im for im in images if im.class_name == class_name]
+        shares = Counter(split_of[im.group] for im in members)
+        largest_group = max(Counter(im.group for im in members).values())
+        for split, fraction in fractions.items():
+            assert abs(shares[split] - fraction * len(members)) <= largest_group
+    assert assign_splits(images, fractions, seed=0) == split_of
+    assert assign_splits(images, fractions, seed=1) != split_of
+
+
+@pytest.mark.parametrize("path, picture, group", [
+    ("usr/share/wallpapers/Flow/contents/images/5120x2880.jpg", "Flow", "flow"),
+    ("usr/share/wallpapers/Flow/contents/images_dark/720x1440.jpg", "Flow-dark", "flow"),
+    ("usr/share/wallpapers/Flow/contents/screenshot.png", "Flow", "flow"),
+    ("usr/share/backgrounds/mate/abstract/Elephants_5640x3172.jpg", "Elephants", "elephants"),
+    ("usr/share/backgrounds/mate/abstract/Elephants.jpg", "Elephants", "elephants"),
+    ("usr/share/backgrounds/gnome/adwaita-d.webp", "adwaita-d", "adwaita"),
+    ("usr/share/backgrounds/Fossa_by_Jasper_Roks.jpg", "Fossa_by_Jasper_Roks", "fossa_by_jasper_roks"),
+])
+def test_every_size_of_a_wallpaper_is_one_picture(path, picture, group):
+    assert scene_picture(Path(path)) == (picture, group)
+
+
+def test_numbered_clipart_variants_share_a_group():
+    assert strip_variant_number("jigsaw_red_05") == strip_variant_number("jigsaw_red_11") == "jigsaw_red"
+    assert strip_variant_number("tangram_erwan_02") == "tangram_erwan"
+    assert strip_variant_number("head2") == "head2"
+
+
+def test_tile_content_rejects_flat_and_smooth_tiles(small_real_photos):
+    flat = Image.new("RGB", (96, 96), (90, 120, 200))
+    ramp = Image.fromarray(np.tile(np.linspace(0, 255, 96, dtype=np.uint8), (96, 1))).convert("RGB")
+    photo = small_real_photos["chelsea"].crop((0, 0, 96, 96))
+    std_flat, edges_flat = tile_content(flat)
+    std_ramp, edges_ramp = tile_content(ramp)
+    std_photo, edges_photo = tile_content(photo)
+    cfg = CorpusConfig()
+    assert std_flat < cfg.min_tile_std
+    assert std_ramp > cfg.min_tile_std and edges_ramp < cfg.min_tile_edges  # a gradient: no content
+    assert std_photo > cfg.min_tile_std and edges_photo > cfg.min_tile_edges
+
+
+def test_wallpapers_are_cut_into_capped_square_tiles(tmp_path, real_photos):
+    wallpaper = real_photos["china"].resize((1280, 854))
+    wallpaper.save(tmp_path / "china.jpg", quality=95)
+    item = corpus.SourceImage(tmp_path / "china.jpg", "scene", "test", "china", "scene-china", tiled=True)
+    cfg = CorpusConfig(corpus_dir=str(tmp_path / "out"), tile_size=256, max_side=128, max_tiles_per_picture=5,
+                       min_tile_std=0, min_tile_edges=0)
+    stored, skipped = corpus.process_source(item, cfg)
+    assert len(stored) == 5 and skipped["over_tile_cap"] == 5 * 3 - 5
+    assert all((im.width, im.height) == (128, 128) and im.group == "china" for im in stored)
+    assert len({im.image_id for im in stored}) == 5
+    again, _ = corpus.process_source(item, cfg)
+    assert [im.image_id for im in again] == [im.image_id for im in stored]  # seeded choice
+
+
+def test_config_rejects_unknown_keys_and_bad_fractions():
+    with pytest.raises(ValueError, match="unknown key"):
+        CorpusConfig.from_params({"max_sied": 10})
+    with pytest.raises(ValueError, match="sum to 1"):
+        CorpusConfig(split_fractions={"train": 0.5, "val": 0.1, "test": 0.1})
+    with pytest.raises(ValueError, match="data.folder"):
+        CorpusConfig(source="folder")
+
+
+def test_missing_package_lists_say_how_to_fix_them(tmp_path, monkeypatch):
+    def apt_without_lists(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package openclipart-png\n")
+
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(corpus.subprocess, "run", apt_without_lists)
+    with pytest.raises(RuntimeError, match=r"sudo apt-get update"):
+        corpus.fetch_packages(["openclipart-png"], tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# a folder-source build of small real photos
+
+
+@pytest.fixture()
+def photo_folder(tmp_path, small_real_photos, awkward_images) -> Path:
+    """Two classes of real photos, plus an exact copy, two near copies and bad files."""
+    root = tmp_path / "photos"
+    (root / "colour").mkdir(parents=True)
+    (root / "mixed").mkdir()
+    for name in ("chelsea", "coffee", "rocket", "astronaut"):
+        small_real_photos[name].save(root / "colour" / f"{name}.png")
+    for name in ("camera", "china", "flower"):
+        small_real_photos[name].save(root / "mixed" / f"{name}.png")
+    shutil.copy(root / "colour" / "chelsea.png", root / "mixed" / "chelsea_again.png")    # exact duplicate
+    rocket = small_real_photos["rocket"]
+    rocket.resize((rocket.width * 3 // 4, rocket.height * 3 // 4)).save(root / "mixed" / "rocket_small.jpg")
+    china = small_real_photos["china"]
+    china.crop((2, 1, china.width - 2, china.height - 1)).save(root / "colour" / "china_trimmed.png")
+    awkward, _, _ = awkward_images  # variants of 'coffee' and the bad files
+    shutil.copytree(awkward, root / "mixed" / "awkward")
+    (root / "README.txt").write_text("not in a class folder\n")
+    return root
+
+
+def _folder_config(folder: Path, out: Path, **overrides) -> CorpusConfig:
+    values = dict(source="folder", folder=str(folder), corpus_dir=str(out), max_side=128, workers=1,
+                  split_fractions={"train": 0.5, "val": 0.2, "test": 0.3})
+    return CorpusConfig(**{**values, **overrides})
+
+
+def test_folder_build_gives_clean_ground_truth(tmp_path, photo_folder, awkward_images):
+    _, expected_reasons, _ = awkward_images
+    report = build_corpus(_folder_config(photo_folder, tmp_path / "corpus"))
+    rows = assert_corpus_invariants(tmp_path / "corpus", radius=4)
+    ids = {r["id"] for r in rows}
+    assert len(ids & {"colour-chelsea", "mixed-chelsea_again"}) == 1
+    assert len(ids & {"colour-rocket", "mixed-rocket_small"}) == 1
+    assert len(ids & {"mixed-china", "colour-china_trimmed"}) == 1
+    assert report["duplicates"]["exact"] >= 1 and report["duplicates"]["near"] >= 2
+    assert report["duplicates"]["near_across_groups"] >= 2
+    bad = Counter(reason for reason in expected_reasons.values() if reason)
+    assert report["rejections"] == {**bad, "outside_class_folder": 1}
+    assert {r["class"] for r in rows} == {"colour", "mixed"}
+    assert all(max(int(r["width"]), int(r["height"])) <= 128 for r in rows)
+    assert report["images"] == len(rows) == sum(report["splits"].values())
+    assert sum(row["total"] for row in report["counts"].values()) == len(rows)
+    assert (tmp_path / "corpus" / "contact_colour.png").is_file()
+    on_disk = {p.relative_to(tmp_path / "corpus").as_posix() for p in (tmp_path / "corpus" / "images").rglob("*.jpg")}
+    assert on_disk == {r["path"] for r in rows}  # dropped images leave no file behind
+
+
+def test_folder_build_is_the_same_with_two_workers(tmp_path, photo_folder):
+    build_corpus(_folder_config(photo_folder, tmp_path / "one"))
+    build_corpus(_folder_config(photo_folder, tmp_path / "two", workers=2))
+    assert (tmp_path / "one" / "manifest.csv").read_text() == (tmp_path / "two" / "manifest.csv").read_text()
+
+
+def test_folder_with_one_class_is_a_clear_error(tmp_path, small_real_photos):
+    (tmp_path / "photos" / "only").mkdir(parents=True)
+    small_real_photos["coffee"].save(tmp_path / "photos" / "only" / "coffee.png")
+    with pytest.raises(ValueError, match="at least two classes"):
+        build_corpus(_folder_config(tmp_path / "photos", tmp_path / "corpus"))
+    with pytest.raises(ValueError, match="inside data.folder"):
+        build_corpus(_folder_config(tmp_path / "photos", tmp_path / "photos" / "corpus"))
+
+
+def test_command_line_reads_params_and_overrides(tmp_path, photo_folder, capsys):
+    params = {"data": {"source": "folder", "folder": str(photo_folder), "corpus_dir": str(tmp_path / "c"),
+                       "max_side": 96, "workers": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert corpus.main(["--params", str(tmp_path / "params.yaml"), "--set", "max_side=64"]) == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["config"]["max_side"] == 64
+    assert "colour" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# the real default corpus
+
+
+def _raw_cache(tmp_path: Path) -> Path:
+    """Reuse the project's package cache when there is one (saves the download)."""
+    if os.environ.get("MTL_RAW_CACHE"):
+        return Path(os.environ["MTL_RAW_CACHE"])
+    return REPO / "data" / "raw" if (REPO / "data" / "raw").is_dir() else tmp_path / "raw"
+
+
+@pytest.mark.slow
+def test_real_default_corpus_from_debian_packages(tmp_path):
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("needs a Debian or Ubuntu system (apt-get, dpkg-deb)")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())["data"]
+    cfg = CorpusConfig.from_params({**data, "raw_dir": str(_raw_cache(tmp_path)),
+                                    "corpus_dir": str(tmp_path / "corpus")})
+    report = build_corpus(cfg)
+    rows = assert_corpus_invariants(tmp_path / "corpus", cfg.near_dup_hamming)
+    counts = report["counts"]
+    assert set(counts) == {"scene", "clipart"}
+    assert counts["clipart"]["total"] == cfg.max_per_class  # enough clip art to fill the cap
+    assert 400 <= counts["scene"]["total"] <= cfg.max_per_class
+    assert report["groups"]["scene"]["total"] >= 50  # distinct wallpapers
+    for class_name, row in counts.items():
+        for split, fraction in cfg.split_fractions.items():
+            assert abs(row[split] / row["total"] - fraction) < 0.05, (class_name, split, row)
+    assert report["rejections"]["uniform_tile"] > 0 and report["subsampling"]["symlink"] > 1000
+    assert len(rows) == report["images"]
+    assert (tmp_path / "corpus" / "contact_scene.png").is_file()

@@ -18,8 +18,8 @@ from PIL import Image
 
 from mtl.data import corpus
 from mtl.data.corpus import (MANIFEST_COLUMNS, SPLITS, CorpusConfig, CorpusImage, assign_splits, build_corpus,
-                             drop_duplicates, near_duplicate_pairs, read_manifest, scene_picture,
-                             strip_variant_number, tile_content)
+                             clipart_family, drop_duplicates, near_duplicate_pairs, read_manifest,
+                             scene_picture, tile_content)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,10 +117,22 @@ def test_every_size_of_a_wallpaper_is_one_picture(path, picture, group):
     assert scene_picture(Path(path)) == (picture, group)
 
 
-def test_numbered_clipart_variants_share_a_group():
-    assert strip_variant_number("jigsaw_red_05") == strip_variant_number("jigsaw_red_11") == "jigsaw_red"
-    assert strip_variant_number("tangram_erwan_02") == "tangram_erwan"
-    assert strip_variant_number("head2") == "head2"
+def test_numbered_clipart_variants_are_one_family():
+    assert clipart_family("jigsaw_red_05") == clipart_family("jigsaw_red_11") == "jigsaw_red"
+    assert clipart_family("star_66pt07step") == clipart_family("star_5pt2step")
+    assert clipart_family("tangram_erwan_02") != clipart_family("jigsaw_red_05")
+    assert clipart_family("2009") == "2009"
+
+
+def test_one_clipart_file_per_family(tmp_path, small_real_photos):
+    for name in ("jigsaw_red_01", "jigsaw_red_02", "jigsaw_red_03", "tangram_01"):
+        (tmp_path / "shapes").mkdir(exist_ok=True)
+        small_real_photos["coffee"].save(tmp_path / "shapes" / f"{name}.png")
+    (tmp_path / "shapes" / "link_01.png").symlink_to(tmp_path / "shapes" / "tangram_01.png")
+    skipped = Counter()
+    items = corpus.clipart_sources(tmp_path, seed=0, skipped=skipped)
+    assert sorted(item.group for item in items) == ["jigsaw_red", "tangram"]
+    assert skipped == {"family_variant": 2, "symlink": 1}
 
 
 def test_tile_content_rejects_flat_and_smooth_tiles(small_real_photos):

@@ -15,8 +15,8 @@ Sources (`data.source` in params.yaml):
     kept.  group = the picture, so all its tiles land in one split.
   - **clipart**: ``openclipart-png``.  Symbolic links (the same file filed in a
     second category) are skipped; transparency goes onto white.  group = the
-    file stem without its numbered-variant suffix (``foo_01``, ``foo_02`` ->
-    ``foo``), so variants of one drawing stay in one split.
+    file name without its numbers (``foo_01``, ``foo_02`` -> ``foo``): one
+    family of variants of a drawing, of which one (seeded) file is used.
 
 * ``folder`` -- a user's folder with one sub-folder per class (the ImageFolder
   convention, two or more classes); group = the file stem.
@@ -185,9 +185,16 @@ def unique_ids(ids: Iterable[str]) -> list[str]:
     return out
 
 
-def strip_variant_number(stem: str) -> str:
-    """'jigsaw_red_05' -> 'jigsaw_red'; numbered variants of one drawing share a group."""
-    return re.sub(r"(?:[_-]\d+)+$", "", stem).lower() or stem.lower()
+def clipart_family(stem: str) -> str:
+    """The drawing a clip-art file is a variant of: its name without digits.
+
+    Numbered variants (``jigsaw_red_05``, ``jigsaw_red_11``) are recolourings or
+    re-cuts of one drawing, and openclipart also ships 1,375 generated
+    ``star_<N>pt<M>step`` spirographs that differ only in their numbers and look
+    alike far beyond any pHash radius.  One family = one group.
+    """
+    family = re.sub(r"\d+", "", stem).lower().strip("_- ")
+    return family or stem.lower()
 
 
 def scene_picture(relative: Path) -> tuple[str, str]:
@@ -247,8 +254,13 @@ def scene_sources(unpacked: Mapping[str, Path], skipped: Counter) -> list[Source
             for k, image_id in zip(keys, ids)]
 
 
-def clipart_sources(root: Path, skipped: Counter) -> list[SourceImage]:
-    """Every regular PNG of openclipart-png (links are second copies of other files)."""
+def clipart_sources(root: Path, seed: int, skipped: Counter) -> list[SourceImage]:
+    """One regular PNG per drawing family of openclipart-png (seeded choice).
+
+    Symbolic links are second copies of files filed elsewhere.  Keeping a single
+    member per family (see clipart_family) is what makes every pair of clip-art
+    images in the corpus two different drawings, not two colours of one.
+    """
     files = []
     for path in sorted(root.rglob("*.png")):
         if path.is_symlink():
@@ -256,8 +268,14 @@ def clipart_sources(root: Path, skipped: Counter) -> list[SourceImage]:
         elif path.is_file():
             files.append(path)
     ids = unique_ids(slug("clipart-" + str(p.relative_to(root).with_suffix(""))) for p in files)
-    return [SourceImage(p, "clipart", f"debian:{CLIPART_PACKAGE}", strip_variant_number(p.stem), i, tiled=False)
-            for p, i in zip(files, ids)]
+    chosen: dict[str, SourceImage] = {}
+    for path, image_id in sorted(zip(files, ids), key=lambda f: rank_key(seed, f[1])):
+        family = clipart_family(path.stem)
+        if family in chosen:
+            skipped["family_variant"] += 1
+            continue
+        chosen[family] = SourceImage(path, "clipart", f"debian:{CLIPART_PACKAGE}", family, image_id, tiled=False)
+    return sorted(chosen.values(), key=lambda item: item.image_id)
 
 
 def folder_sources(folder: Path, skipped: Counter) -> list[SourceImage]:
@@ -358,7 +376,7 @@ def debian_sources(cfg: CorpusConfig, skipped: Counter, timings: dict) -> tuple[
     unpacked = {package: unpack_package(deb, raw_dir / "unpacked") for package, deb in debs.items()}
     timings["unpack_s"] = round(time.perf_counter() - start, 2)
     scene = scene_sources({p: unpacked[p] for p in SCENE_PACKAGES}, skipped)
-    clipart = clipart_sources(unpacked[CLIPART_PACKAGE] / CLIPART_ROOT, skipped)
+    clipart = clipart_sources(unpacked[CLIPART_PACKAGE] / CLIPART_ROOT, cfg.seed, skipped)
     return scene + clipart, {package: deb.name for package, deb in debs.items()}
 
 
@@ -668,7 +686,8 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
 
 
 # Reasons that are a choice of ours (sampling, caps, one file per picture), not a bad file.
-SUBSAMPLING_REASONS = ("not_decoded_over_cap", "over_class_cap", "over_tile_cap", "smaller_version", "symlink")
+SUBSAMPLING_REASONS = ("family_variant", "not_decoded_over_cap", "over_class_cap", "over_tile_cap",
+                       "smaller_version", "symlink")
 
 
 def make_report(cfg: CorpusConfig, kept: list[CorpusImage], dedup: Deduplication, skipped: Counter,

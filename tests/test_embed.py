@@ -90,3 +90,54 @@ def test_same_image_gives_same_embedding_regardless_of_batch(image_folder, check
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("sift")
+
+
+def _tiny_evalset(root, rng):
+    """Eval splits with real files: references, copies (re-scaled, brightened) and distractors."""
+    import pandas as pd
+    from PIL import ImageEnhance
+
+    for split in ("val", "test"):
+        directory = root / "eval" / split
+        (directory / "references").mkdir(parents=True)
+        (directory / "queries").mkdir()
+        refs, queries = [], []
+        for i in range(6):
+            img = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((48, 48))
+            img.save(directory / "references" / f"r{i}.png")
+            refs.append({"reference_id": f"{split}r{i}", "path": f"references/r{i}.png", "class": "scene"})
+            if i < 4:
+                ImageEnhance.Brightness(img.resize((40, 40))).enhance(1.2).save(directory / "queries" / f"q{i}.png")
+                queries.append({"query_id": f"{split}q{i}", "path": f"queries/q{i}.png", "class": "scene",
+                                "reference_id": f"{split}r{i}", "transformation": "brighten",
+                                "held_out": i % 2 == 0})
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(directory / "queries" / "d.png")
+        queries.append({"query_id": f"{split}d", "path": "queries/d.png", "class": "scene", "reference_id": "",
+                        "transformation": "none", "held_out": False})
+        pd.DataFrame(refs).to_csv(directory / "references.csv", index=False)
+        pd.DataFrame(queries).to_csv(directory / "queries.csv", index=False)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(corpus / f"c{i}.png")
+    pd.DataFrame({"id": [f"c{i}" for i in range(8)], "path": [f"c{i}.png" for i in range(8)],
+                  "split": ["train"] * 6 + ["val"] * 2}).to_csv(corpus / "manifest.csv", index=False)
+
+
+@pytest.mark.slow
+def test_every_method_embeds_both_splits_and_lands_in_one_table(tmp_path, checkpoint):
+    from mtl.eval.methods import embed_methods, evaluate_methods
+
+    _tiny_evalset(tmp_path, np.random.default_rng(4))
+    paths = embed_methods(tmp_path / "eval", tmp_path / "emb",
+                          {"mtl_frozen": checkpoint, "mtl_finetune": checkpoint}, corpus_dir=tmp_path / "corpus",
+                          pca_images=6, pca_dim=4, image_size=32, batch_size=8, device="cpu", num_workers=0)
+    assert set(paths) == {"phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen", "mtl_finetune"}
+    assert load_npz(paths["backbone_pca320"]["test"]).dim == 4
+    evaluation = evaluate_methods(tmp_path / "eval", paths, k=3, betas=[0.0, 1.0])
+    table = evaluation.table.set_index("method")
+    assert list(table.index) == ["phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen",
+                                 "mtl_finetune", "mtl_finetune_gate", "mtl_finetune_fusion"]
+    assert table.loc["phash", "bytes_per_vector"] == 8 and table.loc["mtl_frozen", "bytes_per_vector"] == 1280
+    assert table.loc["phash", "muap"] > 0.5  # brightened, re-scaled copies keep their pHash
+    assert ((table["muap"] >= 0) & (table["muap"] <= 1)).all()

@@ -41,3 +41,24 @@ def test_dimension_mismatch_is_a_clear_error():
     rng = np.random.default_rng(2)
     with pytest.raises(ValueError, match="dim"):
         search(unit_rows(rng, 3, 8), list("abc"), unit_rows(rng, 3, 16), list("xyz"))
+
+
+def test_command_line_searches_an_eval_set_file_by_roles(tmp_path):
+    import pandas as pd
+
+    from mtl.eval.embed import EmbeddingResult, save_npz
+    from mtl.eval.search import main
+
+    rng = np.random.default_rng(3)
+    refs = unit_rows(rng, 6, 8)
+    queries = refs[:3] + 0.01 * unit_rows(rng, 3, 8)
+    vectors = np.concatenate([refs, queries / np.linalg.norm(queries, axis=1, keepdims=True)])
+    npz = save_npz(EmbeddingResult(ids=np.array([f"r{i}" for i in range(6)] + ["q0", "q1", "q2"]),
+                                   embeddings=vectors, method="test",
+                                   roles=np.array(["reference"] * 6 + ["query"] * 3)), tmp_path / "e.npz")
+    out = tmp_path / "preds.csv"
+    assert main(["--queries", str(npz), "--references", str(npz), "--k", "2", "--out", str(out)]) == 0
+    preds = pd.read_csv(out)
+    assert len(preds) == 6 and set(preds["query_id"]) == {"q0", "q1", "q2"}
+    top1 = preds[preds["rank"] == 1].set_index("query_id")["reference_id"]
+    assert top1.to_dict() == {"q0": "r0", "q1": "r1", "q2": "r2"}

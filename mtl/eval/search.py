@@ -7,6 +7,8 @@ compressed indexes of the 1M-scale claim live in benchmarks/scale_1m.py.
 A GPU index is used when CUDA and faiss-gpu are both present.
 
     mtl search --queries q.npz --references r.npz --k 10 --out preds.csv
+
+(one eval-set file, `mtl embed --evalset`, may be given as both: its roles say which is which)
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="predictions CSV")
     parser.add_argument("--cpu", action="store_true", help="never use a GPU index")
     args = parser.parse_args(argv)
+    # An eval-set embedding (`mtl embed --evalset`) holds both roles in one file.
     queries, references = load_npz(args.queries), load_npz(args.references)
+    queries = queries.role("query") if queries.roles is not None else queries
+    references = references.role("reference") if references.roles is not None else references
     result = search(queries.embeddings, queries.ids, references.embeddings, references.ids,
                     k=args.k, use_gpu=False if args.cpu else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,6 @@ def _tiny_evalset(root, rng):
                   "split": ["train"] * 6 + ["val"] * 2}).to_csv(corpus / "manifest.csv", index=False)
 
 
-@pytest.mark.slow
 def test_every_method_embeds_both_splits_and_lands_in_one_table(tmp_path, checkpoint):
     from mtl.eval.methods import embed_methods, evaluate_methods
 

@@ -215,7 +215,8 @@ def _collate(items):
     return indices, batch, bad
 
 
-def _batches(paths: Sequence[Path], prepare: Callable, batch_size: int, num_workers: int, desc: str):
+def _batches(paths: Sequence[Path], prepare: Callable, batch_size: int, num_workers: int, desc: str,
+             pin_memory: bool = False):
     """Yield (indices, batch, failures) with a progress bar (tqdm) or sparse log lines."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -223,7 +224,7 @@ def _batches(paths: Sequence[Path], prepare: Callable, batch_size: int, num_work
     from mtl.runtime import is_interactive
 
     loader = DataLoader(_ImageDataset(paths, prepare), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate)
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory)
     interactive = is_interactive()
     done, next_report = 0, 0.1
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not interactive) as bar:
@@ -303,7 +304,7 @@ def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112,
     start = time.perf_counter()
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
         for indices, batch, bad in _batches(images.paths, prepare, batch_size, num_workers,
-                                            f"embed {Path(checkpoint).name}"):
+                                            f"embed {Path(checkpoint).name}", pin_memory=dev.type == "cuda"):
             bad_all += bad
             if batch is None:
                 continue

@@ -215,8 +215,8 @@ def recall_by_transformation(predictions: pd.DataFrame, queries: pd.DataFrame,
     the two groups measures how far the learnt invariance generalizes.
     """
     _require_columns(queries, ["query_id", "reference_id", "transformation"], "queries table")
-    positives = queries.merge(ground_truth_pairs(queries)[["query_id"]], on="query_id")
-    positives = positives.assign(query_id=positives["query_id"].astype(str))
+    queries = queries.assign(query_id=queries["query_id"].astype(str))
+    positives = queries[queries["query_id"].isin(ground_truth_pairs(queries)["query_id"])]
     top1 = top1_per_query(predictions)
     found_at_1 = set(top1.loc[top1["correct"], "query_id"])
     accepted = predictions[(predictions["score"] >= threshold) & predictions["correct"]]

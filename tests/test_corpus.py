@@ -162,6 +162,20 @@ def test_wallpapers_are_cut_into_capped_square_tiles(tmp_path, real_photos):
     assert [im.image_id for im in again] == [im.image_id for im in stored]  # seeded choice
 
 
+def test_files_are_chosen_before_decoding_to_fill_the_class_cap():
+    pictures = [corpus.SourceImage(Path(f"p{i}.jpg"), "scene", "t", f"p{i}", f"scene-p{i}", tiled=True)
+                for i in range(10)]
+    drawings = [corpus.SourceImage(Path(f"d{i}.png"), "clipart", "t", f"d{i}", f"clipart-d{i}", tiled=False)
+                for i in range(20)]
+    cfg = CorpusConfig(max_per_class=8, max_tiles_per_picture=4)
+    skipped = Counter()
+    chosen = corpus.subsample_before_decoding(pictures + drawings, cfg, skipped)
+    per_class = Counter(item.class_name for item in chosen)
+    assert per_class == {"scene": 3, "clipart": 12}  # 1.5 x 8 tiles / 4 per picture; 1.5 x 8 files
+    assert skipped["not_decoded_over_cap"] == 7 + 8
+    assert corpus.subsample_before_decoding(pictures + drawings, cfg, Counter()) == chosen
+
+
 def test_config_rejects_unknown_keys_and_bad_fractions():
     with pytest.raises(ValueError, match="unknown key"):
         CorpusConfig.from_params({"max_sied": 10})

@@ -70,9 +70,9 @@ RASTER_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".t
 VECTOR_SUFFIXES = {".svg", ".svgz"}
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("id", "path", "class", "source", "group", "split", "hash", "width", "height")
-# Whole-file classes decode this many times `max_per_class` files at most: enough
-# that rejections and duplicates still leave a full class, far fewer than all
-# 6,900 clip-art files.
+# Decode files for this many times `max_per_class` images at most: enough that
+# rejections and duplicates still leave a full class (about a quarter of the
+# clip art is too small or a duplicate), and no more: decoding is the cost.
 DECODE_OVERSAMPLE = 1.5
 # Edge pixel: neighbouring grey levels differ by at least this much (of 255).
 EDGE_STEP = 8.0
@@ -227,7 +227,6 @@ def _header_pixels(path: Path) -> int:
 def scene_sources(unpacked: Mapping[str, Path], skipped: Counter) -> list[SourceImage]:
     """The largest file of each wallpaper picture in the scene packages."""
     largest: dict[tuple[str, str], tuple[int, Path, str]] = {}
-    groups: dict[tuple[str, str], str] = {}
     for package, root in unpacked.items():
         for path in sorted(root.rglob("*")):
             suffix = path.suffix.lower()
@@ -247,7 +246,6 @@ def scene_sources(unpacked: Mapping[str, Path], skipped: Counter) -> list[Source
                 if pixels <= largest[key][0]:
                     continue
             largest[key] = (pixels, path, group)
-            groups[key] = group
     keys = sorted(largest)
     ids = unique_ids(slug(f"scene-{picture}") for _, picture in keys)
     return [SourceImage(largest[k][1], "scene", f"debian:{k[0]}", largest[k][2], image_id, tiled=True)
@@ -297,22 +295,25 @@ def folder_sources(folder: Path, skipped: Counter) -> list[SourceImage]:
     return items
 
 
-def subsample_whole_images(items: list[SourceImage], cfg: CorpusConfig, skipped: Counter) -> list[SourceImage]:
-    """Per class, the first DECODE_OVERSAMPLE x max_per_class whole images in seeded order.
+def subsample_before_decoding(items: list[SourceImage], cfg: CorpusConfig, skipped: Counter) -> list[SourceImage]:
+    """Per class, the first files in seeded order, enough to fill `max_per_class`.
 
-    Chosen before decoding: decoding all 6,900 clip-art files would double the build time.
+    Chosen before decoding, because decoding is the build's cost: whole images
+    take DECODE_OVERSAMPLE x max_per_class files (room for rejections and
+    duplicates); tiled pictures take as many as DECODE_OVERSAMPLE x max_per_class
+    tiles need at max_tiles_per_picture each.  With the default parameters every
+    wallpaper is used; small profiles decode only a few.
     """
-    limit = math.ceil(cfg.max_per_class * DECODE_OVERSAMPLE)
     by_class: dict[str, list[SourceImage]] = defaultdict(list)
     for item in items:
         by_class[item.class_name].append(item)
     chosen = []
     for class_items in by_class.values():
         ordered = sorted(class_items, key=lambda it: rank_key(cfg.seed, it.image_id))
-        if not any(it.tiled for it in ordered):  # tiles are capped after decoding
-            skipped["not_decoded_over_cap"] += max(0, len(ordered) - limit)
-            ordered = ordered[:limit]
-        chosen += ordered
+        per_file = cfg.max_tiles_per_picture if ordered[0].tiled else 1
+        limit = math.ceil(DECODE_OVERSAMPLE * cfg.max_per_class / per_file)
+        skipped["not_decoded_over_cap"] += max(0, len(ordered) - limit)
+        chosen += ordered[:limit]
     return chosen
 
 
@@ -657,7 +658,7 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
         items, packages = debian_sources(cfg, skipped, timings)
     else:
         items = folder_sources(Path(cfg.folder), skipped)
-    items = subsample_whole_images(items, cfg, skipped)
+    items = subsample_before_decoding(items, cfg, skipped)
 
     start = time.perf_counter()
     decoded, reasons = decode_all(items, cfg)

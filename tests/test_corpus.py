@@ -117,6 +117,24 @@ def test_every_size_of_a_wallpaper_is_one_picture(path, picture, group):
     assert scene_picture(Path(path)) == (picture, group)
 
 
+def test_one_wallpaper_file_per_picture_the_largest(tmp_path, small_real_photos):
+    photo = small_real_photos["flower"]
+    kde = tmp_path / "plasma" / "usr/share/wallpapers/Flow/contents"
+    files = {kde / "images/1280x800.jpg": (128, 80), kde / "images/2560x1600.jpg": (256, 160),
+             kde / "images_dark/2560x1600.jpg": (250, 160), kde / "screenshot.jpg": (40, 25),
+             tmp_path / "gnome/adwaita-l.webp": (100, 100), tmp_path / "gnome/adwaita-d.webp": (100, 100)}
+    for path, size in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo.resize(size).save(path)
+    (tmp_path / "gnome/blobs-l.svg").write_text("<svg/>")
+    (kde / "images/1920x1200.jpg").symlink_to(kde / "images/1280x800.jpg")
+    skipped = Counter()
+    items = corpus.scene_sources({"plasma": tmp_path / "plasma", "gnome": tmp_path / "gnome"}, skipped)
+    assert {(item.group, item.path) for item in items} == {
+        ("flow", kde / "images/2560x1600.jpg"), ("adwaita", tmp_path / "gnome/adwaita-d.webp")}
+    assert skipped == {"other_version": 4, "symlink": 1, "vector_image": 1}
+
+
 def test_numbered_clipart_variants_are_one_family():
     assert clipart_family("jigsaw_red_05") == clipart_family("jigsaw_red_11") == "jigsaw_red"
     assert clipart_family("star_66pt07step") == clipart_family("star_5pt2step")
@@ -264,12 +282,15 @@ def test_folder_with_one_class_is_a_clear_error(tmp_path, small_real_photos):
 
 def test_command_line_reads_params_and_overrides(tmp_path, photo_folder, capsys):
     params = {"data": {"source": "folder", "folder": str(photo_folder), "corpus_dir": str(tmp_path / "c"),
-                       "max_side": 96, "workers": 1}}
+                       "max_side": 96}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    assert corpus.main(["--params", str(tmp_path / "params.yaml"), "--set", "max_side=64"]) == 0
+    argv = ["--params", str(tmp_path / "params.yaml"), "--set", "max_side=64", "--set", "data.workers=1"]
+    assert corpus.main(argv) == 0
     report = json.loads((tmp_path / "c" / "report.json").read_text())
-    assert report["config"]["max_side"] == 64
+    assert report["config"]["max_side"] == 64 and report["config"]["workers"] == 1
     assert "colour" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        corpus.main(["--params", str(tmp_path / "params.yaml"), "--set", "max_sied=64"])
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Sources (`data.source` in params.yaml):
   classes, as in the paper's content-type branch:
 
   - **scene**: desktop wallpapers (photographs and artwork).  A picture shipped
-    in several resolutions counts once (the largest file); it is cut into
+    in several resolutions, or in light and dark colourings, counts once (the
+    largest file: a recoloured picture is a copy of it); it is cut into
     non-overlapping square tiles of ``tile_size`` source pixels, of which at most
     ``max_tiles_per_picture`` (seeded choice) that pass the content test are
     kept.  group = the picture, so all its tiles land in one split.
@@ -201,10 +202,11 @@ def scene_picture(relative: Path) -> tuple[str, str]:
     """(picture, group) of a wallpaper file.
 
     KDE ships ``<Name>/contents/images[_dark]/<W>x<H>.<ext>`` plus a
-    ``screenshot``: all sizes are one picture, the dark variant a second picture
-    of the same group.  Elsewhere a ``_<W>x<H>`` suffix marks another size
+    ``screenshot``: all sizes are one picture, the dark variant a recoloured
+    copy of it (same group).  Elsewhere a ``_<W>x<H>`` suffix marks another size
     (``Elephants_3840x2160.jpg``) and GNOME's ``-l`` / ``-d`` suffixes mark the
-    light and dark variants of one design.
+    light and dark colourings of one design (``adwaita-l`` vs ``adwaita-d``:
+    6-10 pHash bits apart, tile for tile).
     """
     parts = relative.parts
     if "contents" in parts[:-1]:
@@ -225,7 +227,7 @@ def _header_pixels(path: Path) -> int:
 
 
 def scene_sources(unpacked: Mapping[str, Path], skipped: Counter) -> list[SourceImage]:
-    """The largest file of each wallpaper picture in the scene packages."""
+    """The largest file of each wallpaper group (all sizes and colourings of a picture)."""
     largest: dict[tuple[str, str], tuple[int, Path, str]] = {}
     for package, root in unpacked.items():
         for path in sorted(root.rglob("*")):
@@ -239,16 +241,16 @@ def scene_sources(unpacked: Mapping[str, Path], skipped: Counter) -> list[Source
                 skipped["vector_image"] += 1
                 continue
             picture, group = scene_picture(path.relative_to(root))
-            key = (package, picture)
+            key = (package, group)
             pixels = _header_pixels(path)
             if key in largest:
-                skipped["smaller_version"] += 1
+                skipped["other_version"] += 1
                 if pixels <= largest[key][0]:
                     continue
-            largest[key] = (pixels, path, group)
+            largest[key] = (pixels, path, picture)
     keys = sorted(largest)
-    ids = unique_ids(slug(f"scene-{picture}") for _, picture in keys)
-    return [SourceImage(largest[k][1], "scene", f"debian:{k[0]}", largest[k][2], image_id, tiled=True)
+    ids = unique_ids(slug(f"scene-{largest[k][2]}") for k in keys)
+    return [SourceImage(largest[k][1], "scene", f"debian:{k[0]}", k[1], image_id, tiled=True)
             for k, image_id in zip(keys, ids)]
 
 
@@ -688,7 +690,7 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
 
 # Reasons that are a choice of ours (sampling, caps, one file per picture), not a bad file.
 SUBSAMPLING_REASONS = ("family_variant", "not_decoded_over_cap", "over_class_cap", "over_tile_cap",
-                       "smaller_version", "symlink")
+                       "other_version", "symlink")
 
 
 def make_report(cfg: CorpusConfig, kept: list[CorpusImage], dedup: Deduplication, skipped: Counter,
@@ -721,6 +723,25 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def apply_overrides(data: dict, assignments: Sequence[str]) -> dict:
+    """`key=value` (or `data.key=value`) overrides of the data section, values parsed as YAML.
+
+    Checked against CorpusConfig rather than params.yaml, so keys with a default
+    here (workers, min_side, ...) can be set even where params.yaml omits them.
+    """
+    import yaml
+
+    known = {f.name for f in fields(CorpusConfig)}
+    data = dict(data)
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        key = key.strip().removeprefix("data.")
+        if not sep or key not in known:
+            raise ValueError(f"--set {assignment!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        data[key] = yaml.safe_load(raw)
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     from mtl.params import load_params
 
@@ -730,9 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a data key, e.g. --set max_side=256 (repeatable)")
     args = parser.parse_args(argv)
-    overrides = [s if s.startswith("data.") else f"data.{s}" for s in args.set]
-    params = load_params(args.params, overrides=overrides, profile=args.profile)
-    report = build_corpus(CorpusConfig.from_params(params.get("data") or {}))
+    params = load_params(args.params, profile=args.profile)
+    report = build_corpus(CorpusConfig.from_params(apply_overrides(params.get("data") or {}, args.set)))
     print(summary(report))
     print(f"wrote {Path(report['config']['corpus_dir']) / 'manifest.csv'} and report.json")
     return 0

@@ -88,6 +88,17 @@ def test_exif_orientation_is_applied(tmp_path, photo):
     assert _mean_abs_difference(upright, expected) < 6.0
 
 
+def test_max_side_shrinks_while_decoding(tmp_path, real_photos):
+    photo = real_photos["rocket"]
+    photo.save(tmp_path / "rocket.jpg", quality=95)
+    photo.save(tmp_path / "rocket.png")
+    full_then_shrunk = fit_within(load_image(tmp_path / "rocket.png").image, 100)
+    for name in ("rocket.jpg", "rocket.png"):
+        small = load_image(tmp_path / name, max_side=100).image
+        assert small.size == full_then_shrunk.size
+        assert _mean_abs_difference(small, full_then_shrunk) < 6.0
+
+
 def test_fit_within_shrinks_only(photo):
     shrunk = fit_within(photo, 64)
     assert max(shrunk.size) == 64

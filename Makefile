@@ -14,12 +14,13 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export DVC_NO_ANALYTICS := 1
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test lint clean-results help
+.PHONY: setup apt kernel dvc-config repro test sweep clean-results help
 
 help:
 	@echo "make repro              set up, then run the whole DVC pipeline (default CPU profile)"
 	@echo "make repro PROFILE=paper   the paper's settings (MobileNetV2, 224 px, GPU)"
 	@echo "make test               set up, then run the test suite"
+	@echo "make sweep              a papermill parameter sweep (sweeps/ablation.yaml)"
 	@echo "make setup              only install (.venv, Debian tools, Jupyter kernel, DVC config)"
 
 setup: $(STAMP) kernel dvc-config
@@ -57,3 +58,10 @@ test: setup
 
 clean-results:
 	rm -rf results/notebooks
+
+# A papermill parameter sweep (sweeps/ablation.yaml); SWEEP_SET overrides every variant.
+SWEEP ?= sweeps/ablation.yaml
+SWEEP_SET ?=
+sweep: setup
+	$(VENV)/bin/dvc repro evalset
+	$(PY) -m mtl.sweep $(SWEEP) $(if $(SWEEP_SET),--set $(SWEEP_SET))

@@ -293,7 +293,7 @@ def evaluate_stage(params: dict, checkpoints: dict | None = None, embeddings_dir
     evaluation.save(results_dir)
     plots.pr_curves(evaluation.pr_curve_arrays(), results_dir / "pr_curves.png")
     per_t = evaluation.per_transformation
-    plots.bar_chart(per_t, x="transformation", y="recall", hue="method", path=results_dir / "per_transformation.png",
+    plots.bar_chart(per_t, x="transformation", y="recall_at_threshold", hue="method", path=results_dir / "per_transformation.png",
                     title="recall at the val threshold, per transformation (held-out marked *)")
     plots.image_pairs(image_pairs(evaluation.worst_false_positives(8)), results_dir / "worst_false_positives.png",
                       title="mtl_finetune: highest-scoring false matches")

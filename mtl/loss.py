@@ -30,9 +30,25 @@ from torch import nn
 # Squared distances at or below this are treated as exactly zero: sqrt has an
 # infinite slope at 0 (NaN gradients for identical views).
 _SQ_DIST_EPS = 1e-12
-# Slack on the cosine pre-selection of negatives, so that no pair the exact distance
-# puts inside the margin is missed because of matmul round-off.
-_COSINE_SLACK = 1e-4
+# Slack on the cosine pre-selection of negatives.  The pre-selection matmul may run in
+# bfloat16 (or TF32 on GPUs): rounding unit vectors to 8 mantissa bits changes each
+# product a_i r_i by at most 2^-8 of its size, and sum |a_i r_i| <= 1, so a cosine is
+# off by < 2^-8 + fp32 accumulation error.  1/64 is four times that bound: no pair the
+# exact fp32 distance puts inside the margin is ever missed, at the price of a few
+# extra candidates that the exact check then drops.
+_COSINE_SLACK = 1.0 / 64
+
+
+def fast_selection_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matmuls in it are native (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        cpu = torch.cpu
+        native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
 
 
 class ContributingPairs(NamedTuple):
@@ -60,26 +76,35 @@ def pair_distance(anchors: torch.Tensor, references: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def contributing_pairs(anchors: torch.Tensor, labels: torch.Tensor, references: torch.Tensor,
+def contributing_pairs(selection_anchors: torch.Tensor, labels: torch.Tensor, selection_references: torch.Tensor,
                        ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float) -> ContributingPairs:
     """Find, without building a graph, the few pairs out of B x R that matter.
 
     Every positive contributes (term d); a negative contributes only inside the margin,
     i.e. when its cosine exceeds 1 - margin^2 / 2 (unit vectors: d^2 = 2 - 2cos).  With
-    10,240 references this keeps the dense work to one matmul and two comparisons; the
-    distances (and gradients) are then computed for the selected pairs only.
-    ``self_columns[i]`` is anchor i's own column (its stored copy), never a pair.
+    10,240 references the dense work is one (low-precision, see _COSINE_SLACK) matmul
+    and one column-wise max; the exact fp32 distances, and the gradients, are then
+    computed for the selected pairs only.  ``self_columns[i]`` is anchor i's own column
+    (its stored copy), never a pair.
     """
-    same = labels[:, None] == ref_labels[None, :]
-    positive_anchor, positive_reference = same.nonzero(as_tuple=True)
+    # Only references whose label occurs in the batch can be positives: a handful of
+    # columns out of 10,240, so the label comparison never spans the whole memory.
+    candidate_columns = torch.isin(ref_labels, labels).nonzero().squeeze(1)
+    same = labels[:, None] == ref_labels[candidate_columns][None, :]
+    positive_anchor, candidate = same.nonzero(as_tuple=True)
+    positive_reference = candidate_columns[candidate]
     not_self = positive_reference != self_columns[positive_anchor]
     positive_anchor, positive_reference = positive_anchor[not_self], positive_reference[not_self]
+    negatives_compared = labels.numel() * ref_labels.numel() - same.sum()
 
     cosine_threshold = 1.0 - margin * margin / 2.0 - _COSINE_SLACK
-    near_anchor, near_reference = (anchors @ references.T > cosine_threshold).nonzero(as_tuple=True)
+    cosine = selection_anchors @ selection_references.T
+    near_columns = (cosine.amax(dim=0) > cosine_threshold).nonzero().squeeze(1)
+    near_anchor, near = (cosine[:, near_columns] > cosine_threshold).nonzero(as_tuple=True)
+    near_reference = near_columns[near]
     different = labels[near_anchor] != ref_labels[near_reference]
     return ContributingPairs(positive_anchor, positive_reference, near_anchor[different],
-                             near_reference[different], same.numel() - same.sum())
+                             near_reference[different], negatives_compared)
 
 
 def mean_of_nonzero(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +151,10 @@ class CrossBatchContrastiveLoss(nn.Module):
         # from 0 upwards, so the valid entries are always memory[:filled].
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        # A low-precision copy of the memory for the pair pre-selection only; never saved,
+        # rebuilt whenever the memory changed behind its back (load_state_dict, .to(), ...).
+        self._selection_memory: torch.Tensor | None = None
+        self._selection_key: tuple | None = None
         self._last_counts: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
@@ -149,31 +178,52 @@ class CrossBatchContrastiveLoss(nn.Module):
         """Write the batch over the oldest entries; returns the slots it took."""
         batch = embeddings.shape[0]
         slots = (int(self.write_pointer) + torch.arange(batch, device=labels.device)) % self.memory_size
+        selection_in_sync = self._selection_key == self._memory_key()
         self.memory_embeddings[slots] = embeddings.detach().to(self.memory_embeddings.dtype)
+        if selection_in_sync:  # keep the copy in step instead of rebuilding all of it
+            self._selection_memory[slots] = embeddings.detach().to(self._selection_memory.dtype)
+            self._selection_key = self._memory_key()
         self.memory_labels[slots] = labels.detach()
         self.write_pointer.fill_((int(self.write_pointer) + batch) % self.memory_size)
         self.filled.fill_(min(int(self.filled) + batch, self.memory_size))
         return slots
 
+    def _memory_key(self) -> tuple:
+        """Changes whenever memory_embeddings is written or replaced."""
+        memory = self.memory_embeddings
+        return memory.data_ptr(), memory._version, memory.device
+
+    def _selection_references(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """memory[:n] in the pre-selection dtype, from the kept copy when it is current."""
+        if dtype == self.memory_embeddings.dtype:
+            return self.memory_embeddings[:n]
+        if self._selection_key != self._memory_key() or self._selection_memory.dtype != dtype:
+            self._selection_memory = self.memory_embeddings.to(dtype)
+            self._selection_key = self._memory_key()
+        return self._selection_memory[:n]
+
     # -- pairs ------------------------------------------------------------------
 
-    def _references(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What the batch is compared with: (reference embeddings, their labels, each
-        anchor's own column).  Only the within-batch case (memory_size=0, Fig. 2 top)
-        has references that carry gradient, as in PML's plain ContrastiveLoss."""
+    def _references(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool,
+                    selection_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the batch is compared with: (reference embeddings, the same in the
+        pre-selection dtype, their labels, each anchor's own column).  Only the
+        within-batch case (memory_size=0, Fig. 2 top) has references that carry
+        gradient, as in PML's plain ContrastiveLoss."""
         batch_columns = torch.arange(len(labels), device=labels.device)
         if self.memory_size == 0:
-            return embeddings, labels, batch_columns
+            return embeddings, embeddings.detach().to(selection_dtype), labels, batch_columns
         if update_memory:
             slots = self._enqueue(embeddings, labels)
             n = self.stored
-            return self.memory_embeddings[:n], self.memory_labels[:n], slots
+            return (self.memory_embeddings[:n], self._selection_references(n, selection_dtype),
+                    self.memory_labels[:n], slots)
         # Validation: the stored entries plus a detached copy of the batch, as training
         # would see them, but nothing is written.
         n = self.stored
         references = torch.cat([self.memory_embeddings[:n], embeddings.detach()])
-        return references, torch.cat([self.memory_labels[:n], labels]), n + batch_columns
+        selection = torch.cat([self._selection_references(n, selection_dtype), embeddings.detach().to(selection_dtype)])
+        return references, selection, torch.cat([self.memory_labels[:n], labels]), n + batch_columns
 
     # -- forward ----------------------------------------------------------------
 
@@ -195,8 +245,11 @@ class CrossBatchContrastiveLoss(nn.Module):
         if self.memory_embeddings.device != embeddings.device:
             raise ValueError(f"loss memory is on {self.memory_embeddings.device} but embeddings are on "
                              f"{embeddings.device}; move the loss with .to(device)")
-        references, ref_labels, self_columns = self._references(embeddings, labels, update_memory)
-        pairs = contributing_pairs(embeddings, labels, references, ref_labels, self_columns, self.margin)
+        selection_dtype = fast_selection_dtype(embeddings.device)
+        references, selection_references, ref_labels, self_columns = self._references(
+            embeddings, labels, update_memory, selection_dtype)
+        pairs = contributing_pairs(embeddings.detach().to(selection_dtype), labels, selection_references,
+                                   ref_labels, self_columns, self.margin)
 
         positive_distance = pair_distance(embeddings[pairs.positive_anchor], references[pairs.positive_reference])
         positive_loss, _ = mean_of_nonzero(positive_distance)

@@ -175,7 +175,9 @@ class StageRun:
         contrastive = CrossBatchContrastiveLoss(cfg.margin, cfg.memory_size, model.config.embed_dim)
         self.criterion = MultiTaskLoss(contrastive, cfg.lambda_cls).to(self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all parameters instead of a dozen small ops per tensor.
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=cfg.epochs, eta_min=cfg.lr * cfg.final_lr_fraction)
         # fp16 needs loss scaling; bf16 (and fp32) do not.

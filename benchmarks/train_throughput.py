@@ -1,0 +1,153 @@
+"""Trainer throughput vs a bare forward + backward, and the loss's share of a step.
+
+Side by side in one process, on synthetic tensors, same model, batch and image size:
+
+- bare:    model(x) -> (embedding.sum() + logits.sum()).backward(), nothing else;
+- trainer: the loop `train_stage` runs (``StageRun.train_epoch``): device transfer,
+           channels_last, autocast (CUDA), the multi-task loss with a *full* cross-batch
+           memory, the non-finite check, backward, AdamW step.
+
+Repetitions alternate bare step / trainer step / loss call, so that load from other
+processes hits all alike; medians are reported.  Goals: trainer / bare >= 0.9; loss (forward + backward with
+10,240 stored entries) <= 5 % of a trainer step.
+
+    python benchmarks/train_throughput.py [--stages frozen finetune] [--steps 1] [--reps 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mtl.loss import CrossBatchContrastiveLoss
+from mtl.model import MTLNet, ModelConfig
+from mtl.runtime import resolve_device
+from mtl.train import StageConfig, StageRun
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(cfg: StageConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=generator)
+    instance_ids = torch.arange(cfg.instances_per_batch).repeat_interleave(cfg.views_per_instance)
+    return images, instance_ids, instance_ids % num_classes
+
+
+def fill_memory(loss: CrossBatchContrastiveLoss) -> None:
+    """Start from a full memory: the steady state of a long run (10,240 negatives)."""
+    with torch.no_grad():
+        loss.memory_embeddings.copy_(torch.nn.functional.normalize(torch.randn_like(loss.memory_embeddings), dim=1))
+        loss.memory_labels.copy_(torch.arange(loss.memory_size) + 1_000_000)  # never a positive by accident
+        loss.filled.fill_(loss.memory_size)
+
+
+def time_bare(run: StageRun, batch, steps: int) -> float:
+    """Seconds per step of a plain forward + backward of the same (prepared) model."""
+    model, device = run.model, run.device
+    images = batch[0].to(device)
+    if run.cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    model.train()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp):
+            output = model(images)
+        (output.embedding.float().sum() + output.logits.float().sum()).backward()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def time_trainer(run: StageRun, batch, steps: int) -> float:
+    """Seconds per step of the trainer's own loop over `steps` copies of the batch."""
+    fill_memory(run.criterion.contrastive)
+    synchronize(run.device)
+    _, seconds = run.train_epoch([batch] * steps, progress=lambda batches: batches)
+    synchronize(run.device)
+    return seconds / steps
+
+
+def time_loss(run: StageRun) -> float:
+    """Seconds of the contrastive loss's forward + backward against a full memory."""
+    loss_fn = run.criterion.contrastive
+    fill_memory(loss_fn)
+    cfg, device = run.cfg, run.device
+    labels = torch.arange(cfg.instances_per_batch, device=device).repeat_interleave(cfg.views_per_instance)
+    embeddings = torch.nn.functional.normalize(torch.randn(cfg.batch_size, loss_fn.embed_dim, device=device), dim=1)
+    embeddings.requires_grad_()
+    synchronize(device)
+    start = time.perf_counter()
+    loss_fn(embeddings, labels).backward()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def benchmark_stage(stage: str, args: argparse.Namespace) -> dict[str, float]:
+    cfg = StageConfig(stage=stage, epochs=1, instances_per_batch=args.instances, views_per_instance=args.views,
+                      image_size=args.image_size, device=args.device, memory_size=args.memory_size,
+                      channels_last=not args.no_channels_last)
+    torch.manual_seed(0)
+    model = MTLNet(ModelConfig(backbone=args.backbone, pretrained=False))
+    run = StageRun(model, cfg, Path(tempfile.mkdtemp()))
+    batch = synthetic_batch(cfg, model.config.num_classes)
+    for _ in range(2):  # warm-up: allocator, kernels, autotuning
+        time_bare(run, batch, 1), time_trainer(run, batch, 1), time_loss(run)
+    # Interleaved at the finest grain (bare step, trainer step, loss call, repeat), so that
+    # load from other processes falls on all three alike; medians drop the outliers.
+    bare, trainer, loss = [], [], []
+    for _ in range(args.reps):
+        bare.append(time_bare(run, batch, args.steps))
+        trainer.append(time_trainer(run, batch, args.steps))
+        loss.append(time_loss(run))
+    bare_step, trainer_step, loss_step = (statistics.median(t) for t in (bare, trainer, loss))
+    return {
+        "bare_img_s": cfg.batch_size / bare_step,
+        "trainer_img_s": cfg.batch_size / trainer_step,
+        "ratio": bare_step / trainer_step,
+        "loss_ms": 1000 * loss_step,
+        "step_ms": 1000 * trainer_step,
+        "loss_share": loss_step / trainer_step,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--instances", type=int, default=16)
+    parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--memory-size", type=int, default=10240)
+    parser.add_argument("--steps", type=int, default=1, help="steps per timed repetition")
+    parser.add_argument("--reps", type=int, default=15, help="alternating repetitions (median reported)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-channels-last", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} backbone={args.backbone} "
+          f"batch={args.instances}x{args.views} image={args.image_size}px memory={args.memory_size} "
+          f"steps={args.steps} reps={args.reps}")
+    print(f"{'stage':<9} {'bare img/s':>10} {'trainer img/s':>13} {'ratio':>6} {'step ms':>8} {'loss ms':>8} {'loss share':>10}")
+    for stage in args.stages:
+        r = benchmark_stage(stage, args)
+        print(f"{stage:<9} {r['bare_img_s']:>10.1f} {r['trainer_img_s']:>13.1f} {r['ratio']:>6.3f} "
+              f"{r['step_ms']:>8.1f} {r['loss_ms']:>8.2f} {100 * r['loss_share']:>9.2f}%", flush=True)
+    print("goals: ratio >= 0.9 (trainer vs bare forward+backward); loss share <= 5 % of a step")
+
+
+if __name__ == "__main__":
+    main()

@@ -231,7 +231,7 @@ def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: 
     dataset = InstanceViews(originals, class_names, image_size, normalization, seed)
     sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=dataset.collate,
-                        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                        persistent_workers=num_workers > 0)
 
     def batches(epoch: int = 0) -> Iterable[Batch]:
         return EpochBatches(loader, sampler, epoch)

@@ -230,8 +230,8 @@ class StageRun:
         total = float(parts.total.detach())  # one host sync per step, needed to stop at once
         if not math.isfinite(total):
             raise FloatingPointError(f"{self.cfg.stage} stage: non-finite loss {total} at epoch {self.epoch + 1}, "
-                                     f"step {step + 1} (contrastive {float(parts.contrastive)}, "
-                                     f"cross-entropy {float(parts.cross_entropy)}); lower the lr or check the inputs")
+                                     f"step {step + 1} (contrastive {float(parts.contrastive.detach())}, "
+                                     f"cross-entropy {float(parts.cross_entropy.detach())}); lower the lr or check the inputs")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts.total).backward()
         self.scaler.step(self.optimizer)

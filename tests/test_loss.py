@@ -66,6 +66,18 @@ def test_equals_pml_cross_batch_memory_over_a_sequence(dim, memory_size, batch, 
         assert saw_memory_positives
 
 
+@pytest.mark.parametrize("selection_dtype", [torch.float32, torch.bfloat16])
+def test_pair_preselection_precision_does_not_change_the_loss(monkeypatch, selection_dtype):
+    """The bfloat16 pre-selection (fast CPUs, GPUs) and the fp32 one both equal the oracle."""
+    monkeypatch.setattr("mtl.loss.fast_selection_dtype", lambda device: selection_dtype)
+    generator = torch.Generator().manual_seed(5)
+    batches = [(unit_batch(generator, 16, 4), torch.randint(0, 8, (16,), generator=generator)) for _ in range(6)]
+    for loss_ours, loss_pml, grad_ours, grad_pml, stats in run_both(batches, 40, 4):
+        assert loss_ours.item() == pytest.approx(loss_pml.item(), abs=1e-5)
+        torch.testing.assert_close(grad_ours, grad_pml, atol=1e-5, rtol=1e-4)
+    assert stats["active_negatives"] > 0
+
+
 def test_positives_are_found_in_memory():
     """A label seen only in an earlier batch makes positive pairs with the stored entries."""
     loss_fn = CrossBatchContrastiveLoss(MARGIN, memory_size=16, embed_dim=4)

@@ -151,13 +151,19 @@ def test_finished_run_returns_at_once(frozen_run):
 
 
 def test_resume_after_a_kill_gives_the_same_weights(photos, tmp_path):
-    cfg = stage_config("finetune", epochs=2, lr=1e-4)
+    cfg = stage_config("finetune", epochs=2, lr=1e-4, max_steps_per_epoch=1)
     straight = load_checkpoint(run(photos, tiny_model(), cfg, tmp_path / "straight", val=False))
 
     def killed_in_second_epoch(epoch):
-        if epoch == 2:
+        batches = epoch_batches(photos, cfg.seed, epoch)
+        if epoch < 2:
+            return batches
+
+        def dies_after_one_step():  # the kill lands after an optimizer step of epoch 2
+            yield batches[0]
             raise KeyboardInterrupt("simulated kill")
-        return epoch_batches(photos, cfg.seed, epoch)
+
+        return dies_after_one_step()
 
     with pytest.raises(KeyboardInterrupt):
         train_stage(tiny_model(), cfg, killed_in_second_epoch, None, tmp_path / "resumed")
@@ -213,3 +219,35 @@ def test_loss_falls_on_a_tiny_real_image_run(photos, tmp_path):
     # Two small steps per epoch make single epochs noisy: compare the first and last three.
     for column in ("train_total", "val_total"):
         assert mean_of(column, rows[-3:]) < 0.8 * mean_of(column, rows[:3]), column
+
+
+@pytest.mark.slow
+def test_cli_trains_both_stages_from_params_on_a_tiny_corpus(photos, tmp_path):
+    """`mtl train` end to end: params.yaml + overrides, the corpus manifest, the real batches."""
+    from PIL import Image
+
+    from mtl.train import main
+
+    corpus = tmp_path / "corpus"
+    (corpus / "images").mkdir(parents=True)
+    rows = ["id,path,class,source,group,split,hash,width,height"]
+    for i, photo in enumerate(photos):
+        pixels = ((photo.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        Image.fromarray(pixels).save(corpus / "images" / f"p{i}.jpg")
+        split = "val" if i >= 4 else "train"
+        rows.append(f"p{i},images/p{i}.jpg,{('scene', 'clipart')[i % 2]},test,p{i},{split},0,72,72")
+    (corpus / "manifest.csv").write_text("\n".join(rows) + "\n")
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    common = ["--params", str(params), "--set", f"data.corpus_dir={corpus}", "--set", "model.pretrained=false",
+              "--set", "loss.memory_size=16"]
+    for stage in ("frozen", "finetune"):
+        common += [f"--set=train.{stage}.{key}" for key in
+                   ("epochs=1", "instances_per_batch=2", "views_per_instance=2", "image_size=48", "num_workers=0")]
+
+    assert main([*common, "--stage", "frozen", "--out", str(tmp_path / "frozen")]) == 0
+    frozen_final = tmp_path / "frozen" / "final.pt"
+    assert load_checkpoint(frozen_final)["stage_config"]["memory_size"] == 16
+    assert main([*common, "--stage", "finetune", "--init", str(frozen_final), "--out", str(tmp_path / "ft")]) == 0
+    with (tmp_path / "ft" / "log.csv").open(newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert math.isfinite(float(row["val_total"]))

@@ -31,9 +31,10 @@ from torch import nn
 # infinite slope at 0 (NaN gradients for identical views).
 _SQ_DIST_EPS = 1e-12
 # Slack on the cosine pre-selection of negatives.  The pre-selection matmul may run in
-# bfloat16 (or TF32 on GPUs): rounding unit vectors to 8 mantissa bits changes each
-# product a_i r_i by at most 2^-8 of its size, and sum |a_i r_i| <= 1, so a cosine is
-# off by < 2^-8 + fp32 accumulation error.  1/64 is four times that bound: no pair the
+# bfloat16 (or TF32 on GPUs).  bfloat16 keeps 8 significant bits, so rounding changes
+# each factor by at most 2^-8 of itself and each product a_i r_i by < 2^-7 of itself;
+# as sum |a_i r_i| <= |a| |r| = 1 for unit vectors, a cosine is off by < 2^-7 (plus a
+# negligible fp32 accumulation error).  1/64 is twice that bound: no pair that the
 # exact fp32 distance puts inside the margin is ever missed, at the price of a few
 # extra candidates that the exact check then drops.
 _COSINE_SLACK = 1.0 / 64

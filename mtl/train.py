@@ -401,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = load_params(args.params, args.set, args.profile)
     cfg = StageConfig.from_params(params, args.stage)
+    seed_everything(cfg.seed)  # the branches' initial weights, too, come from the seed
     if args.init is not None:
         model = MTLNet.from_checkpoint(args.init)
     elif args.stage == "finetune":

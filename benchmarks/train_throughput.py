@@ -30,6 +30,12 @@ from mtl.runtime import resolve_device
 from mtl.train import StageConfig, StageRun
 
 
+# time.perf_counter (wall) by default; time.process_time (CPU seconds of this process)
+# with --clock cpu, which on a machine shared with other jobs counts only our own work
+# (meaningful with --threads 1, where no thread spins waiting for another).
+clock = time.perf_counter
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -58,23 +64,24 @@ def time_bare(run: StageRun, batch, steps: int) -> float:
         images = images.contiguous(memory_format=torch.channels_last)
     model.train()
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp):
             output = model(images)
         (output.embedding.float().sum() + output.logits.float().sum()).backward()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 def time_trainer(run: StageRun, batch, steps: int) -> float:
     """Seconds per step of the trainer's own loop over `steps` copies of the batch."""
     fill_memory(run.criterion.contrastive)
     synchronize(run.device)
-    _, seconds = run.train_epoch([batch] * steps, progress=lambda batches: batches)
+    start = clock()
+    run.train_epoch([batch] * steps, progress=lambda batches: batches)
     synchronize(run.device)
-    return seconds / steps
+    return (clock() - start) / steps
 
 
 def time_loss(run: StageRun) -> float:
@@ -86,10 +93,10 @@ def time_loss(run: StageRun) -> float:
     embeddings = torch.nn.functional.normalize(torch.randn(cfg.batch_size, loss_fn.embed_dim, device=device), dim=1)
     embeddings.requires_grad_()
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     loss_fn(embeddings, labels).backward()
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def benchmark_stage(stage: str, args: argparse.Namespace) -> dict[str, float]:
@@ -132,15 +139,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=15, help="alternating repetitions (median reported)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu = this process's CPU seconds (use with --threads 1 on a shared machine)")
     parser.add_argument("--no-channels-last", action="store_true")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if device.type == "cuda":
+            parser.error("--clock cpu cannot time GPU work; use the default wall clock")
+        global clock
+        clock = time.process_time
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} backbone={args.backbone} "
           f"batch={args.instances}x{args.views} image={args.image_size}px memory={args.memory_size} "
-          f"steps={args.steps} reps={args.reps}")
+          f"steps={args.steps} reps={args.reps} clock={args.clock}")
     print(f"{'stage':<9} {'bare img/s':>10} {'trainer img/s':>13} {'ratio':>6} {'step ms':>8} {'loss ms':>8} {'loss share':>10}")
     for stage in args.stages:
         r = benchmark_stage(stage, args)

@@ -45,8 +45,10 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
-        if abs(value) >= 1000:
+        if abs(value) >= 100:
             return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
         return f"{value:.{digits}f}"
     return str(value)
 

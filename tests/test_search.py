@@ -62,3 +62,34 @@ def test_command_line_searches_an_eval_set_file_by_roles(tmp_path):
     assert len(preds) == 6 and set(preds["query_id"]) == {"q0", "q1", "q2"}
     top1 = preds[preds["rank"] == 1].set_index("query_id")["reference_id"]
     assert top1.to_dict() == {"q0": "r0", "q1": "r1", "q2": "r2"}
+
+
+def test_command_line_decides_with_threshold_and_class_gate(tmp_path):
+    import pandas as pd
+
+    from mtl.eval.embed import EmbeddingResult, save_npz
+    from mtl.eval.search import main
+
+    # Two references; query q0 copies r0 (same class), q1 copies r1 but is classified
+    # differently, q2 is unrelated (low score).
+    refs = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=np.float32)
+    queries = np.array([[0.99, 0.14, 0.0], [0.14, 0.99, 0.0], [0.0, 0.3, 0.95]], dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    ref_npz = save_npz(EmbeddingResult(ids=np.array(["r0", "r1"]), embeddings=refs, method="t",
+                                       class_probs=np.array([[0.9, 0.1], [0.9, 0.1]], dtype=np.float32)),
+                       tmp_path / "r.npz")
+    query_npz = save_npz(EmbeddingResult(ids=np.array(["q0", "q1", "q2"]), embeddings=queries, method="t",
+                                         class_probs=np.array([[0.8, 0.2], [0.1, 0.9], [0.7, 0.3]],
+                                                              dtype=np.float32)), tmp_path / "q.npz")
+    out = tmp_path / "m.csv"
+    args = ["--queries", str(query_npz), "--references", str(ref_npz), "--k", "2", "--out", str(out)]
+    main([*args, "--threshold", "0.9"])
+    kept = pd.read_csv(out)
+    assert sorted(zip(kept.query_id, kept.reference_id)) == [("q0", "r0"), ("q1", "r1")]
+    main([*args, "--threshold", "0.9", "--gate"])
+    kept = pd.read_csv(out)
+    assert list(zip(kept.query_id, kept.reference_id)) == [("q0", "r0")]
+    without_probs = save_npz(EmbeddingResult(ids=np.array(["r0", "r1"]), embeddings=refs, method="t"),
+                             tmp_path / "r_plain.npz")
+    with pytest.raises(SystemExit, match="class probabilities"):
+        main(["--queries", str(query_npz), "--references", str(without_probs), "--out", str(out), "--gate"])

@@ -95,6 +95,22 @@ def search(query_embeddings: np.ndarray, query_ids, reference_embeddings: np.nda
     return SearchResult(predictions=predictions, seconds=seconds, n_queries=len(queries))
 
 
+def decide(predictions, queries, references, threshold: float | None = None, gate: bool = False):
+    """The duplicate decision on top of the neighbours: the class gate (matches whose
+    predicted content classes differ are dropped), then the score threshold."""
+    if gate:
+        from mtl.eval.decision import apply_gate, attach_class_agreement
+
+        if queries.class_probs is None or references.class_probs is None:
+            raise SystemExit("mtl search --gate: both .npz files need class probabilities "
+                             "(embed them with an MTL checkpoint, not a hash or backbone_gap1280)")
+        predictions = apply_gate(attach_class_agreement(predictions, queries.ids, queries.class_probs,
+                                                        references.ids, references.class_probs))
+    if threshold is not None:
+        predictions = predictions[predictions["score"] >= threshold].reset_index(drop=True)
+    return predictions
+
+
 def main(argv: list[str] | None = None) -> int:
     from mtl.eval.embed import load_npz
 
@@ -104,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     parser.add_argument("--out", required=True, type=Path, help="predictions CSV")
     parser.add_argument("--cpu", action="store_true", help="never use a GPU index")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="keep only matches scoring at least this (e.g. the `threshold` column of "
+                             "results/evaluate/methods.csv, chosen on val for precision >= 0.9)")
+    parser.add_argument("--gate", action="store_true",
+                        help="drop matches whose predicted content classes differ (needs class "
+                             "probabilities in both files, i.e. embeddings from an MTL checkpoint)")
     args = parser.parse_args(argv)
     # An eval-set embedding (`mtl embed --evalset`) holds both roles in one file.
     queries, references = load_npz(args.queries), load_npz(args.references)
@@ -111,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     references = references.role("reference") if references.roles is not None else references
     result = search(queries.embeddings, queries.ids, references.embeddings, references.ids,
                     k=args.k, use_gpu=False if args.cpu else None)
+    predictions = decide(result.predictions, queries, references, args.threshold, args.gate)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result.predictions.to_csv(args.out, index=False)
-    print(f"{len(result.predictions)} predictions for {result.n_queries} queries "
+    predictions.to_csv(args.out, index=False)
+    print(f"{len(predictions)} predictions for {result.n_queries} queries "
           f"({result.ms_per_query:.3f} ms/query) -> {args.out}")
     return 0

@@ -52,15 +52,14 @@ def fast_selection_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-class ContributingPairs(NamedTuple):
-    """The pairs that can carry a non-zero term, as (anchor row, reference column)
-    index vectors, and how many negatives were compared in all."""
+class PairTerms(NamedTuple):
+    """Loss terms of the pairs that can contribute (zeros elsewhere are ignored by the
+    non-zero mean), and the step's pair counts."""
 
-    positive_anchor: torch.Tensor
-    positive_reference: torch.Tensor
-    negative_anchor: torch.Tensor     # negatives inside the margin (or just outside, see _COSINE_SLACK)
-    negative_reference: torch.Tensor
-    negatives_compared: torch.Tensor  # 0-d count of all label-different pairs
+    positive: torch.Tensor            # d of positive pairs
+    negative: torch.Tensor            # relu(margin - d) of negative pairs
+    positive_pairs: torch.Tensor      # 0-d counts
+    negatives_compared: torch.Tensor
 
 
 class LossParts(NamedTuple):
@@ -69,52 +68,80 @@ class LossParts(NamedTuple):
     cross_entropy: torch.Tensor
 
 
-def pair_distance(anchors: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    """Row-wise Euclidean distance, exactly 0 (with zero gradient) for coincident rows."""
-    squared = (anchors - references).pow(2).sum(dim=1)
+# Sparse or dense: when more than this share of the reference columns has a negative
+# inside the margin (as early in training, when embeddings are still bunched), one
+# dense pass over all B x R pairs is cheaper than gathering pairs of rows.
+_DENSE_COLUMN_SHARE = 0.05
+
+
+def _root(squared: torch.Tensor) -> torch.Tensor:
+    """sqrt that is exactly 0, with zero gradient, for (near-)coincident vectors."""
     distance = squared.clamp_min(_SQ_DIST_EPS).sqrt()
     return torch.where(squared > _SQ_DIST_EPS, distance, torch.zeros_like(distance))
 
 
 @torch.no_grad()
-def contributing_pairs(selection_anchors: torch.Tensor, labels: torch.Tensor, selection_references: torch.Tensor,
-                       ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float) -> ContributingPairs:
-    """Find, without building a graph, the few pairs out of B x R that matter.
-
-    Every positive contributes (term d); a negative contributes only inside the margin,
-    i.e. when its cosine exceeds 1 - margin^2 / 2 (unit vectors: d^2 = 2 - 2cos).  With
-    10,240 references the dense work is one (low-precision, see _COSINE_SLACK) matmul
-    and one column-wise max; the exact fp32 distances, and the gradients, are then
-    computed for the selected pairs only.  ``self_columns[i]`` is anchor i's own column
-    (its stored copy), never a pair.
-    """
-    # Only references whose label occurs in the batch can be positives: a handful of
-    # columns out of 10,240, so the label comparison never spans the whole memory.
-    candidate_columns = torch.isin(ref_labels, labels).nonzero().squeeze(1)
-    same = labels[:, None] == ref_labels[candidate_columns][None, :]
-    positive_anchor, candidate = same.nonzero(as_tuple=True)
-    positive_reference = candidate_columns[candidate]
-    not_self = positive_reference != self_columns[positive_anchor]
-    positive_anchor, positive_reference = positive_anchor[not_self], positive_reference[not_self]
-    negatives_compared = labels.numel() * ref_labels.numel() - same.sum()
-
-    cosine_threshold = 1.0 - margin * margin / 2.0 - _COSINE_SLACK
+def near_columns(selection_anchors: torch.Tensor, selection_references: torch.Tensor, margin: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Cosines (low precision, no graph) and the reference columns with some anchor
+    closer than the margin.  Unit vectors: d < margin  <=>  cos > 1 - margin^2 / 2."""
+    threshold = 1.0 - margin * margin / 2.0 - _COSINE_SLACK
     cosine = selection_anchors @ selection_references.T
-    near_columns = (cosine.amax(dim=0) > cosine_threshold).nonzero().squeeze(1)
-    near_anchor, near = (cosine[:, near_columns] > cosine_threshold).nonzero(as_tuple=True)
-    near_reference = near_columns[near]
-    different = labels[near_anchor] != ref_labels[near_reference]
-    return ContributingPairs(positive_anchor, positive_reference, near_anchor[different],
-                             near_reference[different], negatives_compared)
+    return cosine, (cosine.amax(dim=0) > threshold).nonzero().squeeze(1), threshold
+
+
+def sparse_pair_terms(anchors: torch.Tensor, labels: torch.Tensor, references: torch.Tensor,
+                      ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float,
+                      cosine: torch.Tensor, columns: torch.Tensor, threshold: float) -> PairTerms:
+    """Terms of the few pairs that matter, computed exactly from gathered rows.
+
+    Positives: only references whose label occurs in the batch (a handful of columns
+    out of 10,240).  Negatives: only the pre-selected near ones.  The dense work is the
+    low-precision matmul and a column-wise max, done by :func:`near_columns`.
+    """
+    with torch.no_grad():
+        candidate_columns = torch.isin(ref_labels, labels).nonzero().squeeze(1)
+        same = labels[:, None] == ref_labels[candidate_columns][None, :]
+        positive_anchor, candidate = same.nonzero(as_tuple=True)
+        positive_reference = candidate_columns[candidate]
+        not_self = positive_reference != self_columns[positive_anchor]
+        positive_anchor, positive_reference = positive_anchor[not_self], positive_reference[not_self]
+
+        near_anchor, near = (cosine[:, columns] > threshold).nonzero(as_tuple=True)
+        near_reference = columns[near]
+        different = labels[near_anchor] != ref_labels[near_reference]
+        near_anchor, near_reference = near_anchor[different], near_reference[different]
+
+    anchor_index = torch.cat([positive_anchor, near_anchor])
+    reference_index = torch.cat([positive_reference, near_reference])
+    # Differences, not 2 - 2cos: exact also for the tiny distances of good positives.
+    distance = _root((anchors[anchor_index] - references[reference_index]).pow(2).sum(dim=1))
+    positive, negative = distance.split([len(positive_anchor), len(near_anchor)])
+    return PairTerms(positive, F.relu(margin - negative),
+                     torch.as_tensor(len(positive_anchor), device=anchors.device),
+                     labels.numel() * ref_labels.numel() - torch.count_nonzero(same))
+
+
+def dense_pair_terms(anchors: torch.Tensor, labels: torch.Tensor, references: torch.Tensor,
+                     ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float) -> PairTerms:
+    """Terms of all B x R pairs at once, from one fp32 matmul (|a - r|^2 = 2 - 2 a.r,
+    as PML's cdist computes it too)."""
+    two = torch.full((1, 1), 2.0, device=anchors.device)
+    distance = _root(torch.addmm(two, anchors, references.T, alpha=-2.0).clamp_min(0.0))
+    same = labels[:, None] == ref_labels[None, :]
+    positive = same.clone()
+    positive[torch.arange(len(labels), device=labels.device), self_columns] = False
+    return PairTerms(distance.masked_fill(~positive, 0.0), F.relu(margin - distance).masked_fill(same, 0.0),
+                     torch.count_nonzero(positive), same.numel() - torch.count_nonzero(same))
 
 
 def mean_of_nonzero(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of the strictly positive terms (0 when there are none) and their count:
     PML's AvgNonZeroReducer, which lets the few hard pairs speak instead of being
-    drowned by thousands of satisfied ones."""
-    active = terms > 0
-    count = active.sum()
-    return torch.where(active, terms, torch.zeros_like(terms)).sum() / count.clamp_min(1), count
+    drowned by thousands of satisfied ones.  Terms are >= 0 (distances, hinges), so
+    the plain sum already is the sum of the non-zero ones."""
+    count = torch.count_nonzero(terms > 0)  # no int64 copy of a bool matrix
+    return terms.sum() / count.clamp_min(1), count
 
 
 class CrossBatchContrastiveLoss(nn.Module):
@@ -249,16 +276,18 @@ class CrossBatchContrastiveLoss(nn.Module):
         selection_dtype = fast_selection_dtype(embeddings.device)
         references, selection_references, ref_labels, self_columns = self._references(
             embeddings, labels, update_memory, selection_dtype)
-        pairs = contributing_pairs(embeddings.detach().to(selection_dtype), labels, selection_references,
-                                   ref_labels, self_columns, self.margin)
-
-        positive_distance = pair_distance(embeddings[pairs.positive_anchor], references[pairs.positive_reference])
-        positive_loss, _ = mean_of_nonzero(positive_distance)
-        negative_distance = pair_distance(embeddings[pairs.negative_anchor], references[pairs.negative_reference])
-        negative_loss, active_negatives = mean_of_nonzero(F.relu(self.margin - negative_distance))
+        cosine, columns, threshold = near_columns(embeddings.detach().to(selection_dtype), selection_references,
+                                                  self.margin)
+        if len(columns) <= _DENSE_COLUMN_SHARE * len(ref_labels):
+            terms = sparse_pair_terms(embeddings, labels, references, ref_labels, self_columns, self.margin,
+                                      cosine, columns, threshold)
+        else:
+            terms = dense_pair_terms(embeddings, labels, references, ref_labels, self_columns, self.margin)
+        positive_loss, _ = mean_of_nonzero(terms.positive)
+        negative_loss, active_negatives = mean_of_nonzero(terms.negative)
         self._last_counts = {
-            "positive_pairs": torch.as_tensor(len(pairs.positive_anchor), device=embeddings.device),
-            "negatives_compared": pairs.negatives_compared,
+            "positive_pairs": terms.positive_pairs,
+            "negatives_compared": terms.negatives_compared,
             "active_negatives": active_negatives,
         }
         return positive_loss + negative_loss

@@ -50,7 +50,9 @@ def run_both(batches, memory_size: int, dim: int):
         (320, 0, 16, 8),
     ],
 )
-def test_equals_pml_cross_batch_memory_over_a_sequence(dim, memory_size, batch, num_labels):
+@pytest.mark.parametrize("dense_share", [-1.0, math.inf], ids=["dense", "sparse"])
+def test_equals_pml_cross_batch_memory_over_a_sequence(monkeypatch, dense_share, dim, memory_size, batch, num_labels):
+    monkeypatch.setattr("mtl.loss._DENSE_COLUMN_SHARE", dense_share)
     generator = torch.Generator().manual_seed(dim * 1000 + memory_size)
     batches = [(unit_batch(generator, batch, dim), torch.randint(0, num_labels, (batch,), generator=generator))
                for _ in range(9)]
@@ -76,6 +78,20 @@ def test_pair_preselection_precision_does_not_change_the_loss(monkeypatch, selec
         assert loss_ours.item() == pytest.approx(loss_pml.item(), abs=1e-5)
         torch.testing.assert_close(grad_ours, grad_pml, atol=1e-5, rtol=1e-4)
     assert stats["active_negatives"] > 0
+
+
+@pytest.mark.parametrize("dense_share", [-1.0, math.inf])  # always the dense path / always the sparse one
+def test_both_pair_paths_equal_the_oracle_when_most_negatives_are_active(monkeypatch, dense_share):
+    monkeypatch.setattr("mtl.loss._DENSE_COLUMN_SHARE", dense_share)
+    generator = torch.Generator().manual_seed(6)
+    # Vectors bunched around one direction: nearly every negative is inside the margin.
+    direction = F.normalize(torch.ones(1, 8), dim=1)
+    batches = [(F.normalize(direction + 0.08 * torch.randn(12, 8, generator=generator), dim=1),
+                torch.randint(0, 6, (12,), generator=generator)) for _ in range(5)]
+    for loss_ours, loss_pml, grad_ours, grad_pml, stats in run_both(batches, 36, 8):
+        assert loss_ours.item() == pytest.approx(loss_pml.item(), abs=1e-5)
+        torch.testing.assert_close(grad_ours, grad_pml, atol=1e-5, rtol=1e-4)
+    assert stats["active_negatives"] > 0.9 * stats["negatives_compared"]
 
 
 def test_positives_are_found_in_memory():

@@ -80,6 +80,16 @@ def test_train_batches_are_k_instances_by_v_views_with_right_labels(corpus: Path
     assert len(seen) == len(set(seen))  # each instance at most once per epoch
 
 
+def test_instance_labels_are_unique_across_splits(corpus: Path) -> None:
+    # Validation is scored against the training memory: a val label equal to a train
+    # label would make two different pictures a "positive" pair.
+    train = {int(i) for _, ids, _ in _batches(corpus, "train")(0) for i in ids}
+    val = {int(i) for _, ids, _ in _batches(corpus, "val")(0) for i in ids}
+    test = {int(i) for _, ids, _ in _batches(corpus, "test", k=3)(0) for i in ids}
+    assert len(val) == 5 and len(test) == 3
+    assert not train & val and not train & test and not val & test
+
+
 def test_views_of_one_instance_differ(corpus: Path) -> None:
     images, _, _ = next(iter(_batches(corpus)(0)))
     assert not torch.equal(images[0], images[1])
@@ -108,7 +118,7 @@ def test_epochs_and_seeds_differ(corpus: Path) -> None:
 def test_val_split_keeps_its_last_partial_batch(corpus: Path) -> None:
     batches = _all(_batches(corpus, split="val")(0))
     assert [len(b[1]) for b in batches] == [12, 3]
-    assert sorted(torch.cat([b[1] for b in batches]).unique().tolist()) == list(range(5))
+    assert sorted(torch.cat([b[1] for b in batches]).unique().tolist()) == list(range(10, 15))  # corpus ranks
 
 
 def test_too_few_images_for_a_batch_fail_clearly(corpus: Path) -> None:

@@ -147,15 +147,19 @@ class ViewKey:
 
 
 class InstanceViews(Dataset):
-    """Views of one split's originals, addressed by ViewKey.  Instance ids are positions in
-    the split's id-sorted list; class ids index `class_names`."""
+    """Views of one split's originals, addressed by ViewKey (`instance` = position in the
+    split's id-sorted list).  The label of an instance is `labels[instance]` (by default its
+    position); class ids index `class_names`."""
 
     def __init__(self, originals: Sequence[Original], class_names: Sequence[str], image_size: int,
-                 normalization: Normalization, seed: int):
+                 normalization: Normalization, seed: int, labels: Sequence[int] | None = None):
         unknown = sorted({o.class_name for o in originals} - set(class_names))
         if unknown:
             raise ValueError(f"classes {unknown} are not in class_names {list(class_names)}")
+        if labels is not None and len(labels) != len(originals):
+            raise ValueError(f"{len(labels)} labels for {len(originals)} originals")
         self.originals = list(originals)
+        self.labels = list(range(len(originals))) if labels is None else [int(v) for v in labels]
         self.class_ids = [list(class_names).index(o.class_name) for o in self.originals]
         self.image_size = image_size
         self.mean, self.std = (tuple(float(v) for v in normalization[0]), tuple(float(v) for v in normalization[1]))
@@ -175,7 +179,7 @@ class InstanceViews(Dataset):
     def __getitem__(self, key: ViewKey) -> tuple[np.ndarray, int, int]:
         rng = np.random.default_rng((self.seed, key.epoch, key.instance, key.view))
         view = training_view(self.original(key.instance), rng, self.image_size)
-        return view, key.instance, self.class_ids[key.instance]
+        return view, self.labels[key.instance], self.class_ids[key.instance]
 
     def collate(self, items: list[tuple[np.ndarray, int, int]]) -> Batch:
         """Stack the views of one batch, normalize them in one go, attach the labels."""
@@ -212,6 +216,16 @@ class InstanceBatchSampler(Sampler):
 
 # --------------------------------------------------------------------------- what the trainer calls
 
+def corpus_labels(manifest_csv: str | Path, originals: Sequence[Original]) -> list[int]:
+    """Instance labels unique across the whole corpus (an original's rank among all ids).
+
+    Validation scores its batches against the *training* memory: were labels positions
+    within a split, val image i and train image i would share a label and count as a
+    positive pair."""
+    rank = {image_id: i for i, image_id in enumerate(sorted(r["id"] for r in read_manifest(manifest_csv)))}
+    return [rank[o.id] for o in originals]
+
+
 def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: str, instances_per_batch: int,
                        views_per_instance: int, image_size: int, normalization: Normalization, seed: int,
                        num_workers: int = 0, class_names: Sequence[str] | None = None
@@ -228,7 +242,8 @@ def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: 
         raise ValueError(f"split {split!r} has {len(originals)} images, fewer than instances_per_batch="
                          f"{instances_per_batch}: no full batch")
     class_names = list(class_names) if class_names is not None else class_names_from_manifest(manifest_csv)
-    dataset = InstanceViews(originals, class_names, image_size, normalization, seed)
+    dataset = InstanceViews(originals, class_names, image_size, normalization, seed,
+                            labels=corpus_labels(manifest_csv, originals))
     sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=dataset.collate,
                         persistent_workers=num_workers > 0)

@@ -17,6 +17,12 @@ exactly (the test suite checks this against PML as an oracle):
 
 ``memory_size=0`` is the conventional within-batch loss of Fig. 2 (top):
 PML's plain ``ContrastiveLoss``, where both sides of a pair carry gradient.
+
+How it stays cheap with 64 x 10,240 pairs: a negative only counts inside the margin,
+so one low-precision matmul (no graph) finds the reference columns that can matter.
+When they are few (the usual case once training is under way) the exact fp32
+distances, and the gradients, are computed for the selected pairs only; when many
+negatives are inside the margin (a fresh embedding branch) one dense fp32 pass is used.
 """
 
 from __future__ import annotations

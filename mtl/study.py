@@ -106,12 +106,21 @@ def model_config_for_corpus(params: dict):
     return ModelConfig.from_dict({**params["model"], "num_classes": len(classes), "class_names": classes})
 
 
+def package_digest() -> str:
+    """One digest of every source file of the `mtl` package."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def prepare_run_dir(out_dir: Path, fingerprint: dict) -> None:
     """Keep a run folder only for the same settings and starting point.
 
     DVC re-runs a stage when its parameters or inputs change; checkpoints are
     `persist`ed so that an *interrupted* run resumes.  A folder left by other
-    settings (or another stage-1 checkpoint) must not be resumed: clear it."""
+    settings, another corpus, other code or another stage-1 checkpoint must not
+    be resumed: clear it."""
     marker = out_dir / "run.json"
     if out_dir.is_dir() and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         return
@@ -140,9 +149,10 @@ def train_run(params: dict, stage: str, out_dir: str | Path, init: str | Path | 
     else:
         seed_everything(cfg.seed)  # the branches' initial weights follow the seed
         model = MTLNet(model_config_for_corpus(params))
-    prepare_run_dir(out_dir, {"stage_config": asdict(cfg), "model_config": model.config.to_dict(),
-                              "init": file_digest(init) if init is not None else None})
     corpus_dir = Path(params["data"]["corpus_dir"])
+    prepare_run_dir(out_dir, {"stage_config": asdict(cfg), "model_config": model.config.to_dict(),
+                              "init": file_digest(init) if init is not None else None,
+                              "corpus": file_digest(corpus_dir / "manifest.csv"), "code": package_digest()})
 
     def batches(split: str):
         return make_stage_batches(corpus_dir / "manifest.csv", corpus_dir, split, cfg.instances_per_batch,

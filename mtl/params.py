@@ -36,6 +36,17 @@ def deep_merge(base: dict, overlay: dict) -> dict:
     return merged
 
 
+def parse_value(raw: str):
+    """YAML, except that '1e-4' is a number (YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def set_dotted(params: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -50,7 +61,7 @@ def set_dotted(params: dict, assignment: str) -> None:
     if keys[-1] not in node:
         known = ", ".join(sorted(node)) or "(none)"
         raise KeyError(f"override {assignment!r}: unknown key {keys[-1]!r}; known here: {known}")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = parse_value(raw)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = (),

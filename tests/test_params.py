@@ -44,6 +44,8 @@ def test_dotted_override_parses_yaml_values_and_rejects_unknown_keys():
     set_dotted(params, "loss.memory_size=0")
     set_dotted(params, "loss.margin=0.3")
     assert params["loss"] == {"memory_size": 0, "margin": 0.3}
+    set_dotted(params, "loss.margin=1e-1")  # YAML 1.1 would keep this a string
+    assert params["loss"]["margin"] == 0.1
     with pytest.raises(KeyError, match="unknown key 'memroy_size'"):
         set_dotted(params, "loss.memroy_size=1")
     with pytest.raises(ValueError, match="key.path=value"):

@@ -78,8 +78,7 @@ def run_variant(variant: Variant, common: list[str], params_path: str, out_root:
                  models / "frozen" / "final.pt", overrides, params_path, notebooks_out)
     cfg = params["eval"]
     paths = embed_methods(params["evalset"]["dir"], Path("data") / "embeddings" / "sweep" / variant.name,
-                          {"mtl_frozen": models / "frozen" / "final.pt",
-                           "mtl_finetune": models / "finetune" / "final.pt"},
+                          {"mtl_finetune": models / "finetune" / "final.pt"}, gap_from="mtl_finetune",
                           corpus_dir=None, image_size=cfg["image_size"], batch_size=cfg["batch_size"],
                           device=cfg.get("device", "auto"), overwrite=True)
     evaluation = evaluate_methods(params["evalset"]["dir"], paths, k=cfg["top_k"],

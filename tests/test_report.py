@@ -30,5 +30,12 @@ def test_gather_and_readme_tables(tmp_path):
     assert "| train_frozen | 2 | 0.500 | 0.600 |" in text
 
 
+def test_replace_block_fills_an_empty_block_and_replaces_it_again():
+    empty = "a\n<!-- table:x -->\n<!-- /table:x -->\nb"
+    once = replace_block(empty, "x", "| t |")
+    assert once == "a\n<!-- table:x -->\n| t |\n<!-- /table:x -->\nb"
+    assert replace_block(once, "x", "| u |") == "a\n<!-- table:x -->\n| u |\n<!-- /table:x -->\nb"
+
+
 def test_replace_block_leaves_text_without_markers_alone():
     assert replace_block("no markers here", "retrieval", "x") == "no markers here"

@@ -162,6 +162,15 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
 
 
+def sweep_table(table_csv: Path) -> str:
+    """The last `make sweep` (results/sweep/table.csv), one row per variant."""
+    frame = pd.read_csv(table_csv)
+    columns = [("variant", "variant"), ("overrides", "overrides"), ("muap", "μAP"),
+               ("recall_at_p90", "R@P90"), ("acc_at_1", "acc@1"), ("fp_at_threshold", "FP @ val thr."),
+               ("wall_seconds", "wall s")]
+    return markdown_table(frame.to_dict("records"), [(k, h) for k, h in columns if k in frame.columns])
+
+
 def render_tables(metrics: dict, results_dir: Path = RESULTS) -> dict[str, str]:
     tables = {
         "corpus": corpus_table(metrics),
@@ -173,6 +182,9 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS) -> dict[str, str]:
     methods_csv = results_dir / "evaluate" / "methods.csv"
     if methods_csv.is_file():
         tables["retrieval"] = retrieval_table(methods_csv)
+    sweep_csv = results_dir / "sweep" / "table.csv"
+    if sweep_csv.is_file():
+        tables["sweep"] = sweep_table(sweep_csv)
     return tables
 
 

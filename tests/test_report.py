@@ -18,7 +18,11 @@ def test_gather_and_readme_tables(tmp_path):
                    "fp_at_threshold": 3, "bytes_per_vector": 8}]).to_csv(results / "evaluate" / "methods.csv",
                                                                        index=False)
     readme = tmp_path / "README.md"
+    (results / "sweep").mkdir()
+    pd.DataFrame([{"variant": "memory_0", "overrides": "loss.memory_size=0", "muap": 0.5, "acc_at_1": 0.7}]).to_csv(
+        results / "sweep" / "table.csv", index=False)
     readme.write_text("intro\n<!-- table:retrieval -->\nold\n<!-- /table:retrieval -->\n"
+                      "<!-- table:sweep -->\n<!-- /table:sweep -->\n"
                       "<!-- table:training -->\nold\n<!-- /table:training -->\nend\n")
     main(["--results", str(results), "--readme", str(readme)])
     gathered = json.loads((results / "metrics.json").read_text())
@@ -28,6 +32,7 @@ def test_gather_and_readme_tables(tmp_path):
     assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
     assert "| phash | 0.250 | 0.100 | 0.500 | 3 | 8 |" in text
     assert "| train_frozen | 2 | 0.500 | 0.600 |" in text
+    assert "| memory_0 | loss.memory_size=0 | 0.500 |" in text
 
 
 def test_replace_block_fills_an_empty_block_and_replaces_it_again():

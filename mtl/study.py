@@ -96,16 +96,6 @@ def evalset_stage(params: dict, results_dir: str | Path = RESULTS / "evalset") -
 
 # --------------------------------------------------------------------------- training
 
-def model_config_for_corpus(params: dict):
-    """The model of params.yaml, with the classes the corpus actually has."""
-    from mtl.data.batches import class_names_from_manifest
-    from mtl.model import ModelConfig
-
-    manifest = Path(params["data"]["corpus_dir"]) / "manifest.csv"
-    classes = tuple(class_names_from_manifest(manifest))
-    return ModelConfig.from_dict({**params["model"], "num_classes": len(classes), "class_names": classes})
-
-
 def package_digest() -> str:
     """One digest of every source file of the `mtl` package."""
     digest = hashlib.sha256()
@@ -135,32 +125,16 @@ def train_run(params: dict, stage: str, out_dir: str | Path, init: str | Path | 
     """Train one stage (§III-A) from params; resumes an interrupted run; returns final.pt."""
     from dataclasses import asdict
 
-    from mtl.data.batches import make_stage_batches
-    from mtl.model import MTLNet
-    from mtl.runtime import seed_everything
-    from mtl.train import StageConfig, train_stage
+    from mtl.train import StageConfig, corpus_batches, stage_model, train_stage
 
     out_dir = Path(out_dir)
     cfg = StageConfig.from_params(params, stage)
-    if stage == "finetune" and init is None:
-        raise ValueError("the finetune stage starts from the frozen stage's checkpoint: pass init")
-    if init is not None:
-        model = MTLNet.from_checkpoint(init)
-    else:
-        seed_everything(cfg.seed)  # the branches' initial weights follow the seed
-        model = MTLNet(model_config_for_corpus(params))
-    corpus_dir = Path(params["data"]["corpus_dir"])
+    model = stage_model(params, cfg, init)
+    manifest = Path(params["data"]["corpus_dir"]) / "manifest.csv"
     prepare_run_dir(out_dir, {"stage_config": asdict(cfg), "model_config": model.config.to_dict(),
                               "init": file_digest(init) if init is not None else None,
-                              "corpus": file_digest(corpus_dir / "manifest.csv"), "code": package_digest()})
-
-    def batches(split: str):
-        return make_stage_batches(corpus_dir / "manifest.csv", corpus_dir, split, cfg.instances_per_batch,
-                                  cfg.views_per_instance, cfg.image_size, model.normalization, cfg.seed,
-                                  num_workers=cfg.num_workers, class_names=model.config.class_names)
-
-    train_batches, val_batches = batches("train"), batches("val")
-    return train_stage(model, cfg, train_batches, lambda: val_batches(0), out_dir)
+                              "corpus": file_digest(manifest), "code": package_digest()})
+    return train_stage(model, cfg, *corpus_batches(params, cfg, model), out_dir)
 
 
 def summarize_log(log: pd.DataFrame) -> dict:

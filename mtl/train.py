@@ -394,20 +394,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mtl.data.batches import make_stage_batches  # the data stack is only needed here
-    from mtl.params import load_params
+def stage_model(params: dict, cfg: StageConfig, init: str | Path | None = None) -> MTLNet:
+    """The network a stage starts from: `init` (the frozen stage's checkpoint, which the
+    finetune stage needs), or a fresh network with the classes the corpus has, its
+    branches initialized from the stage's seed."""
+    from mtl.data.batches import class_names_from_manifest  # the data stack is only needed here
 
-    params = load_params(args.params, args.set, args.profile)
-    cfg = StageConfig.from_params(params, args.stage)
-    seed_everything(cfg.seed)  # the branches' initial weights, too, come from the seed
-    if args.init is not None:
-        model = MTLNet.from_checkpoint(args.init)
-    elif args.stage == "finetune":
-        raise SystemExit("mtl train: --stage finetune needs --init (the frozen stage's final.pt)")
-    else:
-        model = MTLNet(ModelConfig.from_dict(params["model"]))
+    if init is not None:
+        return MTLNet.from_checkpoint(init)
+    if cfg.stage == "finetune":
+        raise ValueError("the finetune stage starts from the frozen stage's checkpoint: pass init")
+    classes = tuple(class_names_from_manifest(Path(params["data"]["corpus_dir"]) / "manifest.csv"))
+    seed_everything(cfg.seed)
+    return MTLNet(ModelConfig.from_dict({**params["model"], "num_classes": len(classes), "class_names": classes}))
+
+
+def corpus_batches(params: dict, cfg: StageConfig, model: MTLNet
+                   ) -> tuple[Callable[[int], Iterable[Batch]], Callable[[], Iterable[Batch]]]:
+    """(make_train_batches, make_val_batches) over the corpus of params.yaml, in the
+    model's normalization and class order."""
+    from mtl.data.batches import make_stage_batches
+
     corpus_dir = Path(params["data"]["corpus_dir"])
 
     def batches_for(split: str) -> Callable[[int], Iterable[Batch]]:
@@ -416,7 +423,19 @@ def main(argv: list[str] | None = None) -> int:
                                   num_workers=cfg.num_workers, class_names=model.config.class_names)
 
     val_batches = batches_for("val")
-    train_stage(model, cfg, batches_for("train"), lambda: val_batches(0), args.out)
+    return batches_for("train"), lambda: val_batches(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mtl.params import load_params
+
+    params = load_params(args.params, args.set, args.profile)
+    cfg = StageConfig.from_params(params, args.stage)
+    if args.stage == "finetune" and args.init is None:
+        raise SystemExit("mtl train: --stage finetune needs --init (the frozen stage's final.pt)")
+    model = stage_model(params, cfg, args.init)
+    train_stage(model, cfg, *corpus_batches(params, cfg, model), args.out)
     return 0
 
 

@@ -17,8 +17,9 @@ import yaml
 from PIL import Image
 
 from mtl.data import corpus
+from mtl.data.batches import read_manifest
 from mtl.data.corpus import (MANIFEST_COLUMNS, SPLITS, CorpusConfig, CorpusImage, assign_splits, build_corpus,
-                             clipart_family, drop_duplicates, near_duplicate_pairs, read_manifest,
+                             clipart_family, drop_duplicates, near_duplicate_pairs,
                              scene_picture, tile_content)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -587,12 +587,6 @@ def write_manifest(images: list[CorpusImage], path: Path) -> None:
                              im.width, im.height])
 
 
-def read_manifest(path: str | Path) -> list[dict[str, str]]:
-    """The manifest rows as dicts (all values strings)."""
-    with Path(path).open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def contact_sheet(paths: Sequence[Path], columns: int = 8, thumb: int = 96, pad: int = 4) -> Image.Image:
     """A grid of thumbnails (aspect kept, centred in square cells) on light grey."""
     rows = max(1, math.ceil(len(paths) / columns))

@@ -60,7 +60,7 @@ class PCAProjection:
         if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"PCA expects [n, {self.mean.shape[0]}] inputs, got {x.shape}")
         projected = (x - self.mean) @ self.components.T
-        return _unit_rows(projected)
+        return unit_rows(projected)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -75,7 +75,8 @@ class PCAProjection:
                        explained_variance_ratio=data["explained_variance_ratio"], n_fit=int(data["n_fit"]))
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 (zero rows stay zero)."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtl.eval.baselines import unit_rows
+
 
 @dataclass(frozen=True)
 class SpaceScores:
@@ -24,14 +26,9 @@ class SpaceScores:
                 "silhouette_by_anchor": self.silhouette_by_anchor}
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def view_to_anchor_accuracy(embeddings: np.ndarray, group: np.ndarray, is_anchor: np.ndarray) -> float:
     """Share of views whose most similar anchor (cosine) is their own anchor."""
-    z = l2_normalize(embeddings)
+    z = unit_rows(embeddings)
     group, is_anchor = np.asarray(group), np.asarray(is_anchor, dtype=bool)
     if is_anchor.sum() == 0 or (~is_anchor).sum() == 0:
         raise ValueError("need at least one anchor and one view")
@@ -45,7 +42,7 @@ def silhouette_by_anchor(embeddings: np.ndarray, group: np.ndarray) -> float:
 
     if len(np.unique(group)) < 2:
         raise ValueError("silhouette needs at least two anchors")
-    return float(silhouette_score(l2_normalize(embeddings), group, metric="cosine"))
+    return float(silhouette_score(unit_rows(embeddings), group, metric="cosine"))
 
 
 def score_space(embeddings: np.ndarray, group: np.ndarray, is_anchor: np.ndarray) -> SpaceScores:
@@ -60,7 +57,7 @@ def project_tsne(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
     n = len(embeddings)
     perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
     tsne = TSNE(n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed)
-    return tsne.fit_transform(l2_normalize(embeddings))
+    return tsne.fit_transform(unit_rows(embeddings))
 
 
 def project_umap(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -70,4 +67,4 @@ def project_umap(embeddings: np.ndarray, seed: int = 0) -> np.ndarray:
     n = len(embeddings)
     reducer = umap.UMAP(n_components=2, n_neighbors=int(min(15, max(2, n - 1))), metric="cosine",
                         random_state=seed, n_jobs=1)
-    return reducer.fit_transform(l2_normalize(embeddings))
+    return reducer.fit_transform(unit_rows(embeddings))

@@ -72,10 +72,11 @@ def run_variant(variant: Variant, common: list[str], params_path: str, out_root:
     models = Path("models") / "sweep" / variant.name
     results = out_root / variant.name
     notebooks_out = Path("results") / "notebooks" / "sweep"
-    run_notebook(f"{results}/train_frozen".removeprefix("results/"), "frozen", models / "frozen", None, overrides,
-                 params_path, notebooks_out)
-    run_notebook(f"{results}/train_finetune".removeprefix("results/"), "finetune", models / "finetune",
-                 models / "frozen" / "final.pt", overrides, params_path, notebooks_out)
+    # The train notebook writes results/<run_name>/: name the runs relative to results/.
+    run_name = results.relative_to("results").as_posix()
+    run_notebook(f"{run_name}/train_frozen", "frozen", models / "frozen", None, overrides, params_path, notebooks_out)
+    run_notebook(f"{run_name}/train_finetune", "finetune", models / "finetune", models / "frozen" / "final.pt",
+                 overrides, params_path, notebooks_out)
     cfg = params["eval"]
     paths = embed_methods(params["evalset"]["dir"], Path("data") / "embeddings" / "sweep" / variant.name,
                           {"mtl_finetune": models / "finetune" / "final.pt"}, gap_from="mtl_finetune",
@@ -99,6 +100,8 @@ def plot_sweep(table: pd.DataFrame, path: Path) -> Path:
 def run_sweep(sweep_file: str | Path, params_path: str = "params.yaml", common: list[str] | None = None,
               only: list[str] | None = None, out_root: str | Path = "results/sweep") -> pd.DataFrame:
     out_root = Path(out_root)
+    if not out_root.is_relative_to("results"):
+        raise ValueError(f"--out {out_root}: the train notebook writes under results/, so the sweep must too")
     out_root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, variant in enumerate(load_variants(sweep_file, only), 1):
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every variant, e.g. train.finetune.epochs=1")
     parser.add_argument("--only", nargs="*", default=None, help="run just these variants")
-    parser.add_argument("--out", default="results/sweep")
+    parser.add_argument("--out", default="results/sweep", help="a folder under results/")
     args = parser.parse_args(argv)
     table = run_sweep(args.sweep, args.params, args.set, args.only, args.out)
     print(table.to_string(index=False))

@@ -107,19 +107,25 @@ def image_grid(paths: Sequence[str | Path], path: str | Path, columns: int = 8, 
 
 
 def image_pairs(pairs: Sequence[tuple[str | Path, str | Path, str]], path: str | Path, title: str = "") -> Path:
-    """Query / reference pairs side by side, each with a caption (e.g. score)."""
+    """Query / reference pairs side by side.  Each row has its caption (e.g. score and
+    transformation) on a line of its own above the pair, and short "query" / "reference"
+    labels over the two images, so long captions never run into each other."""
     n = max(1, len(pairs))
-    fig, axes = plt.subplots(n, 2, figsize=(4.4, 2.2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 2, figsize=(5.0, 2.6 * n), squeeze=False)
+    fig.subplots_adjust(hspace=0.6, wspace=0.08)
     for ax in axes.ravel():
         ax.axis("off")
     for row, (query, reference, caption) in enumerate(pairs):
-        for col, image_path in enumerate((query, reference)):
+        for col, (label, image_path) in enumerate((("query", query), ("reference", reference))):
+            ax = axes[row, col]
+            ax.set_title(label, fontsize=7, loc="left", pad=2)
             if image_path is None or not Path(image_path).is_file():
                 continue
             with Image.open(image_path) as img:
-                axes[row, col].imshow(img.convert("RGB"))
-        axes[row, 0].set_title(f"query  {caption}", fontsize=7, loc="left")
-        axes[row, 1].set_title("reference", fontsize=7, loc="left")
+                ax.imshow(img.convert("RGB"))
+        axes[row, 0].annotate(caption, xy=(0.0, 1.0), xycoords="axes fraction", xytext=(0, 14),
+                              textcoords="offset points", fontsize=7.5, ha="left", va="bottom",
+                              annotation_clip=False)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

@@ -70,6 +70,7 @@ def corpus_stage(params: dict, results_dir: str | Path = RESULTS / "corpus") -> 
         x += sheet.width + 16
     results_dir.mkdir(parents=True, exist_ok=True)
     combined.save(results_dir / "contact_sheets.png", optimize=True)
+    shutil.copyfile(corpus_dir / report["near_blank_sheet"], results_dir / "near_blank.png")
     metrics = {key: report[key] for key in ("images", "splits", "counts", "groups", "rejections", "duplicates")}
     metrics["wall_seconds"] = timing["seconds"]
     write_json(results_dir / "metrics.json", metrics)
@@ -279,7 +280,8 @@ def evaluate_stage(params: dict, checkpoints: dict | None = None, embeddings_dir
     per_t = evaluation.per_transformation
     plots.bar_chart(per_t, x="transformation", y="recall_at_threshold", hue="method", path=results_dir / "per_transformation.png",
                     title="recall at the val threshold, per transformation (held-out marked *)")
-    plots.image_pairs(image_pairs(evaluation.worst_false_positives(8)), results_dir / "worst_false_positives.png",
+    plots.image_pairs(image_pairs(evaluation.worst_false_positives(8), ("score", "transformation", "source_group")),
+                      results_dir / "worst_false_positives.png",
                       title="mtl_finetune: highest-scoring false matches")
     plots.image_pairs(image_pairs(evaluation.missed_copies(8)), results_dir / "missed_copies.png",
                       title="mtl_finetune: copies ranked lowest")

@@ -19,7 +19,7 @@ from PIL import Image
 from mtl.data import corpus
 from mtl.data.batches import read_manifest
 from mtl.data.corpus import (MANIFEST_COLUMNS, SPLITS, CorpusConfig, CorpusImage, assign_splits, build_corpus,
-                             clipart_family, drop_duplicates, near_duplicate_pairs,
+                             clipart_family, content_share, drop_duplicates, near_duplicate_pairs,
                              scene_picture, tile_content)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,6 +165,46 @@ def test_tile_content_rejects_flat_and_smooth_tiles(small_real_photos):
     assert std_flat < cfg.min_tile_std
     assert std_ramp > cfg.min_tile_std and edges_ramp < cfg.min_tile_edges  # a gradient: no content
     assert std_photo > cfg.min_tile_std and edges_photo > cfg.min_tile_edges
+
+
+def _on_canvas(picture: Image.Image, canvas: tuple[int, int], colour=(255, 255, 255)) -> Image.Image:
+    page = Image.new("RGB", canvas, colour)
+    page.paste(picture, ((canvas[0] - picture.width) // 2, (canvas[1] - picture.height) // 2))
+    return page
+
+
+def test_content_share_measures_what_differs_from_the_background(small_real_photos):
+    photo = small_real_photos["chelsea"]
+    assert content_share(Image.new("RGB", (200, 200), "white")) == 0.0
+    assert content_share(photo) > 0.5
+    tiny = _on_canvas(photo.resize((20, 14)), (300, 300))          # a small drawing on a big page
+    assert content_share(tiny) < CorpusConfig().min_content_share
+    drawing = _on_canvas(photo.resize((90, 60)), (300, 300))       # a drawing that fills some of it
+    assert content_share(drawing) > CorpusConfig().min_content_share
+    # The background is the border's colour, not white: a flag's field is not content.
+    flag = _on_canvas(Image.new("RGB", (40, 40), (255, 220, 0)), (300, 200), colour=(200, 20, 30))
+    assert abs(content_share(flag) - 40 * 40 / (300 * 200)) < 0.005
+
+
+def test_near_blank_canvases_are_rejected_counted_and_shown(tmp_path, small_real_photos):
+    folder = tmp_path / "photos"
+    for class_name in ("photo", "drawing"):
+        (folder / class_name).mkdir(parents=True)
+    for name in ("chelsea", "coffee", "rocket"):
+        small_real_photos[name].save(folder / "photo" / f"{name}.png")
+    astronaut = small_real_photos["astronaut"]
+    _on_canvas(astronaut.resize((120, 120)), (300, 300)).save(folder / "drawing" / "large.png")
+    _on_canvas(astronaut.resize((18, 18)), (300, 300)).save(folder / "drawing" / "speck.png")
+    _on_canvas(Image.new("RGB", (60, 60), (255, 220, 0)), (300, 200), (200, 20, 30)).save(folder / "drawing" / "flag.png")
+    _on_canvas(Image.new("RGB", (8, 8), (255, 220, 0)), (300, 200), (200, 20, 30)).save(folder / "drawing" / "dot.png")
+    report = build_corpus(_folder_config(folder, tmp_path / "corpus"))
+    ids = {r["id"] for r in read_manifest(tmp_path / "corpus" / "manifest.csv")}
+    assert report["rejections"]["near_blank"] == 2
+    assert {"drawing-large", "drawing-flag"} <= ids and not {"drawing-speck", "drawing-dot"} & ids
+    rejected = tmp_path / "corpus" / corpus.REJECTED_DIR
+    assert sorted(p.stem for p in rejected.glob("*.jpg")) == ["drawing-dot", "drawing-speck"]
+    sheet = Image.open(tmp_path / "corpus" / report["near_blank_sheet"])
+    assert sheet.width > 2 * corpus.REJECTED_THUMB  # the contact sheet shows them
 
 
 def test_wallpapers_are_cut_into_capped_square_tiles(tmp_path, real_photos):
@@ -323,5 +363,25 @@ def test_real_default_corpus_from_debian_packages(tmp_path):
         for split, fraction in cfg.split_fractions.items():
             assert abs(row[split] / row["total"] - fraction) < 0.05, (class_name, split, row)
     assert report["rejections"]["uniform_tile"] > 0 and report["subsampling"]["symlink"] > 1000
+    assert report["rejections"]["near_blank"] > 0
     assert len(rows) == report["images"]
     assert (tmp_path / "corpus" / "contact_scene.png").is_file()
+    assert_eval_planning_keeps_pictures_apart(tmp_path / "corpus", tmp_path)
+
+
+def assert_eval_planning_keeps_pictures_apart(corpus_dir: Path, tmp_path: Path) -> None:
+    """The default eval-set counts fit the real corpus, with one reference per wallpaper
+    and no distractor cut from a reference's wallpaper (many tiles per group here)."""
+    from mtl.data.batches import split_originals
+    from mtl.data.evalset import EVAL_SPLITS, EvalsetConfig, plan_split
+
+    cfg = EvalsetConfig.from_params(yaml.safe_load((REPO / "params.yaml").read_text())["evalset"])
+    for split, counts in cfg.splits.items():
+        originals = split_originals(corpus_dir / "manifest.csv", corpus_dir, split)
+        assert max(Counter(o.picture for o in originals).values()) > 5  # several tiles of one wallpaper
+        references, jobs = plan_split(originals, counts, cfg.seed, EVAL_SPLITS.index(split), tmp_path, split)
+        reference_pictures = {r.picture for r in references}
+        assert len(reference_pictures) == len(references) == counts.references
+        distractors = [j for j in jobs if not j.reference_id]
+        assert not {j.source.picture for j in distractors} & reference_pictures
+        assert len({j.source.id for j in distractors}) == counts.distractor_queries  # each its own image

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,8 @@ def _split_ids(corpus: Path, split: str) -> set[str]:
 def test_counts_are_as_requested_and_columns_as_documented(evalset: Path, split: str) -> None:
     refs, queries = _rows(evalset / split / "references.csv"), _rows(evalset / split / "queries.csv")
     assert list(refs[0]) == ["reference_id", "path", "class"]
-    assert list(queries[0]) == ["query_id", "path", "class", "reference_id", "transformation", "held_out"]
+    assert list(queries[0]) == ["query_id", "path", "class", "reference_id", "transformation", "held_out",
+                               "source_id", "source_group"]
     assert len(refs) == COUNTS[split].references
     assert sum(bool(q["reference_id"]) for q in queries) == COUNTS[split].positive_queries
     assert sum(not q["reference_id"] for q in queries) == COUNTS[split].distractor_queries
@@ -107,13 +109,60 @@ def test_distractor_sources_are_not_references(corpus: Path, tmp_path: Path) -> 
     assert len({j.source.id for j in distractors}) == 6
 
 
+def write_tiled_corpus(root: Path, photos: dict[str, Image.Image], tile: int = 48) -> Path:
+    """A test-split corpus where every photo is a 'wallpaper' cut into several tiles that
+    share its group, plus as many single-image pictures (one group each)."""
+    rows = []
+
+    def add(image: Image.Image, image_id: str, group: str) -> None:
+        image.save(root / f"{image_id}.jpg", quality=95)
+        rows.append({"id": image_id, "path": f"{image_id}.jpg", "class": "scene" if "-r" in image_id else "clipart",
+                     "source": "test", "group": group, "split": "test", "hash": image_id, "width": tile,
+                     "height": tile})
+
+    for name, photo in photos.items():
+        for r in range(2):
+            for c in range(3):
+                add(photo.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)), f"{name}-r{r}c{c}", name)
+        add(photo.resize((tile, tile)), f"whole-{name}", f"whole-{name}")
+    with (root / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_no_distractor_is_a_piece_of_a_reference_picture(tmp_path, small_real_photos, seed):
+    """Seven 'wallpapers' of six tiles each and seven single pictures: references come
+    from distinct pictures, and no distractor shares a picture (group) with a reference,
+    as queries.csv itself shows (source_id, source_group)."""
+    manifest = write_tiled_corpus(tmp_path, small_real_photos)
+    counts = {"test": SplitCounts(references=6, positive_queries=5, distractor_queries=6)}
+    build_evalset(manifest, tmp_path, tmp_path / "eval", EvalsetConfig(seed=seed, splits=counts, workers=1))
+    group_of = {r["id"]: r["group"] for r in _rows(manifest)}
+    references = _rows(tmp_path / "eval" / "test" / "references.csv")
+    reference_groups = [group_of[r["reference_id"]] for r in references]
+    assert len(set(reference_groups)) == len(references) == 6  # one reference per picture
+    queries = _rows(tmp_path / "eval" / "test" / "queries.csv")
+    for q in queries:
+        assert q["source_group"] == group_of[q["source_id"]]
+        if q["reference_id"]:
+            assert q["source_id"] == q["reference_id"]
+        else:
+            assert q["source_group"] not in reference_groups, q
+    distractors = [q for q in queries if not q["reference_id"]]
+    assert len(distractors) == 6 and len({q["source_id"] for q in distractors}) == 6
+
+
 def test_transformations_cycle_evenly_over_the_eval_family(corpus: Path, tmp_path: Path) -> None:
     from mtl.data import evalset as E
     from mtl.data.batches import split_originals
 
     originals = split_originals(corpus, corpus.parent, "test")
+    many = [replace(o, id=f"{o.id}-{k}", group=f"{o.group}-{k}") for k in range(5) for o in originals]  # 70 pictures
     per_name = 2 * len(EVAL_FAMILY)
-    _, jobs = E.plan_split(originals * 5, SplitCounts(50, per_name, per_name), 0, 0, tmp_path, "test")
+    _, jobs = E.plan_split(many, SplitCounts(50, per_name, per_name), 0, 0, tmp_path, "test")
     for is_positive in (True, False):
         counts = Counter(j.transformation for j in jobs if bool(j.reference_id) == is_positive)
         assert set(counts) == set(EVAL_FAMILY) and set(counts.values()) == {2}
@@ -140,7 +189,7 @@ def test_gallery_is_written(evalset: Path) -> None:
 
 def test_too_small_split_fails_clearly(corpus: Path, tmp_path: Path) -> None:
     too_many = {"val": SplitCounts(references=6, positive_queries=3, distractor_queries=3)}
-    with pytest.raises(ValueError, match=r"split 'val' has 6 images, too few for 6 references"):
+    with pytest.raises(ValueError, match=r"split 'val' has 6 images of 6 distinct pictures, too few for 6 references"):
         build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(splits=too_many, workers=1))
 
 

@@ -49,6 +49,12 @@ class Original:
     id: str
     path: Path     # absolute (corpus dir joined)
     class_name: str
+    group: str = ""  # the picture it comes from (tiles of one wallpaper share it); "" = its own id
+
+    @property
+    def picture(self) -> str:
+        """The group, or the id for a manifest without groups: what 'the same picture' means."""
+        return self.group or self.id
 
 
 # --------------------------------------------------------------------------- manifest
@@ -76,7 +82,8 @@ def split_originals(manifest_csv: str | Path, corpus_dir: str | Path, split: str
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     corpus_dir = Path(corpus_dir)
     rows = [r for r in read_manifest(manifest_csv) if r["split"] == split]
-    return sorted((Original(r["id"], corpus_dir / r["path"], r["class"]) for r in rows), key=lambda o: o.id)
+    return sorted((Original(r["id"], corpus_dir / r["path"], r["class"], r.get("group") or "") for r in rows),
+                  key=lambda o: o.id)
 
 
 # --------------------------------------------------------------------------- pixels

@@ -3,19 +3,23 @@
 For each split (test: the reported numbers; val: choosing thresholds), built once and
 deterministically from that split's originals (never seen in training):
 
-  references   a seeded subset of the split's originals, copied unchanged;
+  references   one original from each of a seeded subset of the split's pictures
+               (manifest `group`: all tiles of one wallpaper are one picture), copied
+               unchanged;
   positives    `eval`-family transformations of a subset of the references (one per
                reference), each recording its transformation and whether it is held out
                from training; the names cycle over the family so each gets its share;
-  distractors  transformations of the split's images that are NOT references: queries
-               whose right answer is "no match", at least as many as the positives, as
-               in DISC21.  When the split has fewer non-references than distractors,
-               sources repeat (with different transformations and seeds).
+  distractors  transformations of images of the split's OTHER pictures: queries whose
+               right answer is "no match", at least as many as the positives, as in
+               DISC21.  No distractor is a piece of a reference's picture.  When those
+               pictures hold fewer images than distractors, sources repeat (with
+               different transformations and seeds).
 
 Written to `<out_dir>/<split>/` (format in docs/architecture.md):
   references.csv  reference_id, path, class
   queries.csv     query_id, path, class, reference_id (empty for distractors),
-                  transformation, held_out
+                  transformation, held_out, source_id, source_group (the corpus image
+                  a query was made from and its picture: the split can be audited)
   references/*.jpg, queries/*.jpg
 Query ids are assigned in a seeded shuffled order, so neither an id nor a file name
 tells a positive from a distractor.  Every image comes from a generator seeded by
@@ -31,6 +35,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -45,7 +50,8 @@ from mtl.runtime import is_interactive
 EVAL_SPLITS = ("test", "val")
 QUERY_JPEG_QUALITY = 90  # queries are shared as JPEGs, as DISC21's are
 REFERENCE_COLUMNS = ("reference_id", "path", "class")
-QUERY_COLUMNS = ("query_id", "path", "class", "reference_id", "transformation", "held_out")
+QUERY_COLUMNS = ("query_id", "path", "class", "reference_id", "transformation", "held_out",
+                 "source_id", "source_group")
 
 
 @dataclass(frozen=True)
@@ -101,20 +107,43 @@ class QueryJob:
 
 # --------------------------------------------------------------------------- planning (pure)
 
+def pictures_of(originals: list[Original]) -> dict[str, list[Original]]:
+    """The split's originals by picture (group), each list sorted by id."""
+    pictures: dict[str, list[Original]] = {}
+    for original in sorted(originals, key=lambda o: o.id):
+        pictures.setdefault(original.picture, []).append(original)
+    return pictures
+
+
 def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_index: int,
                out_dir: Path, split: str = "") -> tuple[list[Original], list[QueryJob]]:
-    """Choose references, positive and distractor sources and each query's transformation."""
+    """Choose references, positive and distractor sources and each query's transformation.
+
+    Ground truth is about pictures, not files: two tiles of one wallpaper are the same
+    picture to a person.  So references come from distinct pictures (one seeded
+    original per chosen group), and distractors only from pictures that hold no
+    reference: no distractor is a piece of a reference's picture, and every positive
+    has exactly one right answer.
+    """
+    pictures = pictures_of(originals)
     needed = counts.references + (1 if counts.distractor_queries else 0)
-    if len(originals) < needed:
+    if len(pictures) < needed:
         raise ValueError(
-            f"split {split!r} has {len(originals)} images, too few for {counts.references} references"
-            f"{' plus at least one distractor source' if counts.distractor_queries else ''}: lower "
+            f"split {split!r} has {len(originals)} images of {len(pictures)} distinct pictures, too few for "
+            f"{counts.references} references (one per picture)"
+            f"{' plus at least one picture for distractors' if counts.distractor_queries else ''}: lower "
             f"evalset.{split}.references or build a larger corpus")
     rng = np.random.default_rng((seed, split_index))
-    order = rng.permutation(len(originals))
-    references = sorted((originals[i] for i in order[:counts.references]), key=lambda o: o.id)
-    others = [originals[i] for i in order[counts.references:]]
+    names = sorted(pictures)
+    order = [names[i] for i in rng.permutation(len(names))]
+    reference_pictures, other_pictures = order[:counts.references], order[counts.references:]
+    references = sorted((pictures[g][int(rng.integers(len(pictures[g])))] for g in reference_pictures),
+                        key=lambda o: o.id)
+    others = [o for g in other_pictures for o in pictures[g]]
+    others = [others[i] for i in rng.permutation(len(others))]
     positive_sources = [references[i] for i in rng.permutation(len(references))[:counts.positive_queries]]
+    # Each distractor its own image while they last; sources repeat (other edits, other
+    # seeds) only when the split has fewer non-reference images than distractors.
     distractor_sources = [others[i % len(others)] for i in range(counts.distractor_queries)] if others else []
 
     family = list(EVAL_FAMILY)
@@ -193,13 +222,16 @@ def build_split(originals: list[Original], counts: SplitCounts, seed: int, split
     _write_csv(split_dir / "queries.csv", QUERY_COLUMNS, (
         {"query_id": j.query_id, "path": f"queries/{j.query_id}.jpg", "class": j.source.class_name,
          "reference_id": j.reference_id, "transformation": j.transformation,
-         "held_out": is_held_out(j.transformation)} for j in jobs))
+         "held_out": is_held_out(j.transformation), "source_id": j.source.id,
+         "source_group": j.source.picture} for j in jobs))
 
     positives = [j for j in jobs if j.reference_id]
     per_transformation = {name: sum(j.transformation == name for j in positives) for name in EVAL_FAMILY}
     return {"images_in_split": len(originals), "references": len(references), "positive_queries": len(positives),
             "distractor_queries": len(jobs) - len(positives),
             "distinct_distractor_sources": len({j.source.id for j in jobs if not j.reference_id}),
+            "reference_pictures": len({r.picture for r in references}),
+            "references_per_class": dict(Counter(r.class_name for r in references)),
             "held_out_positive_queries": sum(is_held_out(j.transformation) for j in positives),
             "positives_per_transformation": per_transformation}
 

@@ -233,6 +233,7 @@ class MethodsEvaluation:
             reference_path=wrong["reference_id"].map(reference_path),
             true_reference_id=wrong["query_id"].map(truth["reference_id"]),
             transformation=wrong["query_id"].map(truth["transformation"]),
+            source_group=wrong["query_id"].map(truth["source_group"]) if "source_group" in truth else np.nan,
         ).reset_index(drop=True)
 
     def missed_copies(self, n: int = 8, method: str = "mtl_finetune") -> pd.DataFrame:

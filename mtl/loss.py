@@ -72,6 +72,7 @@ class LossParts(NamedTuple):
     total: torch.Tensor
     contrastive: torch.Tensor
     cross_entropy: torch.Tensor
+    koleo: torch.Tensor  # the entropy regularizer's value (0 when its weight is 0)
 
 
 # Sparse or dense: when more than this share of the reference columns has a negative
@@ -310,18 +311,38 @@ class CrossBatchContrastiveLoss(nn.Module):
         return dict(self._last_counts)
 
 
-class MultiTaskLoss(nn.Module):
-    """The multi-task objective: contrastive + lambda_cls * cross-entropy(class logits)."""
+def koleo_loss(embeddings: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Differential-entropy (KoLeo) regularizer, as SSCD adds it: minus the mean log
+    distance from each embedding to its nearest embedding of *another* instance in the
+    batch.  It spreads the descriptors over the sphere, so a distance threshold means the
+    same thing everywhere; SSCD's largest single gain (DISC21 muAP 33.0 -> 50.4)."""
+    x = F.normalize(embeddings.float(), dim=1)
+    squared = (2.0 - 2.0 * x @ x.T).clamp_min(0.0)
+    squared = squared.masked_fill(labels[:, None] == labels[None, :], float("inf"))
+    nearest = squared.min(dim=1).values
+    finite = torch.isfinite(nearest)  # an instance alone in the batch has no other
+    return -0.5 * torch.log(nearest[finite] + eps).mean() if finite.any() else x.sum() * 0.0
 
-    def __init__(self, contrastive: CrossBatchContrastiveLoss, lambda_cls: float = 1.0):
+
+class MultiTaskLoss(nn.Module):
+    """The multi-task objective: contrastive + lambda_cls * cross-entropy(class logits),
+    plus lambda_koleo * the entropy regularizer (a measured variant beyond the paper)."""
+
+    def __init__(self, contrastive: CrossBatchContrastiveLoss, lambda_cls: float = 1.0, lambda_koleo: float = 0.0):
         super().__init__()
-        if lambda_cls < 0:
-            raise ValueError(f"lambda_cls must be >= 0, got {lambda_cls}")
+        if lambda_cls < 0 or lambda_koleo < 0:
+            raise ValueError(f"lambda_cls and lambda_koleo must be >= 0, got {lambda_cls}, {lambda_koleo}")
         self.contrastive = contrastive
         self.lambda_cls = float(lambda_cls)
+        self.lambda_koleo = float(lambda_koleo)
 
     def forward(self, embeddings: torch.Tensor, logits: torch.Tensor, instance_ids: torch.Tensor,
                 class_ids: torch.Tensor, update_memory: bool = True) -> LossParts:
         contrastive = self.contrastive(embeddings, instance_ids, update_memory=update_memory)
         cross_entropy = F.cross_entropy(logits.float(), class_ids.to(logits.device))
-        return LossParts(contrastive + self.lambda_cls * cross_entropy, contrastive, cross_entropy)
+        total = contrastive + self.lambda_cls * cross_entropy
+        koleo = torch.zeros((), device=embeddings.device)
+        if self.lambda_koleo:
+            koleo = koleo_loss(embeddings, instance_ids.to(embeddings.device))
+            total = total + self.lambda_koleo * koleo
+        return LossParts(total, contrastive, cross_entropy, koleo)

@@ -49,12 +49,18 @@ class ModelConfig:
     # kernel would mostly see padding while costing 9x the parameters (1.84 M vs 0.2 M
     # for 320 -> 640).  The paper does not state the kernel size.
     conv_kernel_size: int = 1
+    # Pooling of the embedding branch: "avg" (the paper's global pooling) or "gem"
+    # (generalized mean, p = 3 fixed, as SSCD uses at inference: it weights the strongest
+    # responses more; a learned p grows without bound there).
+    embed_pool: str = "avg"
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names {self.class_names} must name num_classes={self.num_classes} classes")
         if self.conv_kernel_size % 2 != 1:
             raise ValueError(f"conv_kernel_size must be odd (same-size padding), got {self.conv_kernel_size}")
+        if self.embed_pool not in POOLINGS:
+            raise ValueError(f"embed_pool must be one of {sorted(POOLINGS)}, got {self.embed_pool!r}")
         backbone_spec(self.backbone)  # unknown names fail here, with the supported list
         if self.weights_path is not None:  # a Path would not survive weights_only loading
             object.__setattr__(self, "weights_path", str(self.weights_path))
@@ -88,18 +94,31 @@ def global_average_pool(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
+GEM_P = 3.0
+
+
+def generalized_mean_pool(x: torch.Tensor, p: float = GEM_P, eps: float = 1e-6) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C]: (mean x^p)^(1/p) over space; x >= 0 (after ReLU6)."""
+    return x.clamp_min(eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+POOLINGS = {"avg": global_average_pool, "gem": generalized_mean_pool}
+
+
 class EmbeddingBranch(nn.Module):
     """§II-A: conv block 320 -> 640, global pooling, DNN 640 -> 480 -> 320, L2 norm."""
 
-    def __init__(self, in_channels: int, conv_channels: int, hidden: int, embed_dim: int, kernel_size: int = 1):
+    def __init__(self, in_channels: int, conv_channels: int, hidden: int, embed_dim: int, kernel_size: int = 1,
+                 pool: str = "avg"):
         super().__init__()
         self.conv = ConvBNAct(in_channels, conv_channels, kernel_size)
+        self.pool = POOLINGS[pool]
         self.mlp = nn.Sequential(nn.Linear(conv_channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
 
     def forward(self, tap: torch.Tensor) -> torch.Tensor:
         # Unit vectors: Euclidean distance and inner product then rank alike (contrastive
         # loss on distances, faiss inner-product search).
-        return F.normalize(self.mlp(global_average_pool(self.conv(tap))), dim=1)
+        return F.normalize(self.mlp(self.pool(self.conv(tap))), dim=1)
 
 
 class ClassificationBranch(nn.Module):
@@ -141,14 +160,20 @@ class MTLNet(nn.Module):
         self.backbone = create_backbone(config.backbone, config.pretrained and load_pretrained, config.weights_path)
         self.backbone.reset_classifier(0)  # the ImageNet fc is not part of Fig. 1
         tap, k = self.spec.tap_channels, config.conv_kernel_size
-        self.embedding = EmbeddingBranch(tap, config.embed_conv_channels, config.embed_hidden, config.embed_dim, k)
+        self.embedding = EmbeddingBranch(tap, config.embed_conv_channels, config.embed_hidden, config.embed_dim, k,
+                                         config.embed_pool)
         self.classifier = ClassificationBranch(tap, config.cls_channels, config.cls_hidden, config.num_classes, k)
         self._backbone_frozen = False
+        self._backbone_batchnorm_frozen = False
 
     # ------------------------------------------------------------------ forward passes
 
     def forward(self, images: torch.Tensor) -> MTLOutput:
-        tap = forward_tap(self.backbone, images)
+        return self.heads(forward_tap(self.backbone, images))
+
+    def heads(self, tap: torch.Tensor) -> MTLOutput:
+        """The two branches on a backbone tap [B, 320, h, w]: what stage 1 trains, also
+        from stored taps (mtl.features) when the backbone is frozen."""
         return MTLOutput(self.embedding(tap), self.classifier(tap))
 
     def backbone_gap(self, images: torch.Tensor) -> torch.Tensor:
@@ -186,10 +211,22 @@ class MTLNet(nn.Module):
             p.requires_grad_(not frozen)
         return self.train(self.training)
 
+    def freeze_backbone_batchnorm(self, frozen: bool = True) -> "MTLNet":
+        """Stage 2's BatchNorm policy "frozen": the backbone's BatchNorm layers stay in eval
+        mode (ImageNet running statistics, no batch statistics) while all weights learn.
+        Small augmented batches would otherwise overwrite the running statistics within
+        ~50 steps (momentum 0.1), which alone destroys the ImageNet features."""
+        self._backbone_batchnorm_frozen = frozen
+        return self.train(self.training)
+
     def train(self, mode: bool = True) -> "MTLNet":
         super().train(mode)
         if self._backbone_frozen:
             self.backbone.eval()  # model.train() must not wake the frozen BatchNorms
+        elif self._backbone_batchnorm_frozen:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     # ------------------------------------------------------------------ checkpoints

@@ -75,6 +75,41 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = (),
     return params
 
 
+# Where each key of a recipe lands in the parameters.
+RECIPE_SECTIONS = {"loss": ("loss",), "model": ("model",), "train": ("train",),
+                   "frozen": ("train", "frozen"), "finetune": ("train", "finetune")}
+
+
+def recipe_params(params: dict, recipe: str) -> dict:
+    """The parameters with recipe `recipe` of ``params["recipes"]`` written over them.
+
+    A recipe overlays only what it changes (``loss``, ``model``, ``train``, ``frozen``
+    = ``train.frozen``, ``finetune`` = ``train.finetune``), optionally on top of another
+    recipe (``based_on``); the sections outside ``recipes`` are the default recipe."""
+    recipes = params.get("recipes") or {}
+    chain, name = [], recipe
+    while name:
+        if name not in recipes:
+            raise KeyError(f"unknown recipe {name!r}; recipes in the parameters: {', '.join(recipes) or '(none)'}")
+        if any(entry is recipes[name] for entry in chain):
+            raise ValueError(f"recipe {recipe!r}: 'based_on' goes round in a circle")
+        chain.append(recipes[name] or {})
+        name = chain[-1].get("based_on")
+    merged = copy.deepcopy(params)
+    for entry in reversed(chain):
+        for key, value in entry.items():
+            if key == "based_on":
+                continue
+            if key not in RECIPE_SECTIONS:
+                raise KeyError(f"recipe {recipe!r}: unknown key {key!r}; known: {', '.join(RECIPE_SECTIONS)}")
+            *parents, leaf = RECIPE_SECTIONS[key]
+            node = merged
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = deep_merge(node.get(leaf) or {}, value or {})
+    return merged
+
+
 def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """Leaves of a nested mapping as (dotted key, value), in file order."""
     leaves: list[tuple[str, Any]] = []

@@ -129,3 +129,26 @@ def image_pairs(pairs: Sequence[tuple[str | Path, str | Path, str]], path: str |
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def diagnosis(active: pd.DataFrame, staleness: pd.DataFrame, path: str | Path) -> Path:
+    """Left: share of compared negatives inside the margin, per step, one line per
+    (margin, memory) run.  Right: age and drift of the memory's entries over a run."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    for (margin, memory), run in active.groupby(["margin", "memory_size"]):
+        smooth = run["active_share"].rolling(20, min_periods=1).mean()
+        left.plot(run["step"], smooth.clip(lower=1e-7), label=f"margin {margin}, memory {memory:,}", lw=1.2)
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_ylabel("active negatives / compared (20-step mean)")
+    left.legend(fontsize=7)
+    right.plot(staleness["step"], staleness["mean_age"], label="mean age of stored entries (steps)")
+    right.plot(staleness["step"], staleness["mean_age_active"], label="mean age of active negatives (steps)")
+    right.set_xlabel("step")
+    right.set_ylabel("age (steps)")
+    twin = right.twinx()
+    twin.plot(staleness["step"], staleness["mean_drift"], "k--", label="mean drift (1 - cos), right axis")
+    twin.set_ylabel("drift: 1 - cos(stored, current)")
+    lines = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    right.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper left")
+    return _save(fig, path)

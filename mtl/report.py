@@ -16,12 +16,14 @@ from pathlib import Path
 import pandas as pd
 
 RESULTS = Path("results")
+RECIPES = ("paper", "best")
+TRAINING_RUNS = ("paper/frozen", "paper_mem0/frozen", "paper/finetune", "best/frozen", "best_mem0/frozen",
+                 "best/finetune")
 STAGE_METRICS = {
     "corpus": "corpus/metrics.json",
     "evalset": "evalset/metrics.json",
-    "train_frozen": "train_frozen/metrics.json",
-    "train_finetune": "train_finetune/metrics.json",
-    "train_finetune_mem0": "train_finetune_mem0/metrics.json",
+    "features": "features/metrics.json",
+    **{f"train/{run}": f"train/{run}/metrics.json" for run in TRAINING_RUNS},
     "embeddings": "embeddings/metrics.json",
     "retrieval": "evaluate/metrics.json",
 }
@@ -63,6 +65,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 RETRIEVAL_COLUMNS = [
     ("method", "method"), ("muap", "μAP"), ("recall_at_p90", "R@P90"), ("acc_at_1", "acc@1"),
+    ("muap_held_out", "μAP held-out"), ("acc_at_1_held_out", "acc@1 held-out"),
     ("fp_at_threshold", "FP @ val thr."), ("bytes_per_vector", "bytes/vector"),
     ("images_per_second", "embed img/s"), ("search_ms_per_query", "search ms/query"),
 ]
@@ -76,15 +79,53 @@ def retrieval_table(methods_csv: Path) -> str:
 
 
 def training_table(metrics: dict) -> str:
-    rows = []
-    for key in ("train_frozen", "train_finetune", "train_finetune_mem0"):
-        if key in metrics:
-            rows.append({"run": key, **metrics[key]})
-    columns = [("run", "run"), ("epochs", "epochs"), ("final_train_total", "train loss"),
+    rows = [{"run": run, **metrics[f"train/{run}"]} for run in TRAINING_RUNS if f"train/{run}" in metrics]
+    columns = [("run", "recipe / stage"), ("epochs", "epochs"), ("steps", "steps"), ("final_train_total", "train loss"),
                ("final_val_total", "val loss"), ("final_val_contrastive", "val contrastive"),
-               ("final_val_class_accuracy", "val class acc."), ("images_per_second", "img/s"),
-               ("wall_seconds", "wall s")]
+               ("final_val_class_accuracy", "val class acc."), ("active_share_last_epoch", "active neg. share"),
+               ("images_per_second", "img/s"), ("wall_seconds", "wall s")]
     return markdown_table(rows, columns)
+
+
+def features_table(metrics: dict) -> str:
+    cache = metrics.get("features", {})
+    rows = [{"split": split, **cache[split]} for split in ("train", "val") if split in cache]
+    columns = [("split", "split"), ("images", "images"), ("views", "views each"), ("megabytes", "MB (float16)"),
+               ("build_seconds", "build s"), ("views_per_second", "views/s")]
+    table = markdown_table(rows, columns)
+    if "speedup" in cache:
+        table += (f"\n\nStage-1 optimizer steps per second (batch 64), side by side in one run: "
+                  f"{fmt(cache['steps_per_second_images'])} from images, {fmt(cache['steps_per_second_features'])} "
+                  f"from the cache: **{cache['speedup']:.0f}× faster**.")
+    return table
+
+
+def diagnosis_tables(results_dir: Path) -> dict[str, str]:
+    """The recorded diagnosis runs (results/diagnose/*.csv), as README tables."""
+    tables = {}
+    batchnorm = results_dir / "diagnose" / "batchnorm.csv"
+    if batchnorm.is_file():
+        columns = [("run", "run (val split)"), ("steps", "steps"), ("mtl_muap", "embedding μAP"),
+                   ("mtl_acc_at_1", "embedding acc@1"), ("gap1280_muap", "backbone 1280-d μAP"),
+                   ("gap1280_acc_at_1", "backbone 1280-d acc@1")]
+        tables["diagnose_batchnorm"] = markdown_table(pd.read_csv(batchnorm).to_dict("records"), columns)
+    active = results_dir / "diagnose" / "active_summary.csv"
+    if active.is_file():
+        columns = [("margin", "margin"), ("memory_size", "memory"),
+                   ("active_share_first_epoch", "active share, epoch 1"),
+                   ("active_share_last_epoch", "active share, last epoch"),
+                   ("active_per_step_last_epoch", "active per step, last epoch"),
+                   ("compared_per_step", "compared per step"), ("val_muap", "val μAP"), ("val_acc_at_1", "val acc@1")]
+        tables["diagnose_active"] = markdown_table(pd.read_csv(active).to_dict("records"), columns)
+    staleness = results_dir / "diagnose" / "staleness.csv"
+    if staleness.is_file():
+        frame = pd.read_csv(staleness)
+        rows = [frame.iloc[i].to_dict() for i in sorted({0, len(frame) // 2, len(frame) - 1})]
+        columns = [("step", "step"), ("stored", "stored entries"), ("mean_age", "mean age (steps)"),
+                   ("mean_age_active", "mean age of active negatives"), ("mean_drift", "mean drift (1 − cos)"),
+                   ("mean_drift_active", "drift of active negatives")]
+        tables["diagnose_staleness"] = markdown_table(rows, columns)
+    return tables
 
 
 def embeddings_table(metrics: dict) -> str:
@@ -115,42 +156,50 @@ def _verdict(holds: bool) -> str:
 
 
 def findings(metrics: dict) -> str:
-    """The paper's claims, each checked against this run's numbers (generated, never typed)."""
+    """The paper's claims, each checked for each recipe against this run's numbers
+    (generated, never typed)."""
     r = metrics.get("retrieval", {})
-    needed = ("backbone_gap1280", "backbone_pca320", "mtl_frozen", "mtl_finetune", "mtl_finetune_mem0",
-              "mtl_finetune_gate", "mtl_finetune_fusion")
+    needed = ["backbone_gap1280", "backbone_pca320"] + [f"{recipe}_{part}" for recipe in RECIPES for part in
+                                                         ("frozen", "frozen_mem0", "finetune", "finetune_gate",
+                                                          "finetune_fusion", "finetune_gap1280")]
     if not all(k in r for k in needed):
         return "(run `dvc repro` to fill this section)"
-    gap, pca, frozen = r["backbone_gap1280"], r["backbone_pca320"], r["mtl_frozen"]
-    fine, mem0, gate, fusion = r["mtl_finetune"], r["mtl_finetune_mem0"], r["mtl_finetune_gate"], r["mtl_finetune_fusion"]
-    best_mtl_name = max(("mtl_frozen", "mtl_finetune"), key=lambda k: r[k]["muap"])
-    best_mtl = r[best_mtl_name]
-    ratio = gap["bytes_per_vector"] / best_mtl["bytes_per_vector"]
-    lines = [
-        f"- **A 320-d embedding instead of the 1280-d backbone output, at {ratio:.0f}× less memory** — "
-        f"{_verdict(best_mtl['muap'] >= gap['muap'] - 0.01)}: `{best_mtl_name}` μAP {best_mtl['muap']:.3f} vs. "
-        f"`backbone_gap1280` {gap['muap']:.3f} (acc@1 {best_mtl['acc_at_1']:.3f} vs. {gap['acc_at_1']:.3f}). "
-        f"Learning is what makes 320-d work: PCA of the same 1280-d output to 320-d gives {pca['muap']:.3f}.",
-        f"- **Stage 2 (whole network) improves on stage 1** — {_verdict(fine['muap'] > frozen['muap'])}: "
-        f"μAP {fine['muap']:.3f} after stage 2 vs. {frozen['muap']:.3f} after stage 1.",
-        f"- **Cross-batch negatives beat within-batch negatives** — "
-        f"{_verdict(fine['muap'] > mem0['muap'] + 0.01)}: μAP {fine['muap']:.3f} with the memory vs. "
-        f"{mem0['muap']:.3f} without (same budget; a gain under 0.01 μAP is not counted).",
-        f"- **The class branch suppresses false positives (the paper's future work)** — "
-        f"{_verdict(min(gate['fp_at_threshold'], fusion['fp_at_threshold']) < fine['fp_at_threshold'])}: "
-        f"false positives at the val-chosen threshold {fine['fp_at_threshold']} → {gate['fp_at_threshold']} with "
-        f"the class gate (μAP {fine['muap']:.3f} → {gate['muap']:.3f}) and → {fusion['fp_at_threshold']} with "
-        f"score fusion (μAP → {fusion['muap']:.3f}).",
-    ]
+    gap, pca = r["backbone_gap1280"], r["backbone_pca320"]
+    lines = []
+    for recipe in RECIPES:
+        frozen, mem0, fine = r[f"{recipe}_frozen"], r[f"{recipe}_frozen_mem0"], r[f"{recipe}_finetune"]
+        gate, fusion, fine_gap = r[f"{recipe}_finetune_gate"], r[f"{recipe}_finetune_fusion"], r[f"{recipe}_finetune_gap1280"]
+        best_name = max((f"{recipe}_frozen", f"{recipe}_finetune"), key=lambda k: r[k]["muap"])
+        best = r[best_name]
+        ratio = gap["bytes_per_vector"] / best["bytes_per_vector"]
+        lines += [
+            f"**Recipe `{recipe}`**",
+            f"- *A 320-d embedding instead of the 1280-d backbone output, at {ratio:.0f}× less memory* — "
+            f"{_verdict(best['muap'] >= gap['muap'] - 0.01)}: `{best_name}` μAP {best['muap']:.3f} vs. "
+            f"`backbone_gap1280` {gap['muap']:.3f} (acc@1 {best['acc_at_1']:.3f} vs. {gap['acc_at_1']:.3f}; "
+            f"held-out edits μAP {best['muap_held_out']:.3f} vs. {gap['muap_held_out']:.3f}). PCA of the same "
+            f"1280-d output to 320-d gives {pca['muap']:.3f}.",
+            f"- *Stage 2 (whole network) improves on stage 1* — {_verdict(fine['muap'] > frozen['muap'])}: "
+            f"μAP {fine['muap']:.3f} after stage 2 vs. {frozen['muap']:.3f} after stage 1; the fine-tuned "
+            f"backbone's own 1280-d output {fine_gap['muap']:.3f} vs. ImageNet's {gap['muap']:.3f}.",
+            f"- *Cross-batch negatives beat within-batch negatives* (stage 1, same budget) — "
+            f"{_verdict(frozen['muap'] > mem0['muap'] + 0.01)}: μAP {frozen['muap']:.3f} with the memory vs. "
+            f"{mem0['muap']:.3f} without (a gain under 0.01 μAP is not counted).",
+            f"- *The class branch suppresses false positives (the paper's future work)* — "
+            f"{_verdict(min(gate['fp_at_threshold'], fusion['fp_at_threshold']) < fine['fp_at_threshold'])}: "
+            f"false positives at the val-chosen threshold {fine['fp_at_threshold']} → {gate['fp_at_threshold']} "
+            f"with the class gate (μAP {fine['muap']:.3f} → {gate['muap']:.3f}) and → {fusion['fp_at_threshold']} "
+            f"with score fusion (μAP → {fusion['muap']:.3f}).",
+        ]
     space = metrics.get("embeddings", {})
     if {"before", "after"} <= set(space):
         b, a = space["before"], space["after"]
         lines.append(
-            f"- **Views cluster with their anchor after training (Fig. 5)** — "
+            f"- *Views cluster with their anchor after training (Fig. 5; recipe `best`)* — "
             f"{_verdict(a['silhouette_by_anchor'] > b['silhouette_by_anchor'])}: silhouette by anchor "
             f"{b['silhouette_by_anchor']:.3f} before → {a['silhouette_by_anchor']:.3f} after, view→anchor "
             f"1-NN accuracy {b['knn_view_to_anchor']:.3f} → {a['knn_view_to_anchor']:.3f}. Our *before* is the "
-            f"ImageNet backbone with untrained branches, which already groups most views with their anchor.")
+            f"ImageNet backbone with untrained branches.")
     return "\n".join(lines)
 
 
@@ -174,10 +223,12 @@ def sweep_table(table_csv: Path) -> str:
 def render_tables(metrics: dict, results_dir: Path = RESULTS) -> dict[str, str]:
     tables = {
         "corpus": corpus_table(metrics),
+        "features": features_table(metrics),
         "training": training_table(metrics),
         "embeddings": embeddings_table(metrics),
         "timing": timing_table(metrics),
         "findings": findings(metrics),
+        **diagnosis_tables(results_dir),
     }
     methods_csv = results_dir / "evaluate" / "methods.csv"
     if methods_csv.is_file():

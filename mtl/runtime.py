@@ -9,9 +9,13 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 # glibc's default malloc hands freed tensor buffers back to the kernel after
 # every step; on a 2-core machine that made torch 2-3.7x slower.  These two
@@ -67,6 +71,24 @@ def is_interactive() -> bool:
     if os.environ.get("CI") or os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("MTL_NO_PROGRESS"):
         return False
     return sys.stderr.isatty()
+
+
+def progress(items: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterator[T]:
+    """Progress over a long loop: a live tqdm bar when a person watches; otherwise a line
+    at 25, 50, 75 and 100 % with the elapsed time and the rate (papermill, CI, pipes)."""
+    if is_interactive():
+        from tqdm import tqdm
+
+        yield from tqdm(items, total=total, desc=desc, unit=unit)
+        return
+    marks = {max(1, -(-total * q // 4)) for q in (1, 2, 3, 4)}
+    started = time.perf_counter()
+    for done, item in enumerate(items, 1):
+        yield item
+        if done in marks:
+            seconds = time.perf_counter() - started
+            print(f"{desc}: {done}/{total} {unit}, {seconds:.0f} s ({done / max(seconds, 1e-9):.1f} {unit}/s)",
+                  flush=True)
 
 
 def install_kernel(name: str = "mtl") -> Path:

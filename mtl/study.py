@@ -10,7 +10,6 @@ figures; `mtl.report` gathers them into results/metrics.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -39,14 +38,6 @@ def stopwatch() -> Iterator[dict]:
     timing = {"started": time.perf_counter()}
     yield timing
     timing["seconds"] = round(time.perf_counter() - timing["started"], 2)
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- corpus
@@ -95,15 +86,31 @@ def evalset_stage(params: dict, results_dir: str | Path = RESULTS / "evalset") -
     return summary
 
 
+# --------------------------------------------------------------------------- stage-1 feature cache
+
+def features_stage(params: dict, results_dir: str | Path = RESULTS / "features") -> dict:
+    """Build the train and val feature caches the frozen stages learn from (mtl.features),
+    and measure stage-1 steps/s from the cache against the image path."""
+    from mtl.features import step_rates
+    from mtl.train import StageConfig, feature_batches, stage_model
+
+    cfg = StageConfig.from_params(params, "frozen")
+    with stopwatch() as timing:
+        feature_batches(params, cfg, stage_model(params, cfg))
+    metrics: dict[str, Any] = {"build_wall_seconds": timing["seconds"]}
+    for split in ("train", "val"):
+        directory = Path(params["features"]["dir"]) / split
+        meta = json.loads((directory / "meta.json").read_text())
+        metrics[split] = {"images": len(meta["ids"]), "views": meta["views"],
+                          "megabytes": round((directory / "taps.npy").stat().st_size / 2**20, 1),
+                          "build_seconds": meta["build_seconds"], "views_per_second": meta["views_per_second"]}
+    metrics.update(step_rates(params, params["features"]["benchmark_steps"]))
+    metrics["wall_seconds"] = round(time.perf_counter() - timing["started"], 2)
+    write_json(Path(results_dir) / "metrics.json", metrics)
+    return metrics
+
+
 # --------------------------------------------------------------------------- training
-
-def package_digest() -> str:
-    """One digest of every source file of the `mtl` package."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
 
 def prepare_run_dir(out_dir: Path, fingerprint: dict) -> None:
     """Keep a run folder only for the same settings and starting point.
@@ -123,36 +130,36 @@ def prepare_run_dir(out_dir: Path, fingerprint: dict) -> None:
 
 
 def train_run(params: dict, stage: str, out_dir: str | Path, init: str | Path | None = None) -> Path:
-    """Train one stage (§III-A) from params; resumes an interrupted run; returns final.pt."""
+    """Train one stage (§III-A) from params (a recipe already applied); resumes an
+    interrupted run; returns final.pt."""
     from dataclasses import asdict
 
-    from mtl.train import StageConfig, corpus_batches, stage_model, train_stage
+    from mtl.train import StageConfig, corpus_batches, run_fingerprint, stage_model, train_stage
 
     out_dir = Path(out_dir)
     cfg = StageConfig.from_params(params, stage)
     model = stage_model(params, cfg, init)
-    manifest = Path(params["data"]["corpus_dir"]) / "manifest.csv"
-    prepare_run_dir(out_dir, {"stage_config": asdict(cfg), "model_config": model.config.to_dict(),
-                              "init": file_digest(init) if init is not None else None,
-                              "corpus": file_digest(manifest), "code": package_digest()})
-    return train_stage(model, cfg, *corpus_batches(params, cfg, model), out_dir)
+    fingerprint = run_fingerprint(params, cfg, model, init)
+    prepare_run_dir(out_dir, {"stage_config": asdict(cfg), **fingerprint})
+    return train_stage(model, cfg, *corpus_batches(params, cfg, model), out_dir, fingerprint=fingerprint)
 
 
 def summarize_log(log: pd.DataFrame) -> dict:
-    """Headline numbers of a training log (its last epoch, mean throughput)."""
-    last = log.iloc[-1]
-    summary = {"epochs": int(last["epoch"]), "images_per_second": float(log["images_per_second"].mean()),
+    """Headline numbers of a training log (mtl.train.LOG_COLUMNS): its last epoch, the
+    first epoch's losses, the mean throughput and the share of active negatives."""
+    last, first = log.iloc[-1], log.iloc[0]
+    summary = {"epochs": int(last["epoch"]), "steps": int(log["train_steps"].sum()),
+               "images_per_second": float(log["images_per_second"].mean()),
                "wall_seconds": float(log["wall_seconds"].sum())}
     for column in ("train_total", "val_total", "train_contrastive", "val_contrastive", "train_cross_entropy",
                    "val_cross_entropy", "val_class_accuracy"):
-        if column in log:
-            summary[f"final_{column}"] = float(last[column])
+        summary[f"final_{column}"] = float(last[column])
     for column in ("train_total", "train_contrastive"):
-        if column in log:
-            summary[f"first_{column}"] = float(log[column].iloc[0])
-    for column in ("train_negatives", "train_active_negatives", "train_positive_pairs"):
-        if column in log:
-            summary[f"mean_{column}"] = float(log[column].mean())
+        summary[f"first_{column}"] = float(first[column])
+    for column in ("train_negatives_compared", "train_active_negatives", "train_positive_pairs"):
+        summary[f"mean_{column}"] = float(log[column].mean())
+    summary["active_share_first_epoch"] = float(first["train_active_negatives"] / max(first["train_negatives_compared"], 1))
+    summary["active_share_last_epoch"] = float(last["train_active_negatives"] / max(last["train_negatives_compared"], 1))
     return summary
 
 
@@ -169,8 +176,8 @@ def train_stage_report(params: dict, run_name: str, stage: str, out_dir: str | P
     log.to_csv(results_dir / "log.csv", index=False)
     title = {"frozen": "Stage 1: backbone frozen, branches trained",
              "finetune": "Stage 2: whole network fine-tuned"}[stage]
-    memory = int(params["loss"]["memory_size"])
-    plots.loss_curves(log, f"{title} (memory {memory:,})", results_dir / "loss_curves.png")
+    memory, margin = int(params["loss"]["memory_size"]), params["loss"]["margin"]
+    plots.loss_curves(log, f"{title} (margin {margin}, memory {memory:,})", results_dir / "loss_curves.png")
     metrics = summarize_log(log)
     metrics["memory_size"] = memory
     metrics["stage_wall_seconds"] = timing["seconds"]
@@ -220,7 +227,7 @@ def embed_pil(model, images: list, image_size: int, batch_size: int = 64) -> np.
     return np.concatenate(rows)
 
 
-def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/finetune/final.pt",
+def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/best/finetune/final.pt",
                      results_dir: str | Path = RESULTS / "embeddings") -> dict:
     """t-SNE and UMAP of anchors + views before training (pretrained backbone,
     untrained branches) and after stage 2, with the numbers behind the pictures."""
@@ -255,15 +262,56 @@ def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/finetu
 
 # --------------------------------------------------------------------------- retrieval (evaluation)
 
-CHECKPOINTS = {"mtl_frozen": "models/frozen/final.pt",
-               "mtl_finetune_mem0": "models/finetune_mem0/final.pt",
-               "mtl_finetune": "models/finetune/final.pt"}
+# The recipes that run both stages, and the stage-1 controls with within-batch negatives
+# only (memory 0, Fig. 2 top) that test the paper's cross-batch claim for each recipe.
+RECIPES = ("paper", "best")
+CONTROLS = ("paper_mem0", "best_mem0")
+MODELS = Path("models")
 
 
-def evaluate_stage(params: dict, checkpoints: dict | None = None, embeddings_dir: str | Path = "data/embeddings",
-                   results_dir: str | Path = RESULTS / "evaluate"):
+def checkpoint_path(recipe: str, stage: str) -> Path:
+    """models/<recipe>/<stage>/final.pt: where the pipeline keeps a recipe's stage."""
+    return MODELS / recipe / stage / "final.pt"
+
+
+def evaluation_passes(params: dict) -> list:
+    """Which checkpoints the evaluation embeds, and the methods each pass yields."""
+    from mtl.eval.methods import CheckpointPass
+
+    larger = int(params["eval"]["larger_image_size"])
+    passes = []
+    for recipe in RECIPES:
+        imagenet = recipe == "best"  # a frozen stage's backbone is the untouched ImageNet one
+        passes += [
+            CheckpointPass(checkpoint_path(recipe, "frozen"), mtl=f"{recipe}_frozen",
+                           gap1280="backbone_gap1280" if imagenet else None,
+                           pca320="backbone_pca320" if imagenet else None),
+            CheckpointPass(checkpoint_path(f"{recipe}_mem0", "frozen"), mtl=f"{recipe}_frozen_mem0"),
+            CheckpointPass(checkpoint_path(recipe, "finetune"), mtl=f"{recipe}_finetune",
+                           gap1280=f"{recipe}_finetune_gap1280"),
+        ]
+    passes.append(CheckpointPass(checkpoint_path("best", "finetune"), mtl=f"best_finetune_{larger}px",
+                                 image_size=larger))
+    return passes
+
+
+def method_order(paths: dict) -> dict:
+    """Baselines first, then each recipe's methods stage by stage."""
+    first = ["phash", "dhash", "backbone_gap1280", "backbone_pca320"]
+    return {name: paths[name] for name in [*first, *sorted(set(paths) - set(first), key=_recipe_order)]}
+
+
+def _recipe_order(name: str) -> tuple:
+    recipe, _, rest = name.partition("_")
+    stages = ["frozen", "frozen_mem0", "finetune", "finetune_gap1280"]
+    return (RECIPES.index(recipe) if recipe in RECIPES else len(RECIPES),
+            stages.index(rest) if rest in stages else len(stages), rest)
+
+
+def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
+                   results_dir: str | Path = RESULTS / "evaluate", passes: list | None = None):
     """Every method on the same eval files, one table; PR curves, recall per
-    transformation, and the worst errors as image pairs."""
+    transformation, the worst errors as image pairs, and the operating points."""
     from mtl import plots
     from mtl.eval.methods import embed_methods, evaluate_methods, image_pairs
 
@@ -271,22 +319,54 @@ def evaluate_stage(params: dict, checkpoints: dict | None = None, embeddings_dir
     cfg = params["eval"]
     eval_dir = params["evalset"]["dir"]
     with stopwatch() as timing:
-        paths = embed_methods(eval_dir, embeddings_dir, checkpoints or CHECKPOINTS,
+        paths = embed_methods(eval_dir, embeddings_dir, passes or evaluation_passes(params),
                               corpus_dir=params["data"]["corpus_dir"], image_size=cfg["image_size"],
                               batch_size=cfg["batch_size"], device=cfg.get("device", "auto"), overwrite=True)
-        evaluation = evaluate_methods(eval_dir, paths, k=cfg["top_k"], target_precision=cfg["target_precision"])
+        evaluation = evaluate_methods(eval_dir, method_order(paths), k=cfg["top_k"],
+                                      target_precision=cfg["target_precision"],
+                                      decisions_from=[f"{r}_finetune" for r in RECIPES if f"{r}_finetune" in paths])
     evaluation.save(results_dir)
+    write_operating_points(evaluation.table, params, MODELS / "operating_points.json")
     plots.pr_curves(evaluation.pr_curve_arrays(), results_dir / "pr_curves.png")
     per_t = evaluation.per_transformation
-    plots.bar_chart(per_t, x="transformation", y="recall_at_threshold", hue="method", path=results_dir / "per_transformation.png",
-                    title="recall at the val threshold, per transformation (held-out marked *)")
+    shown = per_t[per_t["method"].isin(["phash", "backbone_gap1280", "paper_finetune", "best_finetune"])]
+    plots.bar_chart(shown, x="transformation", y="recall_at_threshold", hue="method",
+                    path=results_dir / "per_transformation.png",
+                    title="recall at the val threshold, per transformation (held out: perspective, meme, "
+                          "screenshot, compose)")
     plots.image_pairs(image_pairs(evaluation.worst_false_positives(8), ("score", "transformation", "source_group")),
                       results_dir / "worst_false_positives.png",
-                      title="mtl_finetune: highest-scoring false matches")
+                      title="best_finetune: highest-scoring false matches")
     plots.image_pairs(image_pairs(evaluation.missed_copies(8)), results_dir / "missed_copies.png",
-                      title="mtl_finetune: copies ranked lowest")
+                      title="best_finetune: copies ranked lowest")
     metrics_path = results_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["wall_seconds"] = timing["seconds"]
     write_json(metrics_path, metrics)
     return evaluation
+
+
+def write_operating_points(table: pd.DataFrame, params: dict, path: Path) -> Path:
+    """The val-chosen thresholds `mtl dedup` decides with: the trained model (best recipe,
+    class gate on), the ImageNet backbone's 1280-d output, and the two hashes."""
+    from mtl.train import file_digest
+
+    rows = table.set_index("method")
+    image_size = int(params["eval"]["image_size"])
+    best = checkpoint_path("best", "finetune")
+    entries = {
+        "best": ("best_finetune_gate", "mtl", best, True),
+        "imagenet": ("backbone_gap1280", "gap1280", None, False),
+        "phash": ("phash", "phash", None, False),
+        "dhash": ("dhash", "dhash", None, False),
+    }
+    points = {}
+    for name, (method, descriptor, checkpoint, gate) in entries.items():
+        if method not in rows.index:
+            continue
+        points[name] = {"descriptor": descriptor, "threshold": float(rows.loc[method, "threshold"]),
+                        "target_precision": float(params["eval"]["target_precision"]), "split": "val",
+                        "checkpoint": str(checkpoint) if checkpoint else None,
+                        "checkpoint_digest": file_digest(checkpoint) if checkpoint else None,
+                        "image_size": image_size if descriptor in ("mtl", "gap1280") else None, "gate": gate}
+    return write_json(path, points)

@@ -10,17 +10,26 @@ atomic checkpoint after every epoch (model, optimizer, scheduler, loss memory, R
 states, configs, log history) and resumes from it when rerun with the same ``out_dir``.
 
 Optimizer and schedule: AdamW, the usual choice for fine-tuning ImageNet CNNs with
-small batches.  The learning rate follows a cosine from ``lr`` down to
-``lr * final_lr_fraction``, stepped once per epoch: the paper states no schedule, our
-runs are a handful of epochs with no validation-driven tuning, and a cosine needs no
-milestones to choose yet ends low, which the fine-tuned backbone benefits from.  Stepping
-per epoch keeps the schedule independent of how many batches a dataset yields.
+small batches.  The learning rate rises linearly over ``warmup_steps`` and then follows
+a cosine down to ``lr * final_lr_fraction``, stepped once per optimizer step: the paper
+states no schedule; a cosine needs no milestones yet ends low, and the warm-up lets the
+fresh memory and the optimizer's moment estimates settle before large steps move a
+pretrained backbone.  In stage 2 the branches may learn faster than the backbone
+(``branch_lr_scale``), as is usual when fine-tuning a pretrained network under a head.
+
+BatchNorm in stage 2 (``bn``): ``frozen`` keeps the backbone's BatchNorm layers in eval
+mode (ImageNet running statistics) while their weights learn; ``train`` lets small
+augmented batches rewrite the statistics.  Stage 1 always freezes them.
+
+Stage 1 can learn from stored backbone taps (``source: features``, :mod:`mtl.features`)
+instead of images: the same model, loss and schedule, many more epochs for the time.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import math
 import os
 import random
@@ -43,13 +52,17 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 STAGES = ("frozen", "finetune")
 LOG_COLUMNS = (
     "epoch",
-    "train_contrastive", "train_cross_entropy", "train_total",
-    "val_contrastive", "val_cross_entropy", "val_total", "val_class_accuracy",
+    "train_contrastive", "train_cross_entropy", "train_koleo", "train_total",
+    "val_contrastive", "val_cross_entropy", "val_koleo", "val_total", "val_class_accuracy",
     "train_positive_pairs", "train_negatives_compared", "train_active_negatives",
     "val_positive_pairs", "val_negatives_compared", "val_active_negatives",
     "lr", "train_steps", "images_per_second", "wall_seconds",
 )
 PAIR_COUNTS = ("positive_pairs", "negatives_compared", "active_negatives")
+# One row per optimizer step (steps.csv): how the loss and its active pairs evolve.
+STEP_COLUMNS = ("step", "epoch", "lr", "total", "contrastive", "cross_entropy", "koleo", *PAIR_COUNTS)
+BATCHNORM_POLICIES = ("frozen", "train")
+SOURCES = ("images", "features")
 # Fields that may differ when a run is resumed (they do not change what is learned).
 RESUMABLE_DIFFERENCES = {"device", "num_workers"}
 
@@ -73,7 +86,13 @@ class StageConfig:
     memory_size: int = 10240           # cross-batch memory entries (paper: 10,240 negatives)
     margin: float = 0.45               # contrastive margin alpha (paper: 0.45)
     lambda_cls: float = 1.0            # weight of the content-type cross-entropy
+    lambda_koleo: float = 0.0          # weight of the entropy regularizer (beyond the paper; 0 = off)
     final_lr_fraction: float = 0.01    # cosine ends at lr * this
+    warmup_steps: int = 0              # linear warm-up of the learning rate, in optimizer steps
+    branch_lr_scale: float = 1.0       # finetune: the branches' lr = lr * this (the backbone's is lr)
+    bn: str = "frozen"                 # finetune: backbone BatchNorm "frozen" (eval mode) or "train"
+    views: str = "single"              # view recipe (mtl.data.batches.VIEW_RECIPES)
+    source: str = "images"             # frozen: "images", or "features" (stored backbone taps)
     max_steps_per_epoch: int | None = None  # cap, for smoke tests; None = the whole epoch
 
     def __post_init__(self) -> None:
@@ -82,8 +101,15 @@ class StageConfig:
         for name in ("epochs", "instances_per_batch", "views_per_instance", "image_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.lr < 0 or self.weight_decay < 0 or self.branch_lr_scale < 0 or self.warmup_steps < 0:
+            raise ValueError(f"need lr, weight_decay, branch_lr_scale and warmup_steps >= 0, got "
+                             f"{self.lr}, {self.weight_decay}, {self.branch_lr_scale}, {self.warmup_steps}")
+        if self.bn not in BATCHNORM_POLICIES:
+            raise ValueError(f"bn must be one of {BATCHNORM_POLICIES}, got {self.bn!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "features" and self.stage != "frozen":
+            raise ValueError("source 'features' (stored backbone taps) needs a frozen backbone: stage 'frozen'")
         if self.views_per_instance < 2:
             raise ValueError("views_per_instance must be >= 2: positives are views of one original")
         if self.memory_size and self.memory_size < self.batch_size:
@@ -96,10 +122,14 @@ class StageConfig:
 
     @classmethod
     def from_params(cls, params: dict, stage: str) -> "StageConfig":
-        """Build from a loaded params.yaml: ``train.<stage>`` merged with ``loss``."""
-        if stage not in params.get("train", {}):
-            raise KeyError(f"params have no train.{stage} section (stages: {sorted(params.get('train', {}))})")
-        merged = {**params.get("loss", {}), **params["train"][stage], "stage": stage}
+        """Build from loaded parameters (a recipe already applied, see
+        :func:`mtl.params.recipe_params`): ``loss``, then the keys ``train`` shares
+        between the stages, then ``train.<stage>``."""
+        train = params.get("train", {})
+        if stage not in train:
+            raise KeyError(f"params have no train.{stage} section (stages: {sorted(s for s in STAGES if s in train)})")
+        shared = {k: v for k, v in train.items() if k not in STAGES}
+        merged = {**params.get("loss", {}), **shared, **train[stage], "stage": stage}
         known = {f.name for f in fields(cls)}
         unknown = set(merged) - known
         if unknown:
@@ -150,7 +180,8 @@ class EpochMeans:
 
     def add(self, parts: LossParts, counts: dict[str, torch.Tensor]) -> None:
         values = {"contrastive": parts.contrastive.detach(), "cross_entropy": parts.cross_entropy.detach(),
-                  "total": parts.total.detach(), **{k: v.float() for k, v in counts.items()}}
+                  "koleo": parts.koleo.detach(), "total": parts.total.detach(),
+                  **{k: v.float() for k, v in counts.items()}}
         self.sums = values if self.sums is None else {k: self.sums[k] + v for k, v in values.items()}
         self.steps += 1
 
@@ -160,39 +191,66 @@ class EpochMeans:
         return {f"{prefix}_{k}": float(v) / self.steps for k, v in (self.sums or {}).items()}
 
 
+def warmup_cosine(total_steps: int, warmup_steps: int, final_fraction: float) -> Callable[[int], float]:
+    """lr multiplier at optimizer step t: linear warm-up to 1, then a cosine to final_fraction."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class StageRun:
     """Everything one stage holds between epochs; :func:`train_stage` drives it."""
 
-    def __init__(self, model: MTLNet, cfg: StageConfig, out_dir: Path):
+    def __init__(self, model: MTLNet, cfg: StageConfig, out_dir: Path, steps_per_epoch: int):
         self.cfg, self.out_dir = cfg, out_dir
         self.device = resolve_device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.from_taps = cfg.source == "features"
         self.model = model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.freeze_backbone(cfg.stage == "frozen")
+        self.model.freeze_backbone_batchnorm(cfg.bn == "frozen")
         contrastive = CrossBatchContrastiveLoss(cfg.margin, cfg.memory_size, model.config.embed_dim)
-        self.criterion = MultiTaskLoss(contrastive, cfg.lambda_cls).to(self.device)
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.criterion = MultiTaskLoss(contrastive, cfg.lambda_cls, cfg.lambda_koleo).to(self.device)
         # fused: one kernel for all parameters instead of a dozen small ops per tensor.
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.optimizer = torch.optim.AdamW(self._parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda"))
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=cfg.epochs, eta_min=cfg.lr * cfg.final_lr_fraction)
+        self.total_steps = cfg.epochs * steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_steps, cfg.final_lr_fraction))
         # fp16 needs loss scaling; bf16 (and fp32) do not.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        self.step_rows: list[dict[str, float]] = []
+        self.fingerprint: dict[str, Any] = {}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The branches at lr * branch_lr_scale, the backbone (when it learns) at lr."""
+        branches = [p for p in self.model.branch_parameters() if p.requires_grad]
+        backbone = [p for p in self.model.backbone_parameters() if p.requires_grad]
+        groups = [{"params": branches, "lr": self.cfg.lr * self.cfg.branch_lr_scale}]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.cfg.lr})
+        return groups
 
     # -- checkpoints ------------------------------------------------------------
 
     def save(self, path: Path) -> None:
         self.model.save_checkpoint(
-            path, stage_config=asdict(self.cfg), epoch=self.epoch, history=self.history,
+            path, stage_config=asdict(self.cfg), epoch=self.epoch, history=self.history, step_rows=self.step_rows,
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), loss_state=self.criterion.contrastive.state_dict(),
-            rng=rng_states(), finished=self.epoch >= self.cfg.epochs, git_revision=git_revision())
+            rng=rng_states(), finished=self.epoch >= self.cfg.epochs, git_revision=git_revision(),
+            run_fingerprint=self.fingerprint)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         differences = config_differences(checkpoint["stage_config"], self.cfg)
@@ -206,20 +264,21 @@ class StageRun:
         self.criterion.contrastive.load_state_dict(checkpoint["loss_state"])
         restore_rng_states(checkpoint["rng"])
         self.epoch, self.history = int(checkpoint["epoch"]), list(checkpoint["history"])
+        self.step_rows = list(checkpoint.get("step_rows", []))
 
     # -- steps ------------------------------------------------------------------
 
     def _to_device(self, batch: Batch) -> Batch:
-        images, instance_ids, class_ids = batch
-        images = images.to(self.device, non_blocking=True)
+        inputs, instance_ids, class_ids = batch
+        inputs = inputs.to(self.device, non_blocking=True)
         if self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, instance_ids.to(self.device), class_ids.to(self.device)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, instance_ids.to(self.device), class_ids.to(self.device)
 
     def _loss(self, batch: Batch, update_memory: bool) -> tuple[LossParts, torch.Tensor]:
-        images, instance_ids, class_ids = batch
+        inputs, instance_ids, class_ids = batch  # images, or stored backbone taps
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            output = self.model(images)
+            output = self.model.heads(inputs) if self.from_taps else self.model(inputs)
         # The loss runs in fp32 outside autocast: distances of unit vectors near the margin
         # need more than fp16's 3 digits.
         parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory)
@@ -236,7 +295,13 @@ class StageRun:
         self.scaler.scale(parts.total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return parts, self.criterion.contrastive.last_counts
+        counts = self.criterion.contrastive.last_counts
+        self.step_rows.append({"step": len(self.step_rows) + 1, "epoch": self.epoch + 1,
+                               "lr": self.optimizer.param_groups[-1]["lr"], "total": total,
+                               "contrastive": parts.contrastive.detach(), "cross_entropy": parts.cross_entropy.detach(),
+                               "koleo": parts.koleo.detach(), **counts})
+        self.scheduler.step()
+        return parts, counts
 
     def train_epoch(self, batches: Iterable[Batch], progress: Callable[[Iterable], Iterable]) -> tuple[EpochMeans, float]:
         self.model.train()
@@ -274,12 +339,12 @@ class StageRun:
         return row
 
 
-def write_log(path: Path, history: list[dict[str, float]]) -> None:
-    """Rewrite log.csv from the checkpointed history (atomically), so the log and the
-    last checkpoint always agree, also after a kill and a resume."""
+def write_log(path: Path, history: list[dict[str, float]], columns: tuple[str, ...] = LOG_COLUMNS) -> None:
+    """Rewrite log.csv (or steps.csv) from the checkpointed history (atomically), so the
+    log and the last checkpoint always agree, also after a kill and a resume."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -324,7 +389,7 @@ def _initial_model(model_or_init: MTLNet | str | Path) -> MTLNet:
 def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
                 make_train_batches: Callable[[int], Iterable[Batch]],
                 make_val_batches: Callable[[], Iterable[Batch]] | None,
-                out_dir: str | Path) -> Path:
+                out_dir: str | Path, fingerprint: dict[str, Any] | None = None) -> Path:
     """Train one stage and return the path of its final checkpoint (``out_dir/final.pt``).
 
     ``model_or_init``: an :class:`MTLNet`, or the path of a checkpoint to start from (the
@@ -332,19 +397,33 @@ def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
     epoch = 1..epochs, and ``make_val_batches()`` yield ``(images, instance_ids,
     class_ids)``; the same epoch must give the same batches, which (with the restored RNG
     states) makes a resumed run end with the same weights as an uninterrupted one.
+
+    ``fingerprint``: what else determines the result (model config, starting checkpoint,
+    data, code), stored in the checkpoints; a finished or interrupted run in ``out_dir``
+    is reused only when it matches, never silently returned for other inputs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    last, final, log_path = out_dir / "last.pt", out_dir / "final.pt", out_dir / "log.csv"
+    last, final = out_dir / "last.pt", out_dir / "final.pt"
+    fingerprint = fingerprint or {}
     if final.is_file():
         saved = load_checkpoint(final)
-        if saved.get("finished") and not config_differences(saved["stage_config"], cfg):
+        if saved.get("finished") and not config_differences(saved["stage_config"], cfg) \
+                and saved.get("run_fingerprint", {}) == fingerprint:
             print(f"[{cfg.stage}] {final} is complete; nothing to do")
             return final
 
-    run = StageRun(_initial_model(model_or_init), cfg, out_dir)
+    steps_per_epoch = len(make_train_batches(1))
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    run = StageRun(_initial_model(model_or_init), cfg, out_dir, steps_per_epoch)
+    run.fingerprint = fingerprint
     if last.is_file():
-        run.restore(load_checkpoint(last, map_location=run.device))
+        checkpoint = load_checkpoint(last, map_location=run.device)
+        if checkpoint.get("run_fingerprint", {}) != fingerprint:
+            raise ValueError(f"{last} belongs to a run from another model, starting point or data; "
+                             "use another out dir or delete it to start over")
+        run.restore(checkpoint)
     else:
         seed_everything(cfg.seed)
     print_header(cfg, run.model, out_dir, run.device, run.epoch)
@@ -353,24 +432,34 @@ def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
     while run.epoch < cfg.epochs:
         started = time.perf_counter()
         epoch = run.epoch + 1
-        lr = run.optimizer.param_groups[0]["lr"]
 
         def progress(batches: Iterable[Batch]) -> Iterable[Batch]:
             return progress_bar(batches, cfg, epoch) if interactive else batches
 
         train, train_seconds = run.train_epoch(make_train_batches(epoch), progress)
         val = run.validate(make_val_batches()) if make_val_batches is not None else None
-        run.scheduler.step()
         run.epoch = epoch
+        run.step_rows = [plain_row(r) for r in run.step_rows]
+        lr = next(r["lr"] for r in run.step_rows if r["epoch"] == epoch)  # at the epoch's first step
         row = run.log_row(train, train_seconds, val, lr, time.perf_counter() - started)
         run.history.append(row)
         run.save(last)
-        write_log(log_path, run.history)
+        write_logs(out_dir, run)
         print(epoch_line(cfg.stage, cfg.epochs, row), flush=True)
 
     _atomic_copy(last, final)
-    write_log(log_path, run.history)
+    write_logs(out_dir, run)
     return final
+
+
+def plain_row(row: dict[str, Any]) -> dict[str, float]:
+    """A step row with its device tensors read out (once per epoch: no sync per step)."""
+    return {k: float(v) for k, v in row.items()}
+
+
+def write_logs(out_dir: Path, run: "StageRun") -> None:
+    write_log(out_dir / "log.csv", run.history)
+    write_log(out_dir / "steps.csv", run.step_rows, STEP_COLUMNS)
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
@@ -389,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder: last.pt, final.pt, log.csv")
     parser.add_argument("--init", default=None,
                         help="checkpoint to start from (required for finetune: the frozen stage's final.pt)")
+    parser.add_argument("--recipe", default=None, help="a recipe of the parameters' `recipes` section "
+                        "(e.g. paper); default: the parameters as they are")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set loss.memory_size=0 (repeatable)")
     return parser
@@ -412,30 +503,91 @@ def stage_model(params: dict, cfg: StageConfig, init: str | Path | None = None) 
 def corpus_batches(params: dict, cfg: StageConfig, model: MTLNet
                    ) -> tuple[Callable[[int], Iterable[Batch]], Callable[[], Iterable[Batch]]]:
     """(make_train_batches, make_val_batches) over the corpus of params.yaml, in the
-    model's normalization and class order."""
+    model's normalization and class order: views of images, or (``source: features``)
+    the stored backbone taps of such views (built first when missing or stale)."""
     from mtl.data.batches import make_stage_batches
 
     corpus_dir = Path(params["data"]["corpus_dir"])
+    manifest = corpus_dir / "manifest.csv"
+    if cfg.source == "features":
+        return feature_batches(params, cfg, model)
 
     def batches_for(split: str) -> Callable[[int], Iterable[Batch]]:
-        return make_stage_batches(corpus_dir / "manifest.csv", corpus_dir, split, cfg.instances_per_batch,
-                                  cfg.views_per_instance, cfg.image_size, model.normalization, cfg.seed,
-                                  num_workers=cfg.num_workers, class_names=model.config.class_names)
+        return make_stage_batches(manifest, corpus_dir, split, cfg.instances_per_batch, cfg.views_per_instance,
+                                  cfg.image_size, model.normalization, cfg.seed, num_workers=cfg.num_workers,
+                                  class_names=model.config.class_names, views=cfg.views)
 
     val_batches = batches_for("val")
     return batches_for("train"), lambda: val_batches(0)
 
 
+def feature_batches(params: dict, cfg: StageConfig, model: MTLNet
+                    ) -> tuple[Callable[[int], Iterable[Batch]], Callable[[], Iterable[Batch]]]:
+    """Stage-1 batches from the feature cache of params ``features`` (mtl.features)."""
+    from mtl.features import cache_batches, split_caches
+
+    corpus_dir = Path(params["data"]["corpus_dir"])
+    features = params["features"]
+    caches = split_caches(corpus_dir / "manifest.csv", corpus_dir, features["dir"], model, views=features["views"],
+                          val_views=cfg.views_per_instance, image_size=cfg.image_size, view_recipe=cfg.views,
+                          seed=cfg.seed, batch_size=features["batch_size"], num_workers=cfg.num_workers,
+                          device=cfg.device)
+    train = cache_batches(caches["train"], cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=True)
+    val = cache_batches(caches["val"], cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=False)
+    return train, lambda: val(0)
+
+
+# The modules whose code decides what a stage learns (part of the run fingerprint).
+STAGE_CODE = ("train.py", "loss.py", "model.py", "backbones.py", "features.py", "data/batches.py",
+              "data/transforms.py")
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def corpus_digest(params: dict, splits: tuple[str, ...] = ("train", "val")) -> str:
+    """A digest of the bytes of every image a stage learns or validates on (and its
+    manifest row): another JPEG quality or a rebuilt corpus changes it."""
+    from mtl.data.batches import read_manifest
+
+    corpus_dir = Path(params["data"]["corpus_dir"])
+    digest = hashlib.sha256()
+    for row in sorted(read_manifest(corpus_dir / "manifest.csv"), key=lambda r: r["id"]):
+        if row["split"] in splits:
+            digest.update(repr(sorted(row.items())).encode())
+            digest.update((corpus_dir / row["path"]).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprint(params: dict, cfg: StageConfig, model: MTLNet, init: str | Path | None) -> dict[str, Any]:
+    """Everything besides the stage settings that changes what a run learns: the model
+    config, the starting checkpoint, the images, the feature cache's settings, and the
+    code of the stage."""
+    package = Path(__file__).parent
+    code = hashlib.sha256(b"".join((package / name).read_bytes() for name in STAGE_CODE)).hexdigest()[:16]
+    return {"model_config": model.config.to_dict(), "init": file_digest(init) if init is not None else None,
+            "corpus": corpus_digest(params), "code": code,
+            "features": params["features"] if cfg.source == "features" else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mtl.params import load_params
+    from mtl.params import load_params, recipe_params
 
     params = load_params(args.params, args.set, args.profile)
+    if args.recipe:
+        params = recipe_params(params, args.recipe)
     cfg = StageConfig.from_params(params, args.stage)
     if args.stage == "finetune" and args.init is None:
         raise SystemExit("mtl train: --stage finetune needs --init (the frozen stage's final.pt)")
     model = stage_model(params, cfg, args.init)
-    train_stage(model, cfg, *corpus_batches(params, cfg, model), args.out)
+    train_stage(model, cfg, *corpus_batches(params, cfg, model), args.out,
+                fingerprint=run_fingerprint(params, cfg, model, args.init))
     return 0
 
 

@@ -115,6 +115,18 @@ def test_epochs_and_seeds_differ(corpus: Path) -> None:
     assert [b[1].tolist() for b in e0] != [b[1].tolist() for b in e1]  # a new instance order
 
 
+def test_view_recipes_name_how_views_are_made(corpus: Path) -> None:
+    """`chain` views (several edits, a crop down to a quarter) differ from `single` views
+    of the same keys; both are deterministic; an unknown recipe fails before any work."""
+    single = next(iter(make_stage_batches(corpus, corpus.parent, "train", 4, 3, SIZE, NORM, 0)(1)))
+    chain = make_stage_batches(corpus, corpus.parent, "train", 4, 3, SIZE, NORM, 0, views="chain")
+    first, again = next(iter(chain(1))), next(iter(chain(1)))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], single[1])
+    assert not torch.equal(first[0], single[0])
+    with pytest.raises(ValueError, match="unknown view recipe"):
+        make_stage_batches(corpus, corpus.parent, "train", 4, 3, SIZE, NORM, 0, views="strong")
+
+
 def test_val_split_keeps_its_last_partial_batch(corpus: Path) -> None:
     batches = _all(_batches(corpus, split="val")(0))
     assert [len(b[1]) for b in batches] == [12, 3]

@@ -208,3 +208,44 @@ def test_multitask_loss_is_contrastive_plus_weighted_cross_entropy():
     torch.testing.assert_close(parts.contrastive, expected_contrastive)
     torch.testing.assert_close(parts.cross_entropy, F.cross_entropy(logits, class_ids))
     torch.testing.assert_close(parts.total, parts.contrastive + 0.5 * parts.cross_entropy)
+
+
+# ---------------------------------------------------------------------------- the entropy regularizer (beyond the paper)
+
+def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_instance():
+    from mtl.loss import koleo_loss
+
+    generator = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(12, 8, generator=generator), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    expected = []
+    for i in range(12):
+        others = [torch.dist(x[i], x[j]) for j in range(12) if labels[j] != labels[i]]
+        expected.append(-torch.log(torch.stack(others).min()))
+    torch.testing.assert_close(koleo_loss(x, labels), torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_koleo_pushes_bunched_embeddings_apart():
+    from mtl.loss import koleo_loss
+
+    generator = torch.Generator().manual_seed(1)
+    bunched = F.normalize(torch.ones(16, 8) + 0.05 * torch.randn(16, 8, generator=generator), dim=1)
+    bunched.requires_grad_(True)
+    labels = torch.arange(16)
+    koleo_loss(bunched, labels).backward()
+    stepped = F.normalize(bunched.detach() - 0.1 * bunched.grad, dim=1)
+    spread = lambda v: torch.pdist(v).min()  # noqa: E731
+    assert spread(stepped) > spread(bunched.detach())
+
+
+def test_multitask_loss_adds_the_weighted_regularizer():
+    from mtl.loss import koleo_loss
+
+    generator = torch.Generator().manual_seed(2)
+    embeddings = F.normalize(torch.randn(8, 16, generator=generator), dim=1)
+    labels, logits, classes = torch.arange(8) // 2, torch.randn(8, 2, generator=generator), torch.arange(8) % 2
+    plain = MultiTaskLoss(CrossBatchContrastiveLoss(MARGIN, 0, 16), 1.0)(embeddings, logits, labels, classes)
+    regular = MultiTaskLoss(CrossBatchContrastiveLoss(MARGIN, 0, 16), 1.0, 3.0)(embeddings, logits, labels, classes)
+    torch.testing.assert_close(regular.koleo, koleo_loss(embeddings, labels))
+    torch.testing.assert_close(regular.total, plain.total + 3.0 * regular.koleo)
+    assert float(plain.koleo) == 0.0

@@ -169,6 +169,45 @@ def test_frozen_backbone_stays_in_eval_mode_and_unchanged_by_a_train_step():
         assert torch.equal(value, before[key]), key
 
 
+def test_frozen_batchnorm_policy_keeps_statistics_while_weights_learn():
+    """Stage 2's `bn: frozen`: the backbone's BatchNorm layers stay in eval mode through
+    model.train() (the branches' do not), and a forward pass leaves their statistics."""
+    model = random_model().freeze_backbone_batchnorm(True)
+    model.train()
+    assert batchnorm_modes(model.backbone) == {False}
+    assert batchnorm_modes(model.embedding) == {True}
+    assert all(p.requires_grad for p in model.backbone_parameters())
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running_" in k}
+    model(images(4)).logits.sum().backward()
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in before.items())
+    model.freeze_backbone_batchnorm(False).train()
+    assert batchnorm_modes(model.backbone) == {True}
+
+
+def test_heads_on_a_tap_equal_the_full_forward():
+    model = random_model().eval()
+    x = images(3)
+    with torch.no_grad():
+        tap = backbones.forward_tap(model.backbone, x)
+        direct, from_tap = model(x), model.heads(tap)
+    assert torch.equal(direct.embedding, from_tap.embedding) and torch.equal(direct.logits, from_tap.logits)
+
+
+def test_gem_pooling_is_a_generalized_mean_between_average_and_max():
+    from mtl.model import generalized_mean_pool, global_average_pool
+
+    x = torch.rand(2, 5, 4, 4, generator=torch.Generator().manual_seed(3)) * 6
+    gem = generalized_mean_pool(x)
+    torch.testing.assert_close(gem, x.pow(3).mean(dim=(2, 3)).pow(1 / 3))
+    assert torch.all(global_average_pool(x) <= gem + 1e-6) and torch.all(gem <= x.amax(dim=(2, 3)) + 1e-6)
+    model = random_model(embed_pool="gem").eval()
+    assert model.embedding.pool is generalized_mean_pool
+    with torch.no_grad():
+        assert torch.allclose(model(images(2)).embedding.norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match="embed_pool"):
+        ModelConfig(pretrained=False, embed_pool="max")
+
+
 def test_unfreezing_restores_training_of_the_backbone():
     model = random_model().freeze_backbone(True).freeze_backbone(False)
     model.train()

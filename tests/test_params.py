@@ -5,31 +5,48 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mtl.params import deep_merge, dvc_set_args, load_params, set_dotted
+from mtl.params import deep_merge, dvc_set_args, load_params, recipe_params, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_params_yaml_has_the_documented_sections():
     params = load_params(ROOT / "params.yaml")
-    assert {"data", "model", "loss", "train", "eval"} <= set(params)
+    assert {"data", "model", "loss", "train", "features", "recipes", "diagnose", "eval"} <= set(params)
     assert {"frozen", "finetune"} <= set(params["train"])
-    # The paper's loss settings are kept in the default profile (Table I).
-    assert params["loss"]["margin"] == 0.45
-    assert params["loss"]["memory_size"] == 10240
+    assert params["train"]["instances_per_batch"] * params["train"]["views_per_instance"] == 64
+    assert {"paper", "best", "paper_mem0", "best_mem0"} <= set(params["recipes"])
+
+
+def test_paper_recipe_keeps_table_one():
+    paper = recipe_params(load_params(ROOT / "params.yaml"), "paper")
+    assert paper["loss"]["margin"] == 0.45
+    assert paper["loss"]["memory_size"] == 10240
     for stage in ("frozen", "finetune"):
-        s = params["train"][stage]
-        assert s["instances_per_batch"] * s["views_per_instance"] == 64
+        assert paper["train"][stage]["lr"] == pytest.approx(4e-6)
 
 
-def test_paper_profile_restores_table_one():
+def test_paper_profile_restores_the_papers_backbone_and_input_size():
     params = load_params(ROOT / "params.yaml", profile=ROOT / "profiles" / "paper.yaml")
     assert params["model"]["backbone"] == "mobilenetv2_100"
-    for stage in ("frozen", "finetune"):
-        s = params["train"][stage]
-        assert s["lr"] == pytest.approx(4e-6)
-        assert s["image_size"] == 224
-        assert s["instances_per_batch"] * s["views_per_instance"] == 64
+    assert params["train"]["image_size"] == 224
+    assert recipe_params(params, "paper")["train"]["finetune"]["lr"] == pytest.approx(4e-6)
+
+
+def test_recipes_overlay_only_what_they_change_and_can_build_on_each_other():
+    params = {"loss": {"margin": 1.0, "memory_size": 2048}, "train": {"seed": 0, "frozen": {"lr": 1e-3}},
+              "recipes": {"paper": {"loss": {"margin": 0.45}, "frozen": {"lr": 4e-6}},
+                          "control": {"based_on": "paper", "loss": {"memory_size": 0}}}}
+    control = recipe_params(params, "control")
+    assert control["loss"] == {"margin": 0.45, "memory_size": 0}
+    assert control["train"] == {"seed": 0, "frozen": {"lr": 4e-6}}
+    assert params["loss"]["margin"] == 1.0  # the input is not modified
+    with pytest.raises(KeyError, match="unknown recipe 'papr'"):
+        recipe_params(params, "papr")
+    with pytest.raises(KeyError, match="unknown key 'los'"):
+        recipe_params({**params, "recipes": {"x": {"los": {}}}}, "x")
+    with pytest.raises(ValueError, match="circle"):
+        recipe_params({**params, "recipes": {"a": {"based_on": "b"}, "b": {"based_on": "a"}}}, "a")
 
 
 def test_profiles_only_name_existing_keys():

@@ -79,11 +79,14 @@ def test_every_declared_output_exists(tiny_study):
 
 def test_metrics_are_gathered_finite_and_in_range(tiny_study):
     metrics = json.loads((tiny_study / "results" / "metrics.json").read_text())
-    for key in ("corpus", "train_frozen", "train_finetune", "train_finetune_mem0", "embeddings", "retrieval"):
+    for key in ("corpus", "features", "train/paper/frozen", "train/paper_mem0/frozen", "train/paper/finetune",
+                "train/best/frozen", "train/best_mem0/frozen", "train/best/finetune", "embeddings", "retrieval"):
         assert key in metrics, key
     assert {"before", "after"} <= set(metrics["embeddings"])
-    for method in ("phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen", "mtl_finetune_mem0",
-                   "mtl_finetune", "mtl_finetune_gate", "mtl_finetune_fusion"):
+    assert metrics["features"]["speedup"] > 0
+    recipe_methods = [f"{recipe}_{part}" for recipe in ("paper", "best") for part in
+                      ("frozen", "frozen_mem0", "finetune", "finetune_gate", "finetune_fusion", "finetune_gap1280")]
+    for method in ("phash", "dhash", "backbone_gap1280", "backbone_pca320", *recipe_methods, "best_finetune_80px"):
         row = metrics["retrieval"][method]
         for key in ("muap", "recall_at_p90", "acc_at_1"):
             assert 0.0 <= row[key] <= 1.0, (method, key, row[key])

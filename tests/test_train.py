@@ -193,14 +193,21 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(photos, tmp_path):
         train_stage(tiny_model(), stage_config("frozen"), poisoned, None, tmp_path)
 
 
-def test_stage_config_reads_params_yaml():
-    from mtl.params import load_params
+def test_stage_config_reads_params_yaml_for_every_recipe():
+    from mtl.params import load_params, recipe_params
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    for stage in ("frozen", "finetune"):
-        cfg = StageConfig.from_params(params, stage)
-        assert cfg.stage == stage and cfg.memory_size == params["loss"]["memory_size"]
-        assert cfg.batch_size == params["train"][stage]["instances_per_batch"] * params["train"][stage]["views_per_instance"]
+    for recipe in params["recipes"]:
+        resolved = recipe_params(params, recipe)
+        for stage in ("frozen", "finetune"):
+            cfg = StageConfig.from_params(resolved, stage)
+            assert cfg.stage == stage and cfg.memory_size == resolved["loss"]["memory_size"]
+            assert cfg.batch_size == 64  # the paper's batch, 16 originals x 4 views
+            assert cfg.lr == resolved["train"][stage]["lr"]
+    paper = recipe_params(params, "paper")
+    assert StageConfig.from_params(paper, "frozen").margin == 0.45  # the paper's margin
+    assert StageConfig.from_params(paper, "finetune").lr == 4e-6    # and learning rate
+    assert StageConfig.from_params(recipe_params(params, "paper_mem0"), "frozen").memory_size == 0
     with pytest.raises(ValueError, match="views_per_instance"):
         stage_config(views_per_instance=1)
 
@@ -239,10 +246,11 @@ def test_cli_trains_both_stages_from_params_on_a_tiny_corpus(photos, tmp_path):
     (corpus / "manifest.csv").write_text("\n".join(rows) + "\n")
     params = Path(__file__).resolve().parents[1] / "params.yaml"
     common = ["--params", str(params), "--set", f"data.corpus_dir={corpus}", "--set", "model.pretrained=false",
-              "--set", "loss.memory_size=16"]
-    for stage in ("frozen", "finetune"):
-        common += [f"--set=train.{stage}.{key}" for key in
-                   ("epochs=1", "instances_per_batch=2", "views_per_instance=2", "image_size=48", "num_workers=0")]
+              "--set", "loss.memory_size=16", "--set", f"features.dir={tmp_path / 'features'}",
+              "--set", "features.views=3"]
+    common += [f"--set=train.{key}" for key in
+               ("instances_per_batch=2", "views_per_instance=2", "image_size=48", "num_workers=0")]
+    common += [f"--set=train.{stage}.epochs=1" for stage in ("frozen", "finetune")]
 
     assert main([*common, "--stage", "frozen", "--out", str(tmp_path / "frozen")]) == 0
     frozen_final = tmp_path / "frozen" / "final.pt"
@@ -251,3 +259,71 @@ def test_cli_trains_both_stages_from_params_on_a_tiny_corpus(photos, tmp_path):
     with (tmp_path / "ft" / "log.csv").open(newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert math.isfinite(float(row["val_total"]))
+
+
+# ---------------------------------------------------------------------------- stage-2 BatchNorm, schedule, lr groups
+
+def batchnorm_statistics(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.startswith("backbone.") and ("running_" in k)}
+
+
+@pytest.mark.parametrize("policy", ["frozen", "train"])
+def test_finetune_batchnorm_policy(photos, frozen_run, tmp_path, policy):
+    """`frozen`: the backbone's running statistics stay bit-identical while its weights
+    learn; `train`: the batches rewrite them."""
+    _, frozen_final, _ = frozen_run
+    before = load_checkpoint(frozen_final)["model_state"]
+    final = run(photos, frozen_final, stage_config("finetune", epochs=1, lr=1e-4, bn=policy), tmp_path, val=False)
+    after = load_checkpoint(final)["model_state"]
+    moved_statistics = changed(batchnorm_statistics(before), batchnorm_statistics(after))
+    assert bool(moved_statistics) == (policy == "train")
+    weights = {k: v for k, v in backbone_state(before).items() if k.endswith("weight") and "bn" not in k}
+    assert changed(weights, after)  # the convolutions learn under both policies
+
+
+def test_lr_zero_moves_no_weight_only_batchnorm_statistics(photos, frozen_run, tmp_path):
+    """The diagnosis run: stage 2 at lr 0 changes nothing but running statistics."""
+    _, frozen_final, _ = frozen_run
+    before = load_checkpoint(frozen_final)["model_state"]
+    final = run(photos, frozen_final, stage_config("finetune", epochs=1, lr=0.0, bn="train"), tmp_path, val=False)
+    after = load_checkpoint(final)["model_state"]
+    moved = changed(before, after)
+    assert moved and all("running_" in k or "num_batches_tracked" in k for k in moved)
+
+
+def test_warmup_then_cosine_schedule():
+    from mtl.train import warmup_cosine
+
+    factor = warmup_cosine(total_steps=110, warmup_steps=10, final_fraction=0.01)
+    assert [factor(t) for t in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.505)
+    assert factor(109) == pytest.approx(0.01, abs=1e-3) and factor(500) == pytest.approx(0.01)
+    values = [factor(t) for t in range(10, 110)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # falls monotonically after the warm-up
+
+
+def test_steps_log_and_branch_learning_rate(photos, frozen_run, tmp_path):
+    _, frozen_final, _ = frozen_run
+    cfg = stage_config("finetune", epochs=2, lr=1e-4, branch_lr_scale=10.0, warmup_steps=2)
+    run(photos, frozen_final, cfg, tmp_path, val=False)
+    optimizer = load_checkpoint(tmp_path / "final.pt")["optimizer"]
+    branch_group, backbone_group = optimizer["param_groups"]
+    assert branch_group["initial_lr"] == pytest.approx(1e-3) and backbone_group["initial_lr"] == pytest.approx(1e-4)
+    with (tmp_path / "steps.csv").open(newline="") as f:
+        steps = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4]  # six photos, three per batch, two epochs
+    assert float(steps[0]["lr"]) == pytest.approx(0.5e-4)  # the first warm-up step
+    assert all(int(float(r["negatives_compared"])) > 0 for r in steps)
+
+
+def test_a_finished_run_is_not_returned_for_another_starting_point(photos, frozen_run, tmp_path):
+    """final.pt is reused only when the fingerprint (model, init, data, code) matches;
+    an interrupted run of other inputs is refused, never resumed."""
+    _, frozen_final, _ = frozen_run
+    cfg = stage_config("finetune", epochs=1, lr=1e-4)
+    batches = (lambda epoch: epoch_batches(photos, cfg.seed, epoch)), None
+    first = train_stage(frozen_final, cfg, *batches, tmp_path, fingerprint={"init": "a"})
+    stamp = first.stat().st_mtime_ns
+    assert train_stage(frozen_final, cfg, *batches, tmp_path, fingerprint={"init": "a"}).stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="another model, starting point or data"):
+        train_stage(frozen_final, cfg, *batches, tmp_path, fingerprint={"init": "b"})

@@ -87,6 +87,22 @@ def test_apply_random_stays_inside_its_family() -> None:
     assert names <= set(T.TRAIN_FAMILY) and len(names) > len(T.TRAIN_FAMILY) // 2
 
 
+def test_chained_views_draw_distinct_train_edits_only(monkeypatch) -> None:
+    """A chain of k edits applies k different train-family transformations, never a
+    held-out one, the same ones for the same seed."""
+    used: list[str] = []
+    real = T.apply
+    monkeypatch.setattr(T, "apply", lambda name, img, rng: used.append(name) or real(name, img, rng))
+    for seed in range(40):
+        used.clear()
+        T.apply_chain("train", IMAGES["colour"], seed, 3)
+        assert len(used) == len(set(used)) == 3 and set(used) <= set(T.TRAIN_FAMILY)
+    first = np.asarray(T.apply_chain("train", IMAGES["colour"], 7, 2))
+    assert np.array_equal(first, np.asarray(T.apply_chain("train", IMAGES["colour"], 7, 2)))
+    with pytest.raises(ValueError, match="count"):
+        T.apply_chain("train", IMAGES["colour"], 0, 0)
+
+
 def test_unknown_names_fail_clearly() -> None:
     with pytest.raises(KeyError, match="unknown transformation"):
         T.apply("sepia", IMAGES["tiny"], 0)

@@ -1,8 +1,8 @@
 """Training and validation batches: K instances x V views, deterministic per (seed, epoch).
 
-A *view* is a random `train`-family copy transformation of an original, then a mild
-random crop, resized to the model's square input and normalized with the backbone's
-mean/std.  The V views of one original share its instance id (the positives of the
+A *view* is made by a named view recipe (VIEW_RECIPES): one or a chain of random
+`train`-family copy transformations of an original, then a random crop, resized to the
+model's square input and normalized with the backbone's mean/std.  The V views of one original share its instance id (the positives of the
 contrastive loss, §II-C) and its class id (the content-type head, §II-B).
 
 Determinism: the batch sampler (main process) draws the epoch's instance order from
@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
-from mtl.data.transforms import apply_random
+from mtl.data.transforms import apply_chain
 
 Normalization = tuple[Sequence[float], Sequence[float]]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -37,9 +37,26 @@ SPLITS = ("train", "val", "test")
 # Originals are cached with their shorter side at this multiple of the input size: enough
 # room for crops and rescales to keep detail, small enough to decode and transform fast.
 CACHE_SCALE = 2
-# The mild crop taken after the copy transformation: share of the area and aspect range.
-VIEW_CROP_AREA = (0.6, 1.0)
 VIEW_CROP_ASPECT = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """How a training view is made: `edits` (min, max) different train-family
+    transformations chained, then a crop of `crop_area` (min, max) of the area."""
+
+    edits: tuple[int, int]
+    crop_area: tuple[float, float]
+
+
+VIEW_RECIPES = {
+    # One edit and a mild crop.
+    "single": ViewRecipe(edits=(1, 1), crop_area=(0.6, 1.0)),
+    # Harder views in the spirit of the ISC2021 winners: up to three edits chained (colour,
+    # JPEG, pixelation, text, emoji, padding, flips, ...) and a crop down to a quarter of the
+    # area.  Held-out edits are never used: only the train family is drawn from.
+    "chain": ViewRecipe(edits=(1, 3), crop_area=(0.25, 1.0)),
+}
 
 
 @dataclass(frozen=True)
@@ -123,10 +140,11 @@ def to_model_input(img: Image.Image, image_size: int, mean: Sequence[float], std
     return normalize_batch(pixels, mean, std)[0]
 
 
-def mild_random_crop(img: Image.Image, rng: np.random.Generator, image_size: int) -> Image.Image:
-    """A random crop of 60-100 % of the area, resized to the square input size."""
+def random_crop(img: Image.Image, rng: np.random.Generator, image_size: int,
+                area_range: tuple[float, float]) -> Image.Image:
+    """A random crop of `area_range` of the area (aspect 3/4..4/3), resized to the square input."""
     w, h = img.size
-    area = rng.uniform(*VIEW_CROP_AREA) * w * h
+    area = rng.uniform(*area_range) * w * h
     aspect = float(np.exp(rng.uniform(np.log(VIEW_CROP_ASPECT[0]), np.log(VIEW_CROP_ASPECT[1]))))
     cw = int(min(w, max(1, round(np.sqrt(area * aspect)))))
     ch = int(min(h, max(1, round(np.sqrt(area / aspect)))))
@@ -135,11 +153,20 @@ def mild_random_crop(img: Image.Image, rng: np.random.Generator, image_size: int
                           interpolation=F.InterpolationMode.BILINEAR, antialias=True)
 
 
-def training_view(original: Image.Image, rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """One view, uint8 [S, S, 3]: a random train-family transformation, then a mild crop.
+def training_view(original: Image.Image, rng: np.random.Generator, image_size: int,
+                  recipe: str = "single") -> np.ndarray:
+    """One view, uint8 [S, S, 3], made by a named view recipe (VIEW_RECIPES).
     (Normalization happens per batch, in `normalize_batch`.)"""
-    _, edited = apply_random("train", original, rng)
-    return np.asarray(mild_random_crop(edited, rng, image_size))
+    view = view_recipe(recipe)
+    low, high = view.edits
+    edited = apply_chain("train", original, rng, low if low == high else int(rng.integers(low, high + 1)))
+    return np.asarray(random_crop(edited, rng, image_size, view.crop_area))
+
+
+def view_recipe(name: str) -> ViewRecipe:
+    if name not in VIEW_RECIPES:
+        raise ValueError(f"unknown view recipe {name!r}; known: {', '.join(VIEW_RECIPES)}")
+    return VIEW_RECIPES[name]
 
 
 # --------------------------------------------------------------------------- dataset + sampler
@@ -159,7 +186,8 @@ class InstanceViews(Dataset):
     position); class ids index `class_names`."""
 
     def __init__(self, originals: Sequence[Original], class_names: Sequence[str], image_size: int,
-                 normalization: Normalization, seed: int, labels: Sequence[int] | None = None):
+                 normalization: Normalization, seed: int, labels: Sequence[int] | None = None,
+                 views: str = "single"):
         unknown = sorted({o.class_name for o in originals} - set(class_names))
         if unknown:
             raise ValueError(f"classes {unknown} are not in class_names {list(class_names)}")
@@ -171,6 +199,8 @@ class InstanceViews(Dataset):
         self.image_size = image_size
         self.mean, self.std = (tuple(float(v) for v in normalization[0]), tuple(float(v) for v in normalization[1]))
         self.seed = seed
+        view_recipe(views)  # an unknown name fails here, not in a worker
+        self.views = views
         self._cache: dict[int, Image.Image] = {}  # per process: decoded, downscaled originals
 
     def __len__(self) -> int:
@@ -185,7 +215,7 @@ class InstanceViews(Dataset):
 
     def __getitem__(self, key: ViewKey) -> tuple[np.ndarray, int, int]:
         rng = np.random.default_rng((self.seed, key.epoch, key.instance, key.view))
-        view = training_view(self.original(key.instance), rng, self.image_size)
+        view = training_view(self.original(key.instance), rng, self.image_size, self.views)
         return view, self.labels[key.instance], self.class_ids[key.instance]
 
     def collate(self, items: list[tuple[np.ndarray, int, int]]) -> Batch:
@@ -235,7 +265,7 @@ def corpus_labels(manifest_csv: str | Path, originals: Sequence[Original]) -> li
 
 def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: str, instances_per_batch: int,
                        views_per_instance: int, image_size: int, normalization: Normalization, seed: int,
-                       num_workers: int = 0, class_names: Sequence[str] | None = None
+                       num_workers: int = 0, class_names: Sequence[str] | None = None, views: str = "single"
                        ) -> Callable[[int], Iterable[Batch]]:
     """`batches(epoch) -> iterable of (images [K*V,3,S,S], instance_ids [K*V], class_ids [K*V])`.
 
@@ -250,7 +280,7 @@ def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: 
                          f"{instances_per_batch}: no full batch")
     class_names = list(class_names) if class_names is not None else class_names_from_manifest(manifest_csv)
     dataset = InstanceViews(originals, class_names, image_size, normalization, seed,
-                            labels=corpus_labels(manifest_csv, originals))
+                            labels=corpus_labels(manifest_csv, originals), views=views)
     sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=dataset.collate,
                         persistent_workers=num_workers > 0)

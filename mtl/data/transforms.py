@@ -365,6 +365,23 @@ def apply_random(family: str, img: Image.Image,
     return name, apply(name, img, rng)
 
 
+def apply_chain(family: str, img: Image.Image, rng_or_seed: np.random.Generator | int | tuple[int, ...],
+                count: int) -> Image.Image:
+    """`count` different transformations of `family`, drawn with the generator, applied in
+    turn (count 1 is :func:`apply_random`'s edit)."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    rng = as_generator(rng_or_seed)
+    names = FAMILIES[family]
+    if not 1 <= count <= len(names):
+        raise ValueError(f"count must be 1..{len(names)}, got {count}")
+    chosen = [names[int(i)] for i in rng.choice(len(names), size=count, replace=False)] if count > 1 \
+        else [names[int(rng.integers(len(names)))]]
+    for name in chosen:
+        img = apply(name, img, rng)
+    return img
+
+
 # --------------------------------------------------------------------------- gallery
 
 def render_gallery(img: Image.Image, path: str | Path, seed: int = 0, tile: int = 192,

@@ -1,36 +1,25 @@
 """All methods on the same evaluation set, one table.
 
-The `evaluate` notebook is four calls:
+The `evaluate` stage (mtl.study.evaluate_stage) is three calls:
 
-    from mtl.eval.methods import embed_methods, evaluate_methods
-
-    paths = embed_methods("data/eval", "data/embeddings",
-                          checkpoints={"mtl_frozen": "models/frozen/final.pt",
-                                       "mtl_finetune_mem0": "models/finetune_mem0/final.pt",
-                                       "mtl_finetune": "models/finetune/final.pt"},
-                          corpus_dir="data/corpus", image_size=112)
-    evaluation = evaluate_methods("data/eval", paths, k=10, target_precision=0.9)
+    paths = embed_methods("data/eval", "data/embeddings", passes, corpus_dir="data/corpus")
+    evaluation = evaluate_methods("data/eval", paths, decisions_from=("best_finetune",))
     evaluation.save("results/evaluate")          # methods.csv, per_transformation.csv,
                                                  # pr_curves.csv, fusion_beta.csv, metrics.json
-    evaluation.table                             # the side-by-side table (DataFrame)
 
-and for the figures: `evaluation.pr_curve_arrays()` (for mtl.plots.pr_curves),
-`evaluation.per_transformation`, `evaluation.worst_false_positives(n)` and
-`evaluation.missed_copies(n)` (ids and image paths, for mtl.plots.image_pairs).
+where each `CheckpointPass` names the methods one pass of a checkpoint over the eval set
+yields: its MTL embedding, the backbone's own pooled 1280-d output, and that output's
+PCA to 320-d (fit on train-split images).  phash and dhash are always embedded.
+For the figures: `evaluation.pr_curve_arrays()`, `evaluation.per_transformation`,
+`evaluation.worst_false_positives(n, method)` and `evaluation.missed_copies(n, method)`.
 
-Rows, in order:
-    phash, dhash             64-bit perceptual hashes (Hamming distance as score)
-    backbone_gap1280         the ImageNet backbone's pooled 1280-d output (the paper's
-                             baseline; from the frozen-stage checkpoint, whose backbone
-                             is the untouched ImageNet one)
-    backbone_pca320          that descriptor, PCA to 320-d fit on train-split images
-    mtl_frozen               MTL embedding after stage 1 (backbone frozen)
-    mtl_finetune_mem0        stage 2 with within-batch negatives only
-    mtl_finetune             stage 2 with the cross-batch memory (the paper's method)
-    mtl_finetune_gate        + drop matches whose predicted classes differ
-    mtl_finetune_fusion      + score − β·P(classes differ), β tuned on val
+Rows, in the order given: the hashes, then every pass's methods; each method named in
+`decisions_from` is followed by its decision rows
+    <method>_gate            drop matches whose predicted classes differ
+    <method>_fusion          score − β·P(classes differ), β tuned on val
 
-Columns: muap, recall_at_p90, acc_at_1 (test split); fp_at_threshold and
+Columns: muap, recall_at_p90, acc_at_1 (test split); muap_held_out, acc_at_1_held_out
+(copies made by held-out transformations, plus all distractors); fp_at_threshold and
 tp_at_threshold at `threshold`, chosen on the val split for precision ≥ 0.9;
 bytes_per_vector; images_per_second (embedding, end to end with decoding);
 search_ms_per_query (exact faiss search over the test references).
@@ -43,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -51,16 +40,15 @@ import pandas as pd
 from mtl.eval.decision import (DEFAULT_BETAS, apply_fusion, apply_gate, attach_class_agreement,
                                tune_fusion_beta)
 from mtl.eval.embed import EmbeddingResult, load_npz
-from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_positives_at,
+from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_positives_at, held_out_metrics,
                               label_predictions, precision_recall_curve, recall_by_transformation,
                               retrieval_metrics, threshold_for_precision)
 from mtl.eval.search import search
 
 SPLITS = ("val", "test")
-EMBEDDED_METHODS = ("phash", "dhash", "backbone_gap1280", "backbone_pca320",
-                    "mtl_frozen", "mtl_finetune_mem0", "mtl_finetune")
 DECISION_METHODS = ("gate", "fusion")
-METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "bytes_per_vector")
+METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold",
+               "threshold", "bytes_per_vector")
 
 
 # --------------------------------------------------------------------------- eval set
@@ -100,24 +88,35 @@ def embedding_path(embeddings_dir: str | Path, split: str, method: str) -> Path:
     return Path(embeddings_dir) / split / f"{method}.npz"
 
 
-def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, checkpoints: Mapping[str, str | Path],
-                  corpus_dir: str | Path | None = None, gap_from: str = "mtl_frozen",
-                  pca_images: int = 2000, pca_dim: int = 320, image_size: int = 112,
-                  batch_size: int = 128, device: str = "auto", num_workers: int = 1,
-                  seed: int = 0, overwrite: bool = False) -> dict[str, dict[str, Path]]:
-    """Embed both eval splits with every method; {method: {split: npz path}}.
+@dataclass(frozen=True)
+class CheckpointPass:
+    """One embedding pass of a checkpoint over the eval set, and the methods it yields
+    (None = not wanted).  One backbone pass gives all three."""
 
-    `checkpoints` maps mtl_* method names to checkpoints.  The 1280-d baseline
-    comes out of the same pass as `gap_from`'s embedding; its PCA is fit on
-    `pca_images` train-split images of `corpus_dir` (skipped without a corpus).
-    Existing files are reused unless `overwrite`.
+    checkpoint: str | Path
+    mtl: str | None = None          # the MTL embedding (and class probabilities)
+    gap1280: str | None = None      # the backbone's own pooled 1280-d output
+    pca320: str | None = None       # that output's PCA to 320-d, fit on train-split images
+    image_size: int | None = None   # None: the evaluation's image size
+
+    def methods(self) -> dict[str, str]:
+        """{output kind: method name} of the wanted outputs."""
+        return {kind: name for kind, name in (("mtl", self.mtl), ("gap1280", self.gap1280), ("pca", self.pca320))
+                if name is not None}
+
+
+def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, passes: Sequence[CheckpointPass],
+                  corpus_dir: str | Path | None = None, pca_images: int = 2000, pca_dim: int = 320,
+                  image_size: int = 112, batch_size: int = 128, device: str = "auto", num_workers: int = 1,
+                  seed: int = 0, overwrite: bool = False) -> dict[str, dict[str, Path]]:
+    """Embed both eval splits with the hashes and every pass; {method: {split: npz path}}.
+
+    A PCA method is fit on `pca_images` train-split images of `corpus_dir`.  Existing
+    files are reused unless `overwrite`.
     """
-    from mtl.eval.baselines import HASH_METHODS, apply_pca_to_embeddings, fit_backbone_pca
+    from mtl.eval.baselines import HASH_METHODS, PCAProjection, apply_pca_to_embeddings, fit_backbone_pca
     from mtl.eval.embed import embed_hashes, embed_many, images_in_evalset, save_npz
 
-    if gap_from not in checkpoints:
-        raise ValueError(f"gap_from={gap_from!r} is not among the checkpoints {sorted(checkpoints)}")
-    options = dict(image_size=image_size, batch_size=batch_size, device=device, num_workers=num_workers)
     paths: dict[str, dict[str, Path]] = {}
 
     def wanted(method: str, split: str) -> Path | None:
@@ -125,33 +124,35 @@ def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, checkpoints:
         paths.setdefault(method, {})[split] = path
         return None if path.is_file() and not overwrite else path
 
-    pca = None
-    if corpus_dir is not None:
-        pca_file = Path(embeddings_dir) / "backbone_pca320_projection.npz"
+    projections = {}
+    for job in passes:
+        if job.pca320 is None:
+            continue
+        if corpus_dir is None:
+            raise ValueError(f"{job.pca320} is fit on train-split images: pass corpus_dir")
+        pca_file = Path(embeddings_dir) / f"{job.pca320}_projection.npz"
         if pca_file.is_file() and not overwrite:
-            from mtl.eval.baselines import PCAProjection
-            pca = PCAProjection.load(pca_file)
+            projections[job.pca320] = PCAProjection.load(pca_file)
         else:
-            pca = fit_backbone_pca(checkpoints[gap_from], corpus_dir, pca_images, pca_dim, seed, **options)
-            pca.save(pca_file)
+            projections[job.pca320] = fit_backbone_pca(job.checkpoint, corpus_dir, pca_images, pca_dim, seed,
+                                                       image_size=job.image_size or image_size,
+                                                       batch_size=batch_size, device=device, num_workers=num_workers)
+            projections[job.pca320].save(pca_file)
     for split in SPLITS:
         images = images_in_evalset(Path(eval_dir) / split)
         for kind in HASH_METHODS:
             if (out := wanted(kind, split)) is not None:
                 save_npz(embed_hashes(kind, images, num_workers=num_workers), out)
-        for method, checkpoint in checkpoints.items():
-            outs = {"mtl": wanted(method, split)}
-            if method == gap_from:
-                outs["gap1280"] = wanted("backbone_gap1280", split)
-                if pca is not None:
-                    outs["pca"] = wanted("backbone_pca320", split)
+        for job in passes:
+            outs = {kind: wanted(name, split) for kind, name in job.methods().items()}
             if all(out is None for out in outs.values()):
                 continue
-            many = embed_many(checkpoint, images, **options)
-            many["pca"] = apply_pca_to_embeddings(many["gap1280"], pca) if pca is not None else None
-            for key, out in outs.items():
+            many = embed_many(job.checkpoint, images, job.image_size or image_size, batch_size, device, num_workers)
+            if job.pca320 is not None:
+                many["pca"] = apply_pca_to_embeddings(many["gap1280"], projections[job.pca320], job.pca320)
+            for kind, out in outs.items():
                 if out is not None:
-                    save_npz(many[key], out)
+                    save_npz(many[kind], out)
     return paths
 
 
@@ -222,7 +223,7 @@ class MethodsEvaluation:
         return (dict(zip(split.queries["query_id"], split.queries["path"])),
                 dict(zip(split.references["reference_id"], split.references["path"])))
 
-    def worst_false_positives(self, n: int = 8, method: str = "mtl_finetune") -> pd.DataFrame:
+    def worst_false_positives(self, n: int = 8, method: str = "best_finetune") -> pd.DataFrame:
         """The n highest-scored wrong matches of `method` on test, with image paths."""
         predictions = self._predictions(method)
         wrong = predictions[~predictions["correct"]].nlargest(n, "score")
@@ -236,7 +237,7 @@ class MethodsEvaluation:
             source_group=wrong["query_id"].map(truth["source_group"]) if "source_group" in truth else np.nan,
         ).reset_index(drop=True)
 
-    def missed_copies(self, n: int = 8, method: str = "mtl_finetune") -> pd.DataFrame:
+    def missed_copies(self, n: int = 8, method: str = "best_finetune") -> pd.DataFrame:
         """Copies whose reference is not the best match of `method`, worst first
         (not retrieved at all, then lowest score of the true pair)."""
         predictions = self._predictions(method)
@@ -294,30 +295,33 @@ def _score_method(name: str, val: pd.DataFrame, test: pd.DataFrame, val_split: E
     """Test metrics, with the operating threshold chosen on val."""
     threshold = threshold_for_precision(val, val_split.n_ground_truth, target_precision)
     metrics = retrieval_metrics(test, test_split.queries, target_precision)
+    held_out = held_out_metrics(test, test_split.queries, target_precision)
     operating = false_positives_at(test, threshold, test_split.n_ground_truth)
     row = {"method": name, "muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90,
-           "acc_at_1": metrics.acc_at_1, "fp_at_threshold": operating.false_positives,
-           "tp_at_threshold": operating.true_positives, "threshold": threshold}
+           "acc_at_1": metrics.acc_at_1, "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1,
+           "fp_at_threshold": operating.false_positives, "tp_at_threshold": operating.true_positives,
+           "threshold": threshold}
     per = recall_by_transformation(test, test_split.queries, threshold).assign(method=name)
     return row, per, precision_recall_curve(test, test_split.n_ground_truth)
 
 
 def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str, str | Path]],
-                     k: int = 10, target_precision: float = 0.9, decisions_from: str | None = "mtl_finetune",
+                     k: int = 10, target_precision: float = 0.9, decisions_from: Sequence[str] = (),
                      betas=DEFAULT_BETAS) -> MethodsEvaluation:
-    """Search, score and tabulate every method; see the module docstring.
+    """Search, score and tabulate every method, in the given order; see the module docstring.
 
     `embeddings` maps a method name to {"val": npz, "test": npz} (as returned by
     embed_methods); each npz holds the split's references and queries (roles).
-    With `decisions_from`, that method's class probabilities add the gate and
-    fusion rows.  Methods not in EMBEDDED_METHODS are kept, in the given order.
+    Each method in `decisions_from` adds its gate and fusion rows (from its class
+    probabilities).
     """
-    if decisions_from is not None and decisions_from not in embeddings:
-        raise ValueError(f"decisions_from={decisions_from!r} has no embeddings; given: {sorted(embeddings)}")
+    missing = [m for m in decisions_from if m not in embeddings]
+    if missing:
+        raise ValueError(f"decisions_from {missing} have no embeddings; given: {sorted(embeddings)}")
     splits = {s: EvalSplit.load(eval_dir, s) for s in SPLITS}
-    order = [m for m in EMBEDDED_METHODS if m in embeddings] + [m for m in embeddings if m not in EMBEDDED_METHODS]
+    order = list(embeddings)
     rows, per_transformation, curves, test_predictions = [], [], {}, {}
-    fusion_grid = pd.DataFrame()
+    fusion_grids = []
 
     def add(name: str, val: pd.DataFrame, test: pd.DataFrame, extra: dict) -> None:
         row, per, curve = _score_method(name, val, test, splits["val"], splits["test"], target_precision)
@@ -338,18 +342,39 @@ def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str,
                  "search_ms_per_query": runs["test"].search_ms_per_query,
                  "n_failed_images": len(test_emb.failed)}
         add(method, runs["val"].predictions, runs["test"].predictions, extra)
-        if method == decisions_from:
+        if method in decisions_from:
             agreed = {s: _class_agreement(runs[s]) for s in SPLITS}
             add(f"{method}_gate", apply_gate(agreed["val"]), apply_gate(agreed["test"]), extra)
             tuning = tune_fusion_beta(agreed["val"], splits["val"].n_ground_truth, betas)
-            fusion_grid = tuning.grid
+            fusion_grids.append(tuning.grid.assign(method=method))
             add(f"{method}_fusion", apply_fusion(agreed["val"], tuning.beta),
                 apply_fusion(agreed["test"], tuning.beta), {**extra, "beta": tuning.beta})
+    fusion_grid = pd.concat(fusion_grids, ignore_index=True) if fusion_grids else pd.DataFrame()
     table = pd.DataFrame(rows)
-    columns = ["method", "muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "tp_at_threshold",
-               "threshold", "bytes_per_vector", "dim", "images_per_second", "search_ms_per_query",
-               "n_failed_images", "beta"]
+    columns = ["method", "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out",
+               "fp_at_threshold", "tp_at_threshold", "threshold", "bytes_per_vector", "dim", "images_per_second",
+               "search_ms_per_query", "n_failed_images", "beta"]
     table = table.reindex(columns=[c for c in columns if c in table.columns])
     return MethodsEvaluation(table=table, per_transformation=pd.concat(per_transformation, ignore_index=True),
                              pr_curves=curves, test_predictions=test_predictions,
                              test_split=splits["test"], fusion_grid=fusion_grid)
+
+
+def checkpoint_scores(checkpoint: str | Path, eval_dir: str | Path, split: str = "val", image_size: int = 112,
+                      batch_size: int = 128, device: str = "auto", k: int = 10,
+                      target_precision: float = 0.9) -> dict[str, dict[str, float]]:
+    """μAP, R@P90 and acc@1 (all queries, and the held-out ones) of a checkpoint's MTL
+    embedding and of its backbone's 1280-d output on one eval split: how diagnostics and
+    recipe choices are scored (on val, never on test)."""
+    from mtl.eval.embed import embed_many, images_in_evalset
+
+    eval_split = EvalSplit.load(eval_dir, split)
+    many = embed_many(checkpoint, images_in_evalset(Path(eval_dir) / split), image_size, batch_size, device)
+    scores = {}
+    for kind in ("mtl", "gap1280"):
+        predictions = _search_split(many[kind], eval_split, k).predictions
+        metrics = retrieval_metrics(predictions, eval_split.queries, target_precision)
+        held_out = held_out_metrics(predictions, eval_split.queries, target_precision)
+        scores[kind] = {"muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90, "acc_at_1": metrics.acc_at_1,
+                        "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1}
+    return scores

@@ -259,3 +259,21 @@ def retrieval_metrics(labelled: pd.DataFrame, queries: pd.DataFrame,
         recall_at_p90=recall_at_precision(labelled, n_gt, target_precision),
         acc_at_1=accuracy_at_1(labelled, queries),
         n_ground_truth=n_gt, n_predictions=len(labelled))
+
+
+def held_out_queries(queries: pd.DataFrame) -> pd.DataFrame:
+    """The queries of the held-out test: copies made by transformations never used in
+    training, plus every distractor (so false matches still cost precision)."""
+    _require_columns(queries, ["reference_id", "held_out"], "queries table")
+    held = queries["held_out"].map(_as_bool)
+    ref = queries["reference_id"]
+    distractor = ref.isna() | (ref.astype(str).str.strip() == "")
+    return queries[held | distractor]
+
+
+def held_out_metrics(labelled: pd.DataFrame, queries: pd.DataFrame,
+                     target_precision: float = 0.9) -> RetrievalMetrics:
+    """retrieval_metrics over the held-out queries only (see held_out_queries)."""
+    subset = held_out_queries(queries)
+    ids = set(subset["query_id"].astype(str))
+    return retrieval_metrics(labelled[labelled["query_id"].astype(str).isin(ids)], subset, target_precision)

@@ -20,7 +20,7 @@ help:
 	@echo "make repro              set up, then run the whole DVC pipeline (default CPU profile)"
 	@echo "make repro PROFILE=paper   the paper's settings (MobileNetV2, 224 px, GPU)"
 	@echo "make test               set up, then run the test suite"
-	@echo "make sweep              a papermill parameter sweep (sweeps/ablation.yaml)"
+	@echo "make sweep              a papermill parameter sweep, scored on val (SWEEP=sweeps/stage1.yaml)"
 	@echo "make setup              only install (.venv, Debian tools, Jupyter kernel, DVC config)"
 
 setup: $(STAMP) kernel dvc-config
@@ -59,9 +59,9 @@ test: setup
 clean-results:
 	rm -rf results/notebooks
 
-# A papermill parameter sweep (sweeps/ablation.yaml); SWEEP_SET overrides every variant.
-SWEEP ?= sweeps/ablation.yaml
+# A papermill parameter sweep scored on val (sweeps/*.yaml); SWEEP_SET overrides every variant.
+SWEEP ?= sweeps/stage1.yaml
 SWEEP_SET ?=
 sweep: setup
-	$(VENV)/bin/dvc repro evalset
+	$(VENV)/bin/dvc repro evalset features
 	$(PY) -m mtl.sweep $(SWEEP) $(if $(SWEEP_SET),--set $(SWEEP_SET))

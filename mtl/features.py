@@ -125,7 +125,8 @@ def build_feature_cache(manifest_csv: str | Path, corpus_dir: str | Path, out_di
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        seconds = _write_taps(dataset, spec.views, model, staging / "taps.npy", batch_size, num_workers, device)
+        seconds = _write_taps(dataset, spec.views, model, staging / "taps.npy", batch_size, num_workers, device,
+                              f"feature cache ({spec.split}, {spec.views} views)")
         meta = {"fingerprint": fingerprint, "spec": asdict(spec), "views": spec.views,
                 "ids": [o.id for o in originals], "labels": dataset.labels, "class_ids": dataset.class_ids,
                 "build_seconds": round(seconds, 2), "views_per_second": round(len(dataset) * spec.views / seconds, 1)}
@@ -139,7 +140,7 @@ def build_feature_cache(manifest_csv: str | Path, corpus_dir: str | Path, out_di
 
 @torch.no_grad()
 def _write_taps(dataset: InstanceViews, views: int, model: MTLNet, path: Path, batch_size: int,
-                num_workers: int, device: str) -> float:
+                num_workers: int, device: str, desc: str) -> float:
     """Push every stored view through the backbone; taps go straight into the memmap."""
     dev = resolve_device(device)
     backbone = model.backbone.to(dev).eval().to(memory_format=torch.channels_last)
@@ -147,7 +148,7 @@ def _write_taps(dataset: InstanceViews, views: int, model: MTLNet, path: Path, b
     loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, collate_fn=dataset.collate,
                         num_workers=num_workers)
     started, row, taps = time.perf_counter(), 0, None
-    for images, _, _ in progress(loader, len(loader), f"feature cache {path.parent.name}", unit="batch"):
+    for images, _, _ in progress(loader, len(loader), desc, unit="batch"):
         tap = forward_tap(backbone, images.to(dev).contiguous(memory_format=torch.channels_last))
         if taps is None:
             taps = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(keys), *tap.shape[1:]))

@@ -100,6 +100,45 @@ def features_table(metrics: dict) -> str:
     return table
 
 
+RECIPE_SETTINGS = [
+    ("margin", "margin α"), ("memory_size", "memory"), ("lambda_koleo", "KoLeo λ"), ("views", "views"),
+    ("source", "stage-1 input"), ("epochs", "epochs"), ("lr", "lr"), ("warmup_steps", "warm-up steps"),
+    ("branch_lr_scale", "branch lr ×"), ("bn", "backbone BatchNorm"),
+]
+
+
+def recipes_table(params: dict) -> str:
+    """The settings of both recipes, per stage, read from the parameters themselves."""
+    from mtl.params import recipe_params
+    from mtl.train import StageConfig
+
+    rows = []
+    for recipe in RECIPES:
+        resolved = recipe_params(params, recipe)
+        for stage in ("frozen", "finetune"):
+            cfg = StageConfig.from_params(resolved, stage)
+            row = {"run": f"{recipe} / {stage}", **{k: getattr(cfg, k) for k, _ in RECIPE_SETTINGS}}
+            row["embed_pool"] = resolved["model"].get("embed_pool", "avg")
+            if stage == "frozen":
+                row["bn"], row["branch_lr_scale"] = "frozen (whole backbone)", "–"
+            rows.append(row)
+    return markdown_table(rows, [("run", "recipe / stage"), *RECIPE_SETTINGS, ("embed_pool", "pooling")])
+
+
+def sweep_tables(results_dir: Path) -> dict[str, str]:
+    """The recorded sweeps (results/sweep/<name>/table.csv), scored on val."""
+    tables = {}
+    for table_csv in sorted((results_dir / "sweep").glob("*/table.csv")):
+        frame = pd.read_csv(table_csv)
+        columns = [("variant", "variant"), ("overrides", "overrides"), ("val_muap", "val μAP"),
+                   ("val_acc_at_1", "val acc@1"), ("val_recall_at_p90", "val R@P90"),
+                   ("val_muap_held_out", "val μAP held-out"), ("val_muap_160px", "val μAP at 160 px"),
+                   ("wall_seconds", "wall s")]
+        tables[f"sweep_{table_csv.parent.name}"] = markdown_table(
+            frame.to_dict("records"), [(k, h) for k, h in columns if k in frame.columns])
+    return tables
+
+
 def diagnosis_tables(results_dir: Path) -> dict[str, str]:
     """The recorded diagnosis runs (results/diagnose/*.csv), as README tables."""
     tables = {}
@@ -211,16 +250,7 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
 
 
-def sweep_table(table_csv: Path) -> str:
-    """The last `make sweep` (results/sweep/table.csv), one row per variant."""
-    frame = pd.read_csv(table_csv)
-    columns = [("variant", "variant"), ("overrides", "overrides"), ("muap", "μAP"),
-               ("recall_at_p90", "R@P90"), ("acc_at_1", "acc@1"), ("fp_at_threshold", "FP @ val thr."),
-               ("wall_seconds", "wall s")]
-    return markdown_table(frame.to_dict("records"), [(k, h) for k, h in columns if k in frame.columns])
-
-
-def render_tables(metrics: dict, results_dir: Path = RESULTS) -> dict[str, str]:
+def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | None = None) -> dict[str, str]:
     tables = {
         "corpus": corpus_table(metrics),
         "features": features_table(metrics),
@@ -229,13 +259,13 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS) -> dict[str, str]:
         "timing": timing_table(metrics),
         "findings": findings(metrics),
         **diagnosis_tables(results_dir),
+        **sweep_tables(results_dir),
     }
+    if params is not None:
+        tables["recipes"] = recipes_table(params)
     methods_csv = results_dir / "evaluate" / "methods.csv"
     if methods_csv.is_file():
         tables["retrieval"] = retrieval_table(methods_csv)
-    sweep_csv = results_dir / "sweep" / "table.csv"
-    if sweep_csv.is_file():
-        tables["sweep"] = sweep_table(sweep_csv)
     return tables
 
 
@@ -243,11 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtl.report", description=__doc__)
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--readme", default=None, help="README to update between table markers")
+    parser.add_argument("--params", default="params.yaml", help="the parameters (for the recipes table)")
     args = parser.parse_args(argv)
+    from mtl.params import load_params
+
     results_dir = Path(args.results)
     metrics = gather_metrics(results_dir)
     (results_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tables = render_tables(metrics, results_dir)
+    params = load_params(args.params) if Path(args.params).is_file() else None
+    tables = render_tables(metrics, results_dir, params)
     (results_dir / "tables.md").write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in tables.items()) + "\n")
     if args.readme and Path(args.readme).is_file():
         readme = Path(args.readme)

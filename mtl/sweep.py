@@ -1,25 +1,36 @@
-"""Parameter sweeps with papermill: every variant trains both stages by
-executing notebooks/train.ipynb with its overrides, then its stage-2 model is
-scored on the evaluation set; one table and one plot gather the variants.
+"""Parameter sweeps with papermill: every variant trains by executing
+notebooks/train.ipynb with its overrides, then its last stage is scored on the
+**val** split (settings are chosen there; test numbers come only from the pipeline);
+one table and one plot gather the variants.
 
-    python -m mtl.sweep sweeps/ablation.yaml [--set train.finetune.epochs=1 ...]
+    python -m mtl.sweep sweeps/stage1.yaml [--set train.frozen.epochs=10 ...]
 
-Run `dvc repro evalset` first (the sweep reads data/corpus and data/eval).
-The DVC-experiments equivalent is in sweeps/ablation.yaml.
+A sweep file names the recipe its variants start from, which stages they train
+(`frozen`, `finetune` from a given stage-1 checkpoint, or `both`), optional larger
+evaluation image sizes, and the variants (lists of dotted overrides):
+
+    recipe: best
+    stages: frozen
+    variants:
+      margin_0.8: [loss.margin=0.8]
+
+Run `dvc repro features` first (the sweep reads data/corpus, data/eval and the
+feature cache).  The DVC-experiments equivalent is in each sweep file.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from mtl.params import load_params, read_yaml
+from mtl.params import load_params, read_yaml, recipe_params, set_dotted
 
-RESULT_COLUMNS = ("muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "bytes_per_vector")
+STAGE_PLANS = {"frozen": ("frozen",), "finetune": ("finetune",), "both": ("frozen", "finetune")}
+SCORE_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out")
 
 
 @dataclass(frozen=True)
@@ -37,76 +48,92 @@ class Variant:
         return self.overrides[0].split("=", 1)[1] if len(self.overrides) == 1 else self.name
 
 
-def load_variants(path: str | Path, only: list[str] | None = None) -> list[Variant]:
-    spec = read_yaml(path).get("variants") or {}
-    if not spec:
+@dataclass(frozen=True)
+class Sweep:
+    variants: list[Variant]
+    recipe: str = "best"
+    stages: str = "both"
+    init: str | None = None          # stages=finetune: the stage-1 checkpoint to start from
+    image_sizes: list[int] = field(default_factory=list)  # also score at these sizes
+
+
+def load_sweep(path: str | Path, only: list[str] | None = None) -> Sweep:
+    spec = read_yaml(path)
+    variants = [Variant(name, tuple(overrides)) for name, overrides in (spec.get("variants") or {}).items()]
+    if not variants:
         raise ValueError(f"{path}: no `variants` mapping")
-    variants = [Variant(name, tuple(overrides)) for name, overrides in spec.items()]
     if only:
         unknown = sorted(set(only) - {v.name for v in variants})
         if unknown:
             raise KeyError(f"unknown variant(s) {unknown}; {path} has {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in only]
-    return variants
+    stages = spec.get("stages", "both")
+    if stages not in STAGE_PLANS:
+        raise ValueError(f"{path}: stages must be one of {sorted(STAGE_PLANS)}, got {stages!r}")
+    if stages == "finetune" and not spec.get("init"):
+        raise ValueError(f"{path}: stages=finetune needs `init`, the stage-1 checkpoint to start from")
+    return Sweep(variants, spec.get("recipe", "best"), stages, spec.get("init"), list(spec.get("image_sizes", [])))
 
 
-def run_notebook(run_name: str, stage: str, out_dir: Path, init: Path | None, overrides: list[str],
-                 params_path: str, notebooks_out: Path) -> None:
+def run_notebook(recipe: str, run_name: str, stage: str, out_dir: Path, init: Path | str | None,
+                 overrides: list[str], params_path: str, notebooks_out: Path) -> None:
     import papermill
 
     notebooks_out.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         "notebooks/train.ipynb", str(notebooks_out / f"{run_name.replace('/', '__')}.ipynb"), kernel_name="mtl",
-        parameters={"params_path": params_path, "overrides": overrides, "run_name": run_name, "stage": stage,
-                    "out_dir": str(out_dir), "init": str(init) if init else None},
+        parameters={"params_path": params_path, "overrides": overrides, "recipe": recipe, "stage": stage,
+                    "out_dir": str(out_dir), "init": str(init) if init else None, "run_name": run_name},
         progress_bar=False, log_output=True)
 
 
-def run_variant(variant: Variant, common: list[str], params_path: str, out_root: Path) -> dict:
-    """Train both stages of one variant and score its stage-2 embedding."""
-    from mtl.eval.methods import embed_methods, evaluate_methods
+def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: str, out_root: Path) -> dict:
+    """Train the sweep's stages for one variant and score the last one on val."""
+    from mtl.eval.methods import checkpoint_scores
 
     overrides = [*common, *variant.overrides]
-    params = load_params(params_path, overrides)  # fails early on a mistyped key
+    params = recipe_params(load_params(params_path), sweep.recipe)
+    for assignment in overrides:  # fails early on a mistyped key
+        set_dotted(params, assignment)
     started = time.perf_counter()
-    models = Path("models") / "sweep" / variant.name
-    results = out_root / variant.name
-    notebooks_out = Path("results") / "notebooks" / "sweep"
-    # The train notebook writes results/<run_name>/: name the runs relative to results/.
-    run_name = results.relative_to("results").as_posix()
-    run_notebook(f"{run_name}/train_frozen", "frozen", models / "frozen", None, overrides, params_path, notebooks_out)
-    run_notebook(f"{run_name}/train_finetune", "finetune", models / "finetune", models / "frozen" / "final.pt",
-                 overrides, params_path, notebooks_out)
+    models = Path("models") / "sweep" / out_root.name / variant.name
+    notebooks_out = Path("results") / "notebooks" / "sweep" / out_root.name
+    init: Path | str | None = sweep.init
+    for stage in STAGE_PLANS[sweep.stages]:
+        run_notebook(sweep.recipe, f"sweep/{out_root.name}/{variant.name}/{stage}", stage, models / stage, init,
+                     overrides, params_path, notebooks_out)
+        init = models / stage / "final.pt"
     cfg = params["eval"]
-    paths = embed_methods(params["evalset"]["dir"], Path("data") / "embeddings" / "sweep" / variant.name,
-                          {"mtl_finetune": models / "finetune" / "final.pt"}, gap_from="mtl_finetune",
-                          corpus_dir=None, image_size=cfg["image_size"], batch_size=cfg["batch_size"],
-                          device=cfg.get("device", "auto"), overwrite=True)
-    evaluation = evaluate_methods(params["evalset"]["dir"], paths, k=cfg["top_k"],
-                                  target_precision=cfg["target_precision"])
-    row = evaluation.table.set_index("method").loc["mtl_finetune"]
-    return {"variant": variant.name, "parameter": variant.parameter, "value": variant.value,
-            "overrides": " ".join(variant.overrides), **{c: row[c] for c in RESULT_COLUMNS if c in row},
-            "wall_seconds": round(time.perf_counter() - started, 1)}
+    row = {"variant": variant.name, "parameter": variant.parameter, "value": variant.value,
+           "overrides": " ".join(variant.overrides), "stage": STAGE_PLANS[sweep.stages][-1]}
+    for size in [cfg["image_size"], *sweep.image_sizes]:
+        scores = checkpoint_scores(init, params["evalset"]["dir"], "val", size, cfg["batch_size"],
+                                   cfg.get("device", "auto"))
+        suffix = "" if size == cfg["image_size"] else f"_{size}px"
+        row.update({f"val_{key}{suffix}": scores["mtl"][key] for key in SCORE_KEYS})
+    row["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return row
 
 
 def plot_sweep(table: pd.DataFrame, path: Path) -> Path:
     from mtl import plots
 
-    return plots.bar_chart(table, x="variant", y="muap", hue="parameter", path=path,
-                           title="stage-2 μAP per sweep variant (test eval set)")
+    return plots.bar_chart(table, x="variant", y="val_muap", hue="parameter", path=path,
+                           title="μAP per sweep variant (val split)")
 
 
 def run_sweep(sweep_file: str | Path, params_path: str = "params.yaml", common: list[str] | None = None,
-              only: list[str] | None = None, out_root: str | Path = "results/sweep") -> pd.DataFrame:
-    out_root = Path(out_root)
-    if not out_root.is_relative_to("results"):
+              only: list[str] | None = None, out_root: str | Path | None = None) -> pd.DataFrame:
+    sweep = load_sweep(sweep_file, only)
+    out_root = Path(out_root or Path("results") / "sweep" / Path(sweep_file).stem)
+    if not out_root.resolve().is_relative_to(Path("results").resolve()):
         raise ValueError(f"--out {out_root}: the train notebook writes under results/, so the sweep must too")
     out_root.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, variant in enumerate(load_variants(sweep_file, only), 1):
-        print(f"[sweep] variant {i}: {variant.name} ({' '.join(variant.overrides)})", flush=True)
-        rows.append(run_variant(variant, list(common or []), params_path, out_root))
+    for i, variant in enumerate(sweep.variants, 1):
+        print(f"[sweep] variant {i}/{len(sweep.variants)}: {variant.name} ({' '.join(variant.overrides)})",
+              flush=True)
+        rows.append(run_variant(sweep, variant, list(common or []), params_path, out_root))
         table = pd.DataFrame(rows)
         table.to_csv(out_root / "table.csv", index=False)  # after each variant: nothing lost on a stop
     plot_sweep(table, out_root / "muap.png")
@@ -120,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides applied to every variant, e.g. train.finetune.epochs=1")
     parser.add_argument("--only", nargs="*", default=None, help="run just these variants")
-    parser.add_argument("--out", default="results/sweep", help="a folder under results/")
+    parser.add_argument("--out", default=None, help="a folder under results/ (default: results/sweep/<file name>)")
     args = parser.parse_args(argv)
     table = run_sweep(args.sweep, args.params, args.set, args.only, args.out)
     print(table.to_string(index=False))

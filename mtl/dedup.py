@@ -137,7 +137,8 @@ class DedupMethod:
 
     def describe(self) -> str:
         gate = ", class gate on" if self.gate else ""
-        return f"{self.name} ({self.descriptor}, threshold {self.threshold:.4g} from {self.threshold_source}{gate})"
+        name = self.checkpoint.name if self.checkpoint is not None else self.name
+        return f"{name} ({self.descriptor}, threshold {self.threshold:.4g} from {self.threshold_source}{gate})"
 
 
 def resolve_method(method: str = "best", operating_points: str | Path = DEFAULT_OPERATING_POINTS,

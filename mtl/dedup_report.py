@@ -62,7 +62,8 @@ def _score_text(result, score: float, same_class) -> str:
 
 def _pair_html(result, row, thumbs: dict[str, int], keepers: set[str]) -> str:
     figures = []
-    for id_ in (row.a, row.b):
+    first, second = (row.b, row.a) if row.b in keepers else (row.a, row.b)  # the keeper on the left
+    for id_ in (first, second):
         role = "keep" if id_ in keepers else ("duplicate" if row.kept else "")
         figures.append(f'<figure><img data-thumb="{thumbs[id_]}" alt="{html.escape(id_)}">'
                        f'<figcaption>{_file_caption(result, id_, role)}</figcaption></figure>')
@@ -108,10 +109,10 @@ def _page(result, sections: list[str], uris: list[str]) -> str:
     lowest = float(result.pairs["score"].min()) if len(result.pairs) else m.threshold
     start = max(-1.0, np.floor(min(lowest, m.threshold) * 100) / 100)
     unreadable = f" · {len(e.failed)} unreadable, skipped" if e.failed else ""
-    summary = (f"{e.n_files} images{unreadable} · method {html.escape(m.describe())} · "
+    summary = (f"{html.escape(str(result.folder))}: {e.n_files} images{unreadable} · method {html.escape(m.describe())} · "
                f"{len(result.groups)} groups, {int(result.pairs['kept'].sum())} duplicate pairs")
     body = "\n".join(sections) or '<p class="empty">No duplicates found.</p>'
-    return PAGE.format(title=html.escape(f"Duplicates in {result.folder}"), summary=summary,
+    return PAGE.format(title=html.escape(f"Duplicates in {Path(result.folder).name}/"), summary=summary,
                        start=f"{start:.2f}", threshold=f"{m.threshold:.4f}", body=body,
                        thumbs=json.dumps(uris), style=STYLE, script=SCRIPT)
 
@@ -167,9 +168,10 @@ b.duplicate { color: #fff; background: #c0392b; padding: 0 4px; border-radius: 3
 SCRIPT = """
 const slider = document.getElementById('filter'), number = document.getElementById('filter-value');
 document.querySelectorAll('img[data-thumb]').forEach(img => { img.src = THUMBS[+img.dataset.thumb]; });
-function applyFilter(value) {
-  const min = Math.min(1, Math.max(+slider.min, +value));
-  slider.value = number.value = min.toFixed(3);
+function applyFilter(value, typing = false) {
+  const min = Math.min(1, Math.max(+slider.min, +value || 0));
+  slider.value = min;
+  if (!typing) number.value = min.toFixed(3);  // never rewrite the number while it is being typed
   let pairs = 0, groups = 0;
   document.querySelectorAll('section').forEach(section => {
     let visible = 0;
@@ -185,7 +187,8 @@ function applyFilter(value) {
   document.getElementById('shown').textContent = groups + ' groups, ' + pairs + ' pairs shown';
 }
 slider.addEventListener('input', () => applyFilter(slider.value));
-number.addEventListener('input', () => applyFilter(number.value));
+number.addEventListener('input', () => applyFilter(number.value, true));
+number.addEventListener('change', () => { if (number.value !== '') applyFilter(number.value); });
 function go(step) {
   const sections = [...document.querySelectorAll('section:not(.hidden)')];
   if (!sections.length) return;

@@ -63,6 +63,10 @@ def test_trained_checkpoint_with_its_operating_point(folder_with_copies, imagene
     assert result.pairs["same_class"].notna().all()
     assert (result.pairs["score"] < 0.8).any()  # near misses are listed, not kept
     assert set(result.facts["class"]) == {"scene"}
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")  # the only new file, unreadable
+    again = find_duplicates(folder, cache_dir=tmp_path / "cache", operating_points=points)
+    assert again.embedded.n_new == 1 and again.embedded.failed == {"broken.png": "not_an_image"}
+    assert kept_pairs(again) == planted
 
 
 def test_class_gate_drops_pairs_whose_predicted_classes_differ():

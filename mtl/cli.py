@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("mtl.train", "train one stage (frozen backbone, or full fine-tuning)"),
     "embed": ("mtl.eval.embed", "write embeddings + class probabilities of images to .npz"),
     "search": ("mtl.eval.search", "find the nearest references of query embeddings"),
+    "dedup": ("mtl.dedup", "find the duplicates in a folder; review them; move them aside safely"),
 }
 
 

@@ -250,6 +250,29 @@ def replace_block(text: str, name: str, content: str) -> str:
     return pattern.sub(lambda m: m.group(1) + content.rstrip("\n") + "\n" + m.group(2), text)
 
 
+DEDUP_COLUMNS = [
+    ("method", "method"), ("threshold", "threshold"), ("threshold_source", "threshold from"),
+    ("predicted_pairs", "pairs"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
+    ("s_per_1000_images", "s / 1,000 images"), ("warm_s_per_1000_images", "rerun s / 1,000"),
+    ("new_on_rerun", "new on rerun"),
+]
+
+
+def dedup_table(benchmark_csv: Path) -> str:
+    """The last benchmarks/dedup_vs_imagededup.py run (results/dedup/benchmark.csv); while
+    it lacks the trained model, a row says how to add it."""
+    frame = pd.read_csv(benchmark_csv, dtype={"threshold": str})
+    rows = frame.to_dict("records")
+    for row in rows:
+        for key in ("predicted_pairs", "new_on_rerun"):
+            if isinstance(row.get(key), float) and not math.isnan(row[key]):
+                row[key] = int(row[key])
+    if "mtl_trained" not in set(frame["method"]):
+        rows.append({**{k: float("nan") for k, _ in DEDUP_COLUMNS}, "method": "mtl_trained",
+                     "threshold": "*to be regenerated*", "threshold_source": "`make repro`, then rerun the benchmark"})
+    return markdown_table(rows, [(k, h) for k, h in DEDUP_COLUMNS if k in frame.columns])
+
+
 def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | None = None) -> dict[str, str]:
     tables = {
         "corpus": corpus_table(metrics),
@@ -266,6 +289,9 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     methods_csv = results_dir / "evaluate" / "methods.csv"
     if methods_csv.is_file():
         tables["retrieval"] = retrieval_table(methods_csv)
+    dedup_csv = results_dir / "dedup" / "benchmark.csv"
+    if dedup_csv.is_file():
+        tables["dedup"] = dedup_table(dedup_csv)
     return tables
 
 

@@ -2,7 +2,8 @@
 # Debian prerequisites of the study:
 #  - package lists, so that `apt-get download openclipart-png ...` (the corpus
 #    source, no root needed for the download itself) can find the packages;
-#  - libmagic1, which AugLy's file-type detection needs.
+#  - libmagic1, which AugLy's file-type detection needs;
+#  - chromium and chromium-driver, the headless browser that tests `mtl dedup`'s report.html.
 # Runs `apt-get update` only when the lists do not know the corpus packages.
 set -euo pipefail
 SUDO=""
@@ -20,4 +21,8 @@ fi
 if ! ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1'; then
     echo "setup_apt: installing libmagic1"
     $SUDO apt-get install -y -qq libmagic1
+fi
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    echo "setup_apt: installing chromium chromium-driver (browser test of the dedup report)"
+    $SUDO apt-get install -y -qq chromium chromium-driver
 fi

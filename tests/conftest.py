@@ -129,3 +129,62 @@ def awkward_images(tmp_path, small_real_photos) -> tuple[Path, dict[str, str | N
     photo = small_real_photos["coffee"]
     folder = tmp_path / "awkward"
     return folder, _write_awkward_images(folder, photo), photo
+
+
+# ---------------------------------------------------------------------------
+# A folder with planted copies (mtl dedup)
+
+# (original, edit): edits that keep the picture's size, so each original stays its group's keeper
+# by age alone; all three stay within 10 pHash bits of their original.
+PLANTED_EDITS = (("chelsea", "jpeg"), ("coffee", "blur"), ("rocket", "sharpen"))
+
+
+def write_folder_with_copies(folder: Path, photos: dict[str, Image.Image]) -> set[frozenset[str]]:
+    """The seven photographs (four at the top, three in a sub-folder) and an edited copy of
+    three of them under copies/; originals are made a day older than the copies.
+    Returns the planted pairs of relative paths."""
+    import os
+
+    from mtl.data.transforms import apply
+
+    (folder / "sub").mkdir(parents=True)
+    (folder / "copies").mkdir()
+    originals = {}
+    for k, (name, photo) in enumerate(sorted(photos.items())):
+        originals[name] = f"{'sub/' if k % 2 else ''}{name}.png"
+        photo.save(folder / originals[name])
+        os.utime(folder / originals[name], (1.6e9, 1.6e9))  # older than the copies
+    planted = set()
+    for k, (name, edit) in enumerate(PLANTED_EDITS):
+        copy = f"copies/{name}_{edit}.jpg"
+        apply(edit, photos[name], k).save(folder / copy, quality=92)
+        planted.add(frozenset({originals[name], copy}))
+    return planted
+
+
+@pytest.fixture()
+def folder_with_copies(tmp_path, small_real_photos) -> tuple[Path, set[frozenset[str]]]:
+    """(folder, planted copy pairs): see write_folder_with_copies."""
+    folder = tmp_path / "photos"
+    return folder, write_folder_with_copies(folder, small_real_photos)
+
+
+@pytest.fixture(scope="session")
+def imagenet_branches_checkpoint(tmp_path_factory) -> Path:
+    """An MTLNet checkpoint: the offline ImageNet backbone with an untrained, seeded
+    embedding branch, which keeps the backbone's sense of similarity (copies score >= 0.85
+    against their photograph, distinct photographs <= 0.75).  An untrained class branch
+    would flip its guess on a JPEG re-encode, so this one answers "scene" for everything."""
+    import torch
+
+    from mtl.model import ModelConfig, MTLNet
+
+    torch.manual_seed(0)
+    model = MTLNet(ModelConfig())
+    last = model.classifier.mlp[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([2.0, 0.0]))
+    path = tmp_path_factory.mktemp("checkpoint") / "imagenet_branches.pt"
+    model.save_checkpoint(path)
+    return path

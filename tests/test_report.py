@@ -44,3 +44,19 @@ def test_replace_block_fills_an_empty_block_and_replaces_it_again():
 
 def test_replace_block_leaves_text_without_markers_alone():
     assert replace_block("no markers here", "retrieval", "x") == "no markers here"
+
+
+def test_dedup_table_says_how_to_add_the_trained_model(tmp_path):
+    from mtl.report import dedup_table
+
+    csv = tmp_path / "benchmark.csv"
+    csv.write_text("method,threshold,threshold_source,predicted_pairs,precision,recall,f1,s_per_1000_images,"
+                   "warm_s_per_1000_images,new_on_rerun\n"
+                   "imagededup_phash,10 bits,imagededup default,1266,0.336,0.532,0.412,3.6,,\n"
+                   "mtl_phash,0.6875,default radius,1284,0.333,0.535,0.411,2.3,0.17,0.0\n")
+    table = dedup_table(csv).splitlines()
+    assert table[2].startswith("| imagededup_phash | 10 bits | imagededup default | 1,266 | 0.336 |")
+    assert table[3].endswith("| 0.170 | 0 |")
+    assert table[4].startswith("| mtl_trained | *to be regenerated* |")
+    csv.write_text(csv.read_text() + "mtl_trained,0.9400,best,900,0.6,0.6,0.6,30,0.3,0\n")
+    assert "to be regenerated" not in dedup_table(csv)

@@ -93,3 +93,18 @@ def test_command_line_decides_with_threshold_and_class_gate(tmp_path):
                              tmp_path / "r_plain.npz")
     with pytest.raises(SystemExit, match="class probabilities"):
         main(["--queries", str(query_npz), "--references", str(without_probs), "--out", str(out), "--gate"])
+
+
+def test_pairs_above_equals_brute_force_all_against_all():
+    from mtl.eval.search import pairs_above
+
+    rng = np.random.default_rng(1)
+    x = unit_rows(rng, 300, 16)
+    x[7] = x[3]  # an exact copy scores 1
+    i, j, scores = pairs_above(x, 0.6, block=64)  # several blocks
+    sims = x @ x.T
+    want = {(a, b) for a in range(300) for b in range(a + 1, 300) if sims[a, b] >= 0.6}
+    assert set(zip(i.tolist(), j.tolist())) == want and (3, 7) in want
+    assert (i < j).all()
+    np.testing.assert_allclose(scores, sims[i, j], atol=1e-5)
+    assert all(len(a) == 0 for a in pairs_above(x[:1], 0.0))

@@ -37,6 +37,11 @@ def hash_vector(img, method: str) -> np.ndarray:
     return signs / np.float32(np.sqrt(HASH_BITS))
 
 
+def score_from_hamming(hamming: np.ndarray | float, bits: int = HASH_BITS) -> np.ndarray | float:
+    """The inner product of two ±1/√bits vectors `hamming` bits apart: 1 − 2h/bits."""
+    return 1.0 - 2.0 * np.asarray(hamming, dtype=np.float64) / bits
+
+
 def hamming_from_score(score: np.ndarray | float, bits: int = HASH_BITS) -> np.ndarray | float:
     """Invert the score mapping: inner product s of two ±1/√bits vectors is 1 − 2h/bits."""
     return np.round((1.0 - np.asarray(score)) * bits / 2.0)

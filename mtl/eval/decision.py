@@ -51,9 +51,14 @@ def attach_class_agreement(predictions: pd.DataFrame, query_ids, query_probs: np
     q_rows, r_rows = q_rows.to_numpy(dtype=np.int64), r_rows.to_numpy(dtype=np.int64)
     pq, pr = q_probs[q_rows], r_probs[r_rows]
     out = predictions.copy()
-    out["same_class"] = pq.argmax(axis=1) == pr.argmax(axis=1)
+    out["same_class"] = same_predicted_class(pq, pr)
     out["p_differ"] = np.clip(1.0 - np.einsum("ij,ij->i", pq, pr), 0.0, 1.0)
     return out
+
+
+def same_predicted_class(probs_a: np.ndarray, probs_b: np.ndarray) -> np.ndarray:
+    """Row-wise: do the two images' most probable classes agree?  The gate's one rule."""
+    return np.asarray(probs_a).argmax(axis=1) == np.asarray(probs_b).argmax(axis=1)
 
 
 def apply_gate(predictions: pd.DataFrame) -> pd.DataFrame:

@@ -287,24 +287,40 @@ def _result(images: ImageList, kept: list[int], bad: list[tuple[int, str]], embe
 def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112, batch_size: int = 128,
                device: str = "auto", num_workers: int = 1) -> dict[str, EmbeddingResult]:
     """{"mtl": embedding + class probs, "gap1280": the backbone's 1280-d} from one pass."""
-    import torch
-    import torch.nn.functional as F
-
-    from mtl.data.batches import to_model_input
     from mtl.model import MTLNet
     from mtl.runtime import resolve_device
 
     dev = resolve_device(device)
-    model = MTLNet.from_checkpoint(checkpoint, map_location=dev).eval()
+    model = MTLNet.from_checkpoint(checkpoint, map_location=dev)
+    many = describe_images(model, images, str(checkpoint), image_size, batch_size, dev, num_workers)
+    if not len(many["mtl"].ids):
+        first = many["mtl"].failed_reasons[0] if len(many["mtl"].failed_reasons) else "no images"
+        raise ValueError(f"none of the {len(images.paths)} images could be read (first reason: {first})")
+    return many
+
+
+def describe_images(model, images: ImageList, name: str, image_size: int = 112, batch_size: int = 128,
+                    device=None, num_workers: int = 1) -> dict[str, EmbeddingResult]:
+    """embed_many's loop for a model already in memory (a checkpoint, or the untrained
+    ImageNet backbone of `mtl dedup --method imagenet`).  `name` becomes the results'
+    method.  Unlike embed_many, a list with no readable image gives empty results, not
+    an error: a folder's new files may all be broken."""
+    import torch
+    import torch.nn.functional as F
+
+    from mtl.data.batches import to_model_input
+    from mtl.runtime import resolve_device
+
+    dev = resolve_device("auto") if device is None else torch.device(device)
     # channels_last: 1.2-1.5x faster convolutions on CPU here, and on tensor cores.
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(dev).eval().to(memory_format=torch.channels_last)
     mean, std = model.normalization
     prepare = functools.partial(to_model_input, image_size=image_size, mean=mean, std=std)
     embeddings, probs, gaps, kept, bad_all = [], [], [], [], []
     start = time.perf_counter()
     with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
         for indices, batch, bad in _batches(images.paths, prepare, batch_size, num_workers,
-                                            f"embed {Path(checkpoint).name}", pin_memory=dev.type == "cuda"):
+                                            f"embed {Path(name).name}", pin_memory=dev.type == "cuda"):
             bad_all += bad
             if batch is None:
                 continue
@@ -314,14 +330,16 @@ def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112,
             gaps.append(F.normalize(out.gap.float(), dim=1).cpu().numpy())
             kept += indices
     seconds = time.perf_counter() - start
-    if not kept:
-        raise ValueError(f"none of the {len(images.paths)} images could be read "
-                         f"(first reason: {bad_all[0][1] if bad_all else 'no images'})")
-    names = list(model.config.class_names)
+    config = model.config
+
+    def stacked(parts: list, width: int) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
+
     return {
-        "mtl": _result(images, kept, bad_all, np.concatenate(embeddings), str(checkpoint), seconds,
-                       np.concatenate(probs), names),
-        "gap1280": _result(images, kept, bad_all, np.concatenate(gaps), GAP_PREFIX + str(checkpoint), seconds),
+        "mtl": _result(images, kept, bad_all, stacked(embeddings, config.embed_dim), name, seconds,
+                       stacked(probs, config.num_classes), list(config.class_names)),
+        "gap1280": _result(images, kept, bad_all, stacked(gaps, model.spec.head_channels), GAP_PREFIX + name,
+                           seconds),
     }
 
 

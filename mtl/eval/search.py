@@ -95,6 +95,28 @@ def search(query_embeddings: np.ndarray, query_ids, reference_embeddings: np.nda
     return SearchResult(predictions=predictions, seconds=seconds, n_queries=len(queries))
 
 
+def pairs_above(embeddings: np.ndarray, min_score: float,
+                block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair of rows (i < j) whose inner product is at least `min_score`:
+    all against all, exact (faiss range search, on the CPU: faiss has no GPU range
+    search).  Returns (i, j, score) arrays.  Queries go in blocks so that memory
+    grows with the number of pairs found, not with n^2."""
+    x = _as_float32_matrix(embeddings, "embeddings")
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if len(x) < 2:
+        return empty
+    index = build_flat_index(x, use_gpu=False)
+    # faiss keeps scores strictly above the radius; ask a hair lower, then apply >=.
+    radius = float(min_score) - 1e-6
+    found = []
+    for start in range(0, len(x), block):
+        lims, scores, labels = index.range_search(x[start:start + block], radius)
+        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
+        keep = (labels > rows) & (scores >= min_score)  # each pair once, never an image with itself
+        found.append((rows[keep], labels[keep].astype(np.int64), scores[keep]))
+    return tuple(np.concatenate(parts) for parts in zip(*found)) if found else empty
+
+
 def decide(predictions, queries, references, threshold: float | None = None, gate: bool = False):
     """The duplicate decision on top of the neighbours: the class gate (matches whose
     predicted content classes differ are dropped), then the score threshold."""

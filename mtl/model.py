@@ -16,7 +16,6 @@ string, a bool, None, or a dict/list/tuple of those (no numpy arrays, no custom 
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.backbones import Normalization, backbone_spec, create_backbone, forward_head, forward_tap
+from mtl.io import atomic_path
 
 
 @dataclass(frozen=True)
@@ -205,14 +205,8 @@ class MTLNet(nn.Module):
         for key, value in extra.items():
             _require_plain(value, key)
         checkpoint = {"model_config": self.config.to_dict(), "model_state": self.state_dict(), **extra}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "MTLNet":

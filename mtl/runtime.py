@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl.io import atomic_write_text
+
 # glibc's default malloc hands freed tensor buffers back to the kernel after
 # every step; on a 2-core machine that made torch 2-3.7x slower.  The Makefile
 # and the Jupyter kernel set these variables, which glibc reads at process
@@ -99,7 +101,7 @@ def install_kernel(name: str = "mtl") -> Path:
     spec = json.loads((spec_dir / "kernel.json").read_text())
     spec["argv"][0] = sys.executable
     spec["env"] = wanted_env
-    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    atomic_write_text(spec_dir / "kernel.json", json.dumps(spec, indent=1))
     print(f"registered Jupyter kernel '{name}' -> {sys.executable}")
     return spec_dir
 

@@ -21,16 +21,15 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from mtl.io import atomic_path, atomic_write_text, file_digest, write_csv
+
 RESULTS = Path("results")
 
 
 # --------------------------------------------------------------------------- helpers
 
 def write_json(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
 @contextmanager
@@ -39,14 +38,6 @@ def stopwatch() -> Iterator[dict]:
     timing = {"started": time.perf_counter()}
     yield timing
     timing["seconds"] = round(time.perf_counter() - timing["started"], 2)
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- corpus
@@ -68,8 +59,8 @@ def corpus_stage(params: dict, results_dir: str | Path = RESULTS / "corpus") -> 
     for sheet in sheets:
         combined.paste(sheet, (x, 0))
         x += sheet.width + 16
-    results_dir.mkdir(parents=True, exist_ok=True)
-    combined.save(results_dir / "contact_sheets.png", optimize=True)
+    with atomic_path(results_dir / "contact_sheets.png") as tmp:
+        combined.save(tmp, optimize=True)
     metrics = {key: report[key] for key in ("images", "splits", "counts", "groups", "rejections", "duplicates")}
     metrics["wall_seconds"] = timing["seconds"]
     write_json(results_dir / "metrics.json", metrics)
@@ -86,8 +77,8 @@ def evalset_stage(params: dict, results_dir: str | Path = RESULTS / "evalset") -
     eval_dir = Path(params["evalset"]["dir"])
     with stopwatch() as timing:
         summary = build_evalset(corpus_dir / "manifest.csv", corpus_dir, eval_dir, params["evalset"])
-    results_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(eval_dir / "gallery.png", results_dir / "gallery.png")
+    with atomic_path(results_dir / "gallery.png") as tmp:
+        shutil.copyfile(eval_dir / "gallery.png", tmp)
     metrics = {"splits": summary["splits"], "transformations": len(summary["transformations"]),
                "held_out_transformations": len(summary["held_out"]), "wall_seconds": timing["seconds"]}
     write_json(results_dir / "metrics.json", metrics)
@@ -164,8 +155,7 @@ def train_stage_report(params: dict, run_name: str, stage: str, out_dir: str | P
     with stopwatch() as timing:
         train_run(params, stage, out_dir, init)
     log = pd.read_csv(Path(out_dir) / "log.csv")
-    results_dir.mkdir(parents=True, exist_ok=True)
-    log.to_csv(results_dir / "log.csv", index=False)
+    write_csv(log, results_dir / "log.csv")
     title = {"frozen": "Stage 1: backbone frozen, branches trained",
              "finetune": "Stage 2: whole network fine-tuned"}[stage]
     memory = int(params["loss"]["memory_size"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import random
 import shutil
 import sys
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtl.io import atomic_path
 from mtl.loss import CrossBatchContrastiveLoss, LossParts, MultiTaskLoss
 from mtl.model import MTLNet, ModelConfig, load_checkpoint
 from mtl.runtime import git_revision, is_interactive, resolve_device, seed_everything
@@ -277,13 +277,11 @@ class StageRun:
 def write_log(path: Path, history: list[dict[str, float]]) -> None:
     """Rewrite log.csv from the checkpointed history (atomically), so the log and the
     last checkpoint always agree, also after a kill and a resume."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         writer.writeheader()
         for row in history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def print_header(cfg: StageConfig, model: MTLNet, out_dir: Path, device: torch.device, start_epoch: int) -> None:
@@ -374,9 +372,8 @@ def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 # --------------------------------------------------------------------------- CLI: mtl train

@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image
 
 from mtl.data.imageio import DEFAULT_MAX_PIXELS, fit_within, load_image
+from mtl.io import atomic_path, atomic_write_text
 
 SCENE_PACKAGES = (
     "plasma-workspace-wallpapers",
@@ -408,9 +409,8 @@ def _store(image: Image.Image, item: SourceImage, image_id: str, cfg: CorpusConf
     import imagehash
 
     relative = Path("images") / item.class_name / f"{image_id}.jpg"
-    target = Path(cfg.corpus_dir) / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target, quality=cfg.jpeg_quality, subsampling=0)  # 4:4:4 keeps clip-art edges clean
+    with atomic_path(Path(cfg.corpus_dir) / relative) as tmp:
+        image.save(tmp, quality=cfg.jpeg_quality, subsampling=0)  # 4:4:4 keeps clip-art edges clean
     digest = hashlib.sha1(f"{image.size}".encode() + image.tobytes()).hexdigest()[:16]
     return CorpusImage(image_id, item.class_name, item.source, item.group, relative.as_posix(), digest,
                        int(str(imagehash.phash(image)), 16), image.width, image.height)
@@ -579,7 +579,7 @@ def assign_splits(images: list[CorpusImage], fractions: Mapping[str, float], see
 
 
 def write_manifest(images: list[CorpusImage], path: Path) -> None:
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for im in sorted(images, key=lambda im: (im.class_name, im.image_id)):
@@ -609,7 +609,8 @@ def write_contact_sheets(images: list[CorpusImage], cfg: CorpusConfig) -> dict[s
         members = sorted((im for im in images if im.class_name == class_name),
                          key=lambda im: rank_key(cfg.seed + 1, im.image_id))[:cfg.contact_sheet_images]
         name = f"contact_{slug(class_name)}.png"
-        contact_sheet([corpus_dir / im.path for im in members]).save(corpus_dir / name)
+        with atomic_path(corpus_dir / name) as tmp:
+            contact_sheet([corpus_dir / im.path for im in members]).save(tmp)
         sheets[class_name] = name
     return sheets
 
@@ -678,7 +679,7 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     sheets = write_contact_sheets(kept, cfg)
     timings["build_s"] = round(time.perf_counter() - started, 2)
     report = make_report(cfg, kept, dedup, skipped, timings, packages, sheets)
-    (corpus_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(corpus_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from mtl.data.batches import Original, load_original, split_originals
 from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out, render_gallery
+from mtl.io import atomic_path, atomic_write_text
 from mtl.runtime import is_interactive
 
 EVAL_SPLITS = ("test", "val")
@@ -135,16 +136,18 @@ def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_
 
 def render_query(job: QueryJob) -> str:
     img = apply(job.transformation, load_original(job.source.path), job.seed)
-    img.save(job.out_path, quality=QUERY_JPEG_QUALITY)
+    with atomic_path(job.out_path) as tmp:
+        img.save(tmp, quality=QUERY_JPEG_QUALITY)
     return job.query_id
 
 
 def copy_reference(original: Original, dest: Path) -> None:
     """Copy the original's bytes (JPEG corpus files), or re-encode other formats as JPEG."""
-    if original.path.suffix.lower() in {".jpg", ".jpeg"}:
-        shutil.copyfile(original.path, dest)
-    else:
-        load_original(original.path).save(dest, quality=95)
+    with atomic_path(dest) as tmp:
+        if original.path.suffix.lower() in {".jpg", ".jpeg"}:
+            shutil.copyfile(original.path, tmp)
+        else:
+            load_original(original.path).save(tmp, quality=95)
 
 
 def _progress(items: Iterable, total: int, desc: str) -> Iterable:
@@ -168,7 +171,7 @@ def render_queries(jobs: list[QueryJob], workers: int, desc: str) -> None:
 # --------------------------------------------------------------------------- writing
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: Iterable[Mapping[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -242,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = build_evalset(corpus_dir / "manifest.csv", corpus_dir, cfg.dir, cfg)
     text = json.dumps(summary, indent=1)
     if args.summary:
-        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.summary).write_text(text + "\n")
+        atomic_write_text(args.summary, text + "\n")
     print(text)
     return 0
 

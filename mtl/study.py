@@ -21,9 +21,11 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from mtl.io import atomic_path, atomic_write_text, file_digest, write_csv
+from mtl.io import UserError, atomic_path, atomic_write_text, file_digest, is_temp_of, some_names, write_csv
 
 RESULTS = Path("results")
+# What a training run writes in its folder (besides temporary files of these).
+RUN_FILES = ("run.json", "last.pt", "final.pt", "log.csv")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -95,19 +97,37 @@ def package_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def is_run_file(path: Path) -> bool:
+    return path.is_file() and any(path.name == name or is_temp_of(path.name, name) for name in RUN_FILES)
+
+
+def read_run_marker(marker: Path) -> Any:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def prepare_run_dir(out_dir: Path, fingerprint: dict) -> None:
     """Keep a run folder only for the same settings and starting point.
 
     DVC re-runs a stage when its parameters or inputs change; checkpoints are
     `persist`ed so that an *interrupted* run resumes.  A folder left by other
     settings, another corpus, other code or another stage-1 checkpoint must not
-    be resumed: clear it."""
+    be resumed: its run files are removed.  A folder is a run's when its
+    `run.json` (written here, before training starts) is there and it holds
+    nothing but RUN_FILES; any other folder is refused, untouched."""
     marker = out_dir / "run.json"
-    if out_dir.is_dir() and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+    if marker.is_file() and read_run_marker(marker) == fingerprint:
         return
     if out_dir.is_dir() and any(out_dir.iterdir()):
+        foreign = [p.name for p in sorted(out_dir.iterdir()) if not is_run_file(p)]
+        if foreign or not marker.is_file():
+            raise UserError(f"{out_dir} holds files a training run did not make "
+                            f"({some_names(out_dir, foreign or None)}): choose a new or empty folder as out_dir")
         print(f"{out_dir}: settings changed since the last run; starting this stage over")
-        shutil.rmtree(out_dir)
+        for path in out_dir.iterdir():
+            path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, fingerprint)
 

@@ -27,7 +27,9 @@ Every kept image is decoded once (`mtl.data.imageio.load_image`), shrunk to
 across the whole corpus, exact duplicates (same decoded pixels) and near
 duplicates (64-bit pHash within ``near_dup_hamming`` bits) are dropped, so every
 pair of corpus images is a true non-duplicate.  Splits are assigned per group.
-Outputs: ``manifest.csv``, ``report.json`` and ``contact_<class>.png``.
+Outputs: ``manifest.csv``, ``report.json`` and ``contact_<class>.png``.  The
+build refuses (and touches nothing) when ``corpus_dir`` overlaps the folder it
+reads, or holds files no build made (a build marks the folder as its own).
 
 Run it as ``mtl corpus --params params.yaml [--set max_side=256]``.
 """
@@ -56,7 +58,7 @@ import numpy as np
 from PIL import Image
 
 from mtl.data.imageio import DEFAULT_MAX_PIXELS, fit_within, load_image
-from mtl.io import atomic_path, atomic_write_text
+from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
 
 SCENE_PACKAGES = (
     "plasma-workspace-wallpapers",
@@ -626,6 +628,27 @@ def count_table(images: list[CorpusImage], key) -> dict[str, dict[str, int]]:
     return table
 
 
+def made_before_the_marker(corpus_dir: Path) -> bool:
+    """A corpus built before folders were marked: its manifest has our header."""
+    manifest = corpus_dir / "manifest.csv"
+    try:
+        with manifest.open(newline="") as handle:
+            return next(csv.reader(handle), None) == list(MANIFEST_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_corpus_dir(cfg: CorpusConfig) -> None:
+    """Refuse a `cfg.corpus_dir` the build may not rebuild: one that overlaps the
+    folder it reads (whose pictures clear_outputs could delete), or that holds
+    files no build made."""
+    source = ("data.folder", cfg.folder) if cfg.source == "folder" else ("data.raw_dir", cfg.raw_dir)
+    if overlaps(source[1], cfg.corpus_dir):
+        raise UserError(f"data.corpus_dir {cfg.corpus_dir!r} and {source[0]} {source[1]!r} overlap (one is or "
+                        "holds the other): the build would delete or read its own input; give two separate folders")
+    refuse_foreign_folder(cfg.corpus_dir, "data.corpus_dir", made_before_the_marker)
+
+
 def clear_outputs(corpus_dir: Path) -> None:
     """Remove what a previous build wrote (and nothing else a user may keep there)."""
     shutil.rmtree(corpus_dir / "images", ignore_errors=True)
@@ -641,13 +664,8 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     """Build `cfg.corpus_dir` from scratch; return the report (also written to report.json)."""
     if not isinstance(cfg, CorpusConfig):
         cfg = CorpusConfig.from_params(cfg)
-    if cfg.source == "folder" and Path(cfg.folder).resolve() in Path(cfg.corpus_dir).resolve().parents:
-        raise ValueError(f"data.corpus_dir {cfg.corpus_dir!r} lies inside data.folder {cfg.folder!r}: "
-                         "the build would read its own output as a class")
     started = time.perf_counter()
-    corpus_dir = Path(cfg.corpus_dir)
-    corpus_dir.mkdir(parents=True, exist_ok=True)
-    clear_outputs(corpus_dir)
+    check_corpus_dir(cfg)  # before a download: a wrong folder is told at once
     skipped: Counter = Counter()
     timings: dict[str, float] = {}
     packages: dict[str, str] = {}
@@ -656,6 +674,9 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     else:
         items = folder_sources(Path(cfg.folder), skipped)
     items = subsample_before_decoding(items, cfg, skipped)
+    # Only now: a bad source leaves the previous corpus as it was.
+    corpus_dir = claim_folder(cfg.corpus_dir, "data.corpus_dir", made_before_the_marker)
+    clear_outputs(corpus_dir)
 
     start = time.perf_counter()
     decoded, reasons = decode_all(items, cfg)

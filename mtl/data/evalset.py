@@ -17,6 +17,8 @@ Written to `<out_dir>/<split>/` (format in docs/architecture.md):
   queries.csv     query_id, path, class, reference_id (empty for distractors),
                   transformation, held_out
   references/*.jpg, queries/*.jpg
+`<out_dir>` must be new, empty, or made by an earlier build, and apart from the
+corpus: a folder holding anything else is refused, untouched.
 Query ids are assigned in a seeded shuffled order, so neither an id nor a file name
 tells a positive from a distractor.  Every image comes from a generator seeded by
 (seed, split, query number): the same inputs give byte-identical files, whatever the
@@ -40,7 +42,7 @@ import numpy as np
 
 from mtl.data.batches import Original, load_original, split_originals
 from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out, render_gallery
-from mtl.io import atomic_path, atomic_write_text
+from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps
 from mtl.runtime import is_interactive
 
 EVAL_SPLITS = ("test", "val")
@@ -207,13 +209,27 @@ def build_split(originals: list[Original], counts: SplitCounts, seed: int, split
             "positives_per_transformation": per_transformation}
 
 
+def made_before_the_marker(out_dir: Path) -> bool:
+    """An eval set built before folders were marked: a split with our queries.csv."""
+    for split in EVAL_SPLITS:
+        try:
+            with (out_dir / split / "queries.csv").open(newline="") as f:
+                if next(csv.reader(f), None) == list(QUERY_COLUMNS):
+                    return True
+        except (OSError, UnicodeDecodeError):
+            continue
+    return False
+
+
 def build_evalset(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str | Path,
                   cfg: EvalsetConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Build every split of `cfg` under `out_dir`, plus `out_dir/gallery.png`; return a summary
     (counts per split and the build time)."""
     cfg = cfg if isinstance(cfg, EvalsetConfig) else EvalsetConfig.from_params(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if overlaps(out_dir, corpus_dir):
+        raise UserError(f"evalset.dir {str(out_dir)!r} and the corpus {str(corpus_dir)!r} overlap (one is or holds "
+                        "the other): the build replaces its split folders; give two separate folders")
+    out_dir = claim_folder(out_dir, "evalset.dir", made_before_the_marker)
     started = time.perf_counter()
     summary: dict[str, Any] = {"seed": cfg.seed, "transformations": list(EVAL_FAMILY),
                                "held_out": [n for n in EVAL_FAMILY if is_held_out(n)], "splits": {}}

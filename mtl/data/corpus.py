@@ -180,12 +180,23 @@ def slug(text: str) -> str:
 
 
 def unique_ids(ids: Iterable[str]) -> list[str]:
-    """The ids, with -2, -3, ... appended where slugging made two of them equal."""
-    seen: Counter = Counter()
+    """The ids made distinct where slugging made two of them equal: a repeat gets
+    the first suffix -2, -3, ... that is neither among the given ids nor handed
+    out already, so ``a, a, a-2`` becomes ``a, a-3, a-2`` (``x.png``, ``x.jpg`` and
+    ``x-2.png`` are three pictures, each with its own row and file)."""
+    ids = list(ids)
+    taken = set(ids)
+    seen: set[str] = set()
     out = []
     for image_id in ids:
-        seen[image_id] += 1
-        out.append(image_id if seen[image_id] == 1 else f"{image_id}-{seen[image_id]}")
+        if image_id in seen:
+            number = 2
+            while f"{image_id}-{number}" in taken:
+                number += 1
+            image_id = f"{image_id}-{number}"
+            taken.add(image_id)
+        seen.add(image_id)
+        out.append(image_id)
     return out
 
 

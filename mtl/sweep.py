@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from mtl.io import UserError, is_inside, write_csv
 from mtl.params import load_params, read_yaml
 
+RESULTS = Path("results")
 RESULT_COLUMNS = ("muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "bytes_per_vector")
 
 
@@ -62,6 +64,16 @@ def run_notebook(run_name: str, stage: str, out_dir: Path, init: Path | None, ov
         progress_bar=False, log_output=True)
 
 
+def sweep_out_dir(out: str | Path) -> Path:
+    """`out` as a path relative to results/, checked where it really leads (after
+    `..` and symbolic links): the train notebook writes under results/, so the
+    sweep must too."""
+    if not is_inside(out, RESULTS):
+        raise UserError(f"--out {out} is not under results/ (it leads to {Path(out).resolve()}): "
+                        "the train notebook writes under results/, so the sweep must too")
+    return RESULTS / Path(out).resolve().relative_to(RESULTS.resolve())
+
+
 def run_variant(variant: Variant, common: list[str], params_path: str, out_root: Path) -> dict:
     """Train both stages of one variant and score its stage-2 embedding."""
     from mtl.eval.methods import embed_methods, evaluate_methods
@@ -71,9 +83,9 @@ def run_variant(variant: Variant, common: list[str], params_path: str, out_root:
     started = time.perf_counter()
     models = Path("models") / "sweep" / variant.name
     results = out_root / variant.name
-    notebooks_out = Path("results") / "notebooks" / "sweep"
+    notebooks_out = RESULTS / "notebooks" / "sweep"
     # The train notebook writes results/<run_name>/: name the runs relative to results/.
-    run_name = results.relative_to("results").as_posix()
+    run_name = results.relative_to(RESULTS).as_posix()
     run_notebook(f"{run_name}/train_frozen", "frozen", models / "frozen", None, overrides, params_path, notebooks_out)
     run_notebook(f"{run_name}/train_finetune", "finetune", models / "finetune", models / "frozen" / "final.pt",
                  overrides, params_path, notebooks_out)
@@ -99,16 +111,14 @@ def plot_sweep(table: pd.DataFrame, path: Path) -> Path:
 
 def run_sweep(sweep_file: str | Path, params_path: str = "params.yaml", common: list[str] | None = None,
               only: list[str] | None = None, out_root: str | Path = "results/sweep") -> pd.DataFrame:
-    out_root = Path(out_root)
-    if not out_root.is_relative_to("results"):
-        raise ValueError(f"--out {out_root}: the train notebook writes under results/, so the sweep must too")
+    out_root = sweep_out_dir(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, variant in enumerate(load_variants(sweep_file, only), 1):
         print(f"[sweep] variant {i}: {variant.name} ({' '.join(variant.overrides)})", flush=True)
         rows.append(run_variant(variant, list(common or []), params_path, out_root))
         table = pd.DataFrame(rows)
-        table.to_csv(out_root / "table.csv", index=False)  # after each variant: nothing lost on a stop
+        write_csv(table, out_root / "table.csv")  # after each variant: nothing lost on a stop
     plot_sweep(table, out_root / "muap.png")
     return table
 

@@ -16,7 +16,7 @@ string, a bool, None, or a dict/list/tuple of those (no numpy arrays, no custom 
 
 from __future__ import annotations
 
-import os
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.backbones import Normalization, backbone_spec, create_backbone, forward_head, forward_tap
+from mtl.io import UserError, atomic_path
 
 
 @dataclass(frozen=True)
@@ -242,14 +243,8 @@ class MTLNet(nn.Module):
         for key, value in extra.items():
             _require_plain(value, key)
         checkpoint = {"model_config": self.config.to_dict(), "model_state": self.state_dict(), **extra}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "MTLNet":
@@ -265,11 +260,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle-protocol notes on files we then refuse
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in a dozen ways
+        raise unreadable_checkpoint(path, error) from error
     missing = {"model_config", "model_state"} - set(checkpoint if isinstance(checkpoint, dict) else ())
     if missing:
-        raise ValueError(f"{path} is not an MTLNet checkpoint (missing {sorted(missing)})")
+        raise UserError(f"{path} is not an MTLNet checkpoint (missing {sorted(missing)})")
     return checkpoint
+
+
+def unreadable_checkpoint(path: Path, error: Exception) -> UserError:
+    """One line on a file torch cannot load with weights_only=True.  Torch's own
+    message suggests weights_only=False, i.e. running code stored in the file:
+    never the advice to give about a file of unknown origin."""
+    detail = str(error).splitlines()[0] if str(error) else ""
+    if "weights_only" in str(error) or "Unpickler" in str(error):
+        detail = "it holds objects other than tensors and plain values, which are never loaded"
+    return UserError(f"{path} is not a readable checkpoint ({type(error).__name__}{': ' if detail else ''}{detail}); "
+                     "give a last.pt or final.pt written by mtl train")
 
 
 _PLAIN_SCALARS = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)

@@ -14,6 +14,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from mtl.io import atomic_write_text
+
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(shlex.quote(a) for a in dvc_set_args(args.profile)))
     else:
         merged = load_params(args.base, profile=args.profile)
-        Path(args.out).write_text(yaml.safe_dump(merged, sort_keys=False))
+        atomic_write_text(args.out, yaml.safe_dump(merged, sort_keys=False))
     return 0
 
 

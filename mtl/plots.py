@@ -15,15 +15,16 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mtl.io import atomic_path  # noqa: E402
+
 sns.set_theme(style="whitegrid", context="notebook")
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def loss_curves(log: pd.DataFrame, title: str, path: str | Path) -> Path:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mtl.io import atomic_write_text
+
 RESULTS = Path("results")
 RECIPES = ("paper", "best")
 TRAINING_RUNS = ("paper/frozen", "paper_mem0/frozen", "paper/finetune", "best/frozen", "best_mem0/frozen",
@@ -305,16 +307,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results_dir = Path(args.results)
     metrics = gather_metrics(results_dir)
-    (results_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(results_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     params = load_params(args.params) if Path(args.params).is_file() else None
     tables = render_tables(metrics, results_dir, params)
-    (results_dir / "tables.md").write_text("\n\n".join(f"## {k}\n\n{v}" for k, v in tables.items()) + "\n")
+    atomic_write_text(results_dir / "tables.md", "\n\n".join(f"## {k}\n\n{v}" for k, v in tables.items()) + "\n")
     if args.readme and Path(args.readme).is_file():
         readme = Path(args.readme)
         text = readme.read_text()
         for name, table in tables.items():
             text = replace_block(text, name, table)
-        readme.write_text(text)
+        atomic_write_text(readme, text)
     print(f"wrote {results_dir / 'metrics.json'} ({len(metrics)} sections)")
     return 0
 

@@ -1,9 +1,10 @@
 """Process-level plumbing shared by every entry point: device choice, seeding,
-fast-malloc environment, the Jupyter kernel, and the git revision."""
+in-process malloc tuning, the Jupyter kernel, and the git revision."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -15,25 +16,34 @@ from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from mtl.io import atomic_write_text
+
 T = TypeVar("T")
 
 # glibc's default malloc hands freed tensor buffers back to the kernel after
-# every step; on a 2-core machine that made torch 2-3.7x slower.  These two
-# variables are read by glibc at process start, so they must be in the
-# environment *before* Python starts (Makefile, kernel spec, `mtl` re-exec).
+# every step; on a 2-core machine that made torch 2-3.7x slower.  The Makefile
+# and the Jupyter kernel set these variables, which glibc reads at process
+# start; `mtl` sets the same two knobs in-process with tune_malloc().
 FAST_MALLOC_ENV = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
 }
+# mallopt() parameter numbers, from glibc's malloc.h.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# mallopt takes an int: its largest value (2 GiB) stands in for the variable's 100 GB.
+TRIM_THRESHOLD = 2**31 - 1
 
 
-def ensure_fast_malloc() -> None:
-    """Re-execute the current command once with the fast-malloc variables set."""
-    missing = {k: v for k, v in FAST_MALLOC_ENV.items() if os.environ.get(k) != v}
-    if not missing or os.environ.get("MTL_NO_REEXEC"):
-        return
-    env = {**os.environ, **missing, "MTL_NO_REEXEC": "1"}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+def tune_malloc() -> bool:
+    """Keep freed memory in the process, as FAST_MALLOC_ENV does (glibc's mallopt,
+    through ctypes).  In-process, so a host script calling `mtl.cli.main` is not
+    restarted.  False where the C library has no mallopt (macOS, musl's stub)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def resolve_device(device: str = "auto") -> "torch.device":
@@ -113,7 +123,7 @@ def install_kernel(name: str = "mtl") -> Path:
     spec = json.loads((spec_dir / "kernel.json").read_text())
     spec["argv"][0] = sys.executable
     spec["env"] = wanted_env
-    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    atomic_write_text(spec_dir / "kernel.json", json.dumps(spec, indent=1))
     print(f"registered Jupyter kernel '{name}' -> {sys.executable}")
     return spec_dir
 

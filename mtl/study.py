@@ -20,16 +20,17 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from mtl.io import UserError, atomic_path, atomic_write_text, file_digest, is_temp_of, some_names, write_csv
+
 RESULTS = Path("results")
+# What a training run writes in its folder (besides temporary files of these).
+RUN_FILES = ("run.json", "last.pt", "final.pt", "log.csv", "steps.csv")
 
 
 # --------------------------------------------------------------------------- helpers
 
 def write_json(path: str | Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
 @contextmanager
@@ -59,9 +60,10 @@ def corpus_stage(params: dict, results_dir: str | Path = RESULTS / "corpus") -> 
     for sheet in sheets:
         combined.paste(sheet, (x, 0))
         x += sheet.width + 16
-    results_dir.mkdir(parents=True, exist_ok=True)
-    combined.save(results_dir / "contact_sheets.png", optimize=True)
-    shutil.copyfile(corpus_dir / report["near_blank_sheet"], results_dir / "near_blank.png")
+    with atomic_path(results_dir / "contact_sheets.png") as tmp:
+        combined.save(tmp, optimize=True)
+    with atomic_path(results_dir / "near_blank.png") as tmp:
+        shutil.copyfile(corpus_dir / report["near_blank_sheet"], tmp)
     metrics = {key: report[key] for key in ("images", "splits", "counts", "groups", "rejections", "duplicates")}
     metrics["wall_seconds"] = timing["seconds"]
     write_json(results_dir / "metrics.json", metrics)
@@ -78,8 +80,8 @@ def evalset_stage(params: dict, results_dir: str | Path = RESULTS / "evalset") -
     eval_dir = Path(params["evalset"]["dir"])
     with stopwatch() as timing:
         summary = build_evalset(corpus_dir / "manifest.csv", corpus_dir, eval_dir, params["evalset"])
-    results_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(eval_dir / "gallery.png", results_dir / "gallery.png")
+    with atomic_path(results_dir / "gallery.png") as tmp:
+        shutil.copyfile(eval_dir / "gallery.png", tmp)
     metrics = {"splits": summary["splits"], "transformations": len(summary["transformations"]),
                "held_out_transformations": len(summary["held_out"]), "wall_seconds": timing["seconds"]}
     write_json(results_dir / "metrics.json", metrics)
@@ -112,19 +114,38 @@ def features_stage(params: dict, results_dir: str | Path = RESULTS / "features")
 
 # --------------------------------------------------------------------------- training
 
+def is_run_file(path: Path) -> bool:
+    return path.is_file() and any(path.name == name or is_temp_of(path.name, name) for name in RUN_FILES)
+
+
+def read_run_marker(marker: Path) -> Any:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def prepare_run_dir(out_dir: Path, fingerprint: dict) -> None:
     """Keep a run folder only for the same settings and starting point.
 
     DVC re-runs a stage when its parameters or inputs change; checkpoints are
     `persist`ed so that an *interrupted* run resumes.  A folder left by other
     settings, another corpus, other code or another stage-1 checkpoint must not
-    be resumed: clear it."""
+    be resumed: its run files are removed.  A folder is a run's when its
+    `run.json` (written here, before training starts) is there and it holds
+    nothing but RUN_FILES; any other folder is refused, untouched."""
     marker = out_dir / "run.json"
-    if out_dir.is_dir() and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: lists, not tuples
+    if marker.is_file() and read_run_marker(marker) == fingerprint:
         return
     if out_dir.is_dir() and any(out_dir.iterdir()):
+        foreign = [p.name for p in sorted(out_dir.iterdir()) if not is_run_file(p)]
+        if foreign or not marker.is_file():
+            raise UserError(f"{out_dir} holds files a training run did not make "
+                            f"({some_names(out_dir, foreign or None)}): choose a new or empty folder as out_dir")
         print(f"{out_dir}: settings changed since the last run; starting this stage over")
-        shutil.rmtree(out_dir)
+        for path in out_dir.iterdir():
+            path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, fingerprint)
 
@@ -172,8 +193,7 @@ def train_stage_report(params: dict, run_name: str, stage: str, out_dir: str | P
     with stopwatch() as timing:
         train_run(params, stage, out_dir, init)
     log = pd.read_csv(Path(out_dir) / "log.csv")
-    results_dir.mkdir(parents=True, exist_ok=True)
-    log.to_csv(results_dir / "log.csv", index=False)
+    write_csv(log, results_dir / "log.csv")
     title = {"frozen": "Stage 1: backbone frozen, branches trained",
              "finetune": "Stage 2: whole network fine-tuned"}[stage]
     memory, margin = int(params["loss"]["memory_size"]), params["loss"]["margin"]
@@ -349,8 +369,6 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
 def write_operating_points(table: pd.DataFrame, params: dict, path: Path) -> Path:
     """The val-chosen thresholds `mtl dedup` decides with: the trained model (best recipe,
     class gate on), the ImageNet backbone's 1280-d output, and the two hashes."""
-    from mtl.train import file_digest
-
     rows = table.set_index("method")
     image_size = int(params["eval"]["image_size"])
     best = checkpoint_path("best", "finetune")

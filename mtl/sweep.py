@@ -27,8 +27,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from mtl.io import UserError, is_inside, write_csv
 from mtl.params import load_params, read_yaml, recipe_params, set_dotted
 
+RESULTS = Path("results")
 STAGE_PLANS = {"frozen": ("frozen",), "finetune": ("finetune",), "both": ("frozen", "finetune")}
 SCORE_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out")
 
@@ -61,7 +63,7 @@ def load_sweep(path: str | Path, only: list[str] | None = None) -> Sweep:
     spec = read_yaml(path)
     variants = [Variant(name, tuple(overrides)) for name, overrides in (spec.get("variants") or {}).items()]
     if not variants:
-        raise ValueError(f"{path}: no `variants` mapping")
+        raise UserError(f"{path}: no `variants` mapping")
     if only:
         unknown = sorted(set(only) - {v.name for v in variants})
         if unknown:
@@ -69,9 +71,9 @@ def load_sweep(path: str | Path, only: list[str] | None = None) -> Sweep:
         variants = [v for v in variants if v.name in only]
     stages = spec.get("stages", "both")
     if stages not in STAGE_PLANS:
-        raise ValueError(f"{path}: stages must be one of {sorted(STAGE_PLANS)}, got {stages!r}")
+        raise UserError(f"{path}: stages must be one of {sorted(STAGE_PLANS)}, got {stages!r}")
     if stages == "finetune" and not spec.get("init"):
-        raise ValueError(f"{path}: stages=finetune needs `init`, the stage-1 checkpoint to start from")
+        raise UserError(f"{path}: stages=finetune needs `init`, the stage-1 checkpoint to start from")
     return Sweep(variants, spec.get("recipe", "best"), stages, spec.get("init"), list(spec.get("image_sizes", [])))
 
 
@@ -87,6 +89,16 @@ def run_notebook(recipe: str, run_name: str, stage: str, out_dir: Path, init: Pa
         progress_bar=False, log_output=True)
 
 
+def sweep_out_dir(out: str | Path) -> Path:
+    """`out` as a path relative to results/, checked where it really leads (after
+    `..` and symbolic links): the train notebook writes under results/, so the
+    sweep must too."""
+    if not is_inside(out, RESULTS):
+        raise UserError(f"--out {out} is not under results/ (it leads to {Path(out).resolve()}): "
+                        "the train notebook writes under results/, so the sweep must too")
+    return RESULTS / Path(out).resolve().relative_to(RESULTS.resolve())
+
+
 def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: str, out_root: Path) -> dict:
     """Train the sweep's stages for one variant and score the last one on val."""
     from mtl.eval.methods import checkpoint_scores
@@ -96,11 +108,12 @@ def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: 
     for assignment in overrides:  # fails early on a mistyped key
         set_dotted(params, assignment)
     started = time.perf_counter()
-    models = Path("models") / "sweep" / out_root.name / variant.name
-    notebooks_out = Path("results") / "notebooks" / "sweep" / out_root.name
+    run_root = out_root.relative_to(RESULTS).as_posix()  # the train notebook writes results/<run_name>/
+    models = Path("models") / run_root / variant.name
+    notebooks_out = RESULTS / "notebooks" / run_root
     init: Path | str | None = sweep.init
     for stage in STAGE_PLANS[sweep.stages]:
-        run_notebook(sweep.recipe, f"sweep/{out_root.name}/{variant.name}/{stage}", stage, models / stage, init,
+        run_notebook(sweep.recipe, f"{run_root}/{variant.name}/{stage}", stage, models / stage, init,
                      overrides, params_path, notebooks_out)
         init = models / stage / "final.pt"
     cfg = params["eval"]
@@ -125,9 +138,7 @@ def plot_sweep(table: pd.DataFrame, path: Path) -> Path:
 def run_sweep(sweep_file: str | Path, params_path: str = "params.yaml", common: list[str] | None = None,
               only: list[str] | None = None, out_root: str | Path | None = None) -> pd.DataFrame:
     sweep = load_sweep(sweep_file, only)
-    out_root = Path(out_root or Path("results") / "sweep" / Path(sweep_file).stem)
-    if not out_root.resolve().is_relative_to(Path("results").resolve()):
-        raise ValueError(f"--out {out_root}: the train notebook writes under results/, so the sweep must too")
+    out_root = sweep_out_dir(out_root or RESULTS / "sweep" / Path(sweep_file).stem)
     out_root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, variant in enumerate(sweep.variants, 1):
@@ -135,7 +146,7 @@ def run_sweep(sweep_file: str | Path, params_path: str = "params.yaml", common: 
               flush=True)
         rows.append(run_variant(sweep, variant, list(common or []), params_path, out_root))
         table = pd.DataFrame(rows)
-        table.to_csv(out_root / "table.csv", index=False)  # after each variant: nothing lost on a stop
+        write_csv(table, out_root / "table.csv")  # after each variant: nothing lost on a stop
     plot_sweep(table, out_root / "muap.png")
     return table
 

@@ -31,7 +31,6 @@ import argparse
 import csv
 import hashlib
 import math
-import os
 import random
 import shutil
 import sys
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtl.io import atomic_path, file_digest
 from mtl.loss import CrossBatchContrastiveLoss, LossParts, MultiTaskLoss
 from mtl.model import MTLNet, ModelConfig, load_checkpoint
 from mtl.runtime import git_revision, is_interactive, resolve_device, seed_everything
@@ -342,13 +342,11 @@ class StageRun:
 def write_log(path: Path, history: list[dict[str, float]], columns: tuple[str, ...] = LOG_COLUMNS) -> None:
     """Rewrite log.csv (or steps.csv) from the checkpointed history (atomically), so the
     log and the last checkpoint always agree, also after a kill and a resume."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in history:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    os.replace(tmp, path)
 
 
 def print_header(cfg: StageConfig, model: MTLNet, out_dir: Path, device: torch.device, start_epoch: int) -> None:
@@ -463,9 +461,8 @@ def write_logs(out_dir: Path, run: "StageRun") -> None:
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 # --------------------------------------------------------------------------- CLI: mtl train
@@ -540,14 +537,6 @@ def feature_batches(params: dict, cfg: StageConfig, model: MTLNet
 # The modules whose code decides what a stage learns (part of the run fingerprint).
 STAGE_CODE = ("train.py", "loss.py", "model.py", "backbones.py", "features.py", "data/batches.py",
               "data/transforms.py")
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def corpus_digest(params: dict, splits: tuple[str, ...] = ("train", "val")) -> str:

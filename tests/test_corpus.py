@@ -317,7 +317,7 @@ def test_folder_with_one_class_is_a_clear_error(tmp_path, small_real_photos):
     small_real_photos["coffee"].save(tmp_path / "photos" / "only" / "coffee.png")
     with pytest.raises(ValueError, match="at least two classes"):
         build_corpus(_folder_config(tmp_path / "photos", tmp_path / "corpus"))
-    with pytest.raises(ValueError, match="inside data.folder"):
+    with pytest.raises(ValueError, match="overlap"):
         build_corpus(_folder_config(tmp_path / "photos", tmp_path / "photos" / "corpus"))
 
 

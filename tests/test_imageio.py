@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import handmade_png
 from mtl.data.imageio import LoadResult, fit_within, load_image
 
 
@@ -76,6 +77,13 @@ def test_size_limits_are_parameters(tmp_path, photo):
     assert load_image(tmp_path / "p.png", min_side=photo.height + 1).reason == "too_small"
     assert load_image(tmp_path / "p.png", max_pixels=photo.width * photo.height - 1).reason == "too_large"
     assert load_image(tmp_path / "p.png", max_pixels=photo.width * photo.height).ok
+    aspect = max(photo.size) / min(photo.size)
+    assert load_image(tmp_path / "p.png", max_aspect=aspect * 0.99).reason == "extreme_aspect"
+
+
+def test_a_slender_strip_is_rejected_from_the_header(tmp_path):
+    (tmp_path / "strip.png").write_bytes(handmade_png(8, 150_000, 8, 2))  # header only: decoding would fail
+    assert load_image(tmp_path / "strip.png").reason == "extreme_aspect"
 
 
 def test_exif_orientation_is_applied(tmp_path, photo):

@@ -9,21 +9,22 @@ from mtl.report import gather_metrics, main, replace_block
 
 def test_gather_and_readme_tables(tmp_path):
     results = tmp_path / "results"
-    (results / "train_frozen").mkdir(parents=True)
+    (results / "train" / "best" / "frozen").mkdir(parents=True)
     (results / "evaluate").mkdir(parents=True)
-    (results / "train_frozen" / "metrics.json").write_text(json.dumps(
-        {"epochs": 2, "final_train_total": 0.5, "final_val_total": 0.6, "wall_seconds": 12.5}))
+    (results / "train" / "best" / "frozen" / "metrics.json").write_text(json.dumps(
+        {"epochs": 2, "steps": 40, "final_train_total": 0.5, "final_val_total": 0.6, "wall_seconds": 12.5}))
     (results / "evaluate" / "metrics.json").write_text(json.dumps({"phash": {"muap": 0.25}}))
     pd.DataFrame([{"method": "phash", "muap": 0.25, "recall_at_p90": 0.1, "acc_at_1": 0.5,
                    "fp_at_threshold": 3, "bytes_per_vector": 8}]).to_csv(results / "evaluate" / "methods.csv",
                                                                        index=False)
     readme = tmp_path / "README.md"
-    (results / "sweep").mkdir()
-    pd.DataFrame([{"variant": "memory_0", "overrides": "loss.memory_size=0", "muap": 0.5, "acc_at_1": 0.7}]).to_csv(
-        results / "sweep" / "table.csv", index=False)
+    (results / "sweep" / "stage1").mkdir(parents=True)
+    pd.DataFrame([{"variant": "memory_0", "overrides": "loss.memory_size=0", "val_muap": 0.5,
+                   "val_acc_at_1": 0.7}]).to_csv(results / "sweep" / "stage1" / "table.csv", index=False)
     readme.write_text("intro\n<!-- table:retrieval -->\nold\n<!-- /table:retrieval -->\n"
-                      "<!-- table:sweep -->\n<!-- /table:sweep -->\n"
-                      "<!-- table:training -->\nold\n<!-- /table:training -->\nend\n")
+                      "<!-- table:sweep_stage1 -->\n<!-- /table:sweep_stage1 -->\n"
+                      "<!-- table:training -->\nold\n<!-- /table:training -->\n"
+                      "<!-- table:recipes -->\nold\n<!-- /table:recipes -->\nend\n")
     main(["--results", str(results), "--readme", str(readme)])
     gathered = json.loads((results / "metrics.json").read_text())
     assert gathered == gather_metrics(results)
@@ -31,8 +32,9 @@ def test_gather_and_readme_tables(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("intro") and text.endswith("end\n")
     assert "| phash | 0.250 | 0.100 | 0.500 | 3 | 8 |" in text
-    assert "| train_frozen | 2 | 0.500 | 0.600 |" in text
-    assert "| memory_0 | loss.memory_size=0 | 0.500 |" in text
+    assert "| best/frozen | 2 | 40 | 0.500 | 0.600 |" in text
+    assert "| memory_0 | loss.memory_size=0 | 0.500 | 0.700 |" in text
+    assert "| paper / frozen | 0.450 | 10,240 |" in text  # the recipes, read from params.yaml
 
 
 def test_replace_block_fills_an_empty_block_and_replaces_it_again():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mtl.eval.search import search
+from mtl.io import UserError
 
 
 def unit_rows(rng, n, d):
@@ -91,7 +92,7 @@ def test_command_line_decides_with_threshold_and_class_gate(tmp_path):
     assert list(zip(kept.query_id, kept.reference_id)) == [("q0", "r0")]
     without_probs = save_npz(EmbeddingResult(ids=np.array(["r0", "r1"]), embeddings=refs, method="t"),
                              tmp_path / "r_plain.npz")
-    with pytest.raises(SystemExit, match="class probabilities"):
+    with pytest.raises(UserError, match="class probabilities"):
         main(["--queries", str(query_npz), "--references", str(without_probs), "--out", str(out), "--gate"])
 
 

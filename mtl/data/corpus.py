@@ -27,7 +27,9 @@ Every kept image is decoded once (`mtl.data.imageio.load_image`), shrunk to
 across the whole corpus, exact duplicates (same decoded pixels) and near
 duplicates (64-bit pHash within ``near_dup_hamming`` bits) are dropped, so every
 pair of corpus images is a true non-duplicate.  Splits are assigned per group.
-Outputs: ``manifest.csv``, ``report.json`` and ``contact_<class>.png``.
+Outputs: ``manifest.csv``, ``report.json`` and ``contact_<class>.png``.  The
+build refuses (and touches nothing) when ``corpus_dir`` overlaps the folder it
+reads, or holds files no build made (a build marks the folder as its own).
 
 Run it as ``mtl corpus --params params.yaml [--set max_side=256]``.
 """
@@ -56,6 +58,7 @@ import numpy as np
 from PIL import Image
 
 from mtl.data.imageio import DEFAULT_MAX_PIXELS, fit_within, load_image
+from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
 
 SCENE_PACKAGES = (
     "plasma-workspace-wallpapers",
@@ -192,12 +195,23 @@ def slug(text: str) -> str:
 
 
 def unique_ids(ids: Iterable[str]) -> list[str]:
-    """The ids, with -2, -3, ... appended where slugging made two of them equal."""
-    seen: Counter = Counter()
+    """The ids made distinct where slugging made two of them equal: a repeat gets
+    the first suffix -2, -3, ... that is neither among the given ids nor handed
+    out already, so ``a, a, a-2`` becomes ``a, a-3, a-2`` (``x.png``, ``x.jpg`` and
+    ``x-2.png`` are three pictures, each with its own row and file)."""
+    ids = list(ids)
+    taken = set(ids)
+    seen: set[str] = set()
     out = []
     for image_id in ids:
-        seen[image_id] += 1
-        out.append(image_id if seen[image_id] == 1 else f"{image_id}-{seen[image_id]}")
+        if image_id in seen:
+            number = 2
+            while f"{image_id}-{number}" in taken:
+                number += 1
+            image_id = f"{image_id}-{number}"
+            taken.add(image_id)
+        seen.add(image_id)
+        out.append(image_id)
     return out
 
 
@@ -443,9 +457,8 @@ def _store(image: Image.Image, item: SourceImage, image_id: str, cfg: CorpusConf
     import imagehash
 
     relative = Path("images") / item.class_name / f"{image_id}.jpg"
-    target = Path(cfg.corpus_dir) / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    image.save(target, quality=cfg.jpeg_quality, subsampling=0)  # 4:4:4 keeps clip-art edges clean
+    with atomic_path(Path(cfg.corpus_dir) / relative) as tmp:
+        image.save(tmp, quality=cfg.jpeg_quality, subsampling=0)  # 4:4:4 keeps clip-art edges clean
     digest = hashlib.sha1(f"{image.size}".encode() + image.tobytes()).hexdigest()[:16]
     return CorpusImage(image_id, item.class_name, item.source, item.group, relative.as_posix(), digest,
                        int(str(imagehash.phash(image)), 16), image.width, image.height)
@@ -623,7 +636,7 @@ def assign_splits(images: list[CorpusImage], fractions: Mapping[str, float], see
 
 
 def write_manifest(images: list[CorpusImage], path: Path) -> None:
-    with path.open("w", newline="") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
         for im in sorted(images, key=lambda im: (im.class_name, im.image_id)):
@@ -653,7 +666,8 @@ def write_contact_sheets(images: list[CorpusImage], cfg: CorpusConfig) -> dict[s
         members = sorted((im for im in images if im.class_name == class_name),
                          key=lambda im: rank_key(cfg.seed + 1, im.image_id))[:cfg.contact_sheet_images]
         name = f"contact_{slug(class_name)}.png"
-        contact_sheet([corpus_dir / im.path for im in members]).save(corpus_dir / name)
+        with atomic_path(corpus_dir / name) as tmp:
+            contact_sheet([corpus_dir / im.path for im in members]).save(tmp)
         sheets[class_name] = name
     return sheets
 
@@ -679,6 +693,27 @@ def count_table(images: list[CorpusImage], key) -> dict[str, dict[str, int]]:
     return table
 
 
+def made_before_the_marker(corpus_dir: Path) -> bool:
+    """A corpus built before folders were marked: its manifest has our header."""
+    manifest = corpus_dir / "manifest.csv"
+    try:
+        with manifest.open(newline="") as handle:
+            return next(csv.reader(handle), None) == list(MANIFEST_COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_corpus_dir(cfg: CorpusConfig) -> None:
+    """Refuse a `cfg.corpus_dir` the build may not rebuild: one that overlaps the
+    folder it reads (whose pictures clear_outputs could delete), or that holds
+    files no build made."""
+    source = ("data.folder", cfg.folder) if cfg.source == "folder" else ("data.raw_dir", cfg.raw_dir)
+    if overlaps(source[1], cfg.corpus_dir):
+        raise UserError(f"data.corpus_dir {cfg.corpus_dir!r} and {source[0]} {source[1]!r} overlap (one is or "
+                        "holds the other): the build would delete or read its own input; give two separate folders")
+    refuse_foreign_folder(cfg.corpus_dir, "data.corpus_dir", made_before_the_marker)
+
+
 def clear_outputs(corpus_dir: Path) -> None:
     """Remove what a previous build wrote (and nothing else a user may keep there)."""
     shutil.rmtree(corpus_dir / "images", ignore_errors=True)
@@ -695,13 +730,8 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     """Build `cfg.corpus_dir` from scratch; return the report (also written to report.json)."""
     if not isinstance(cfg, CorpusConfig):
         cfg = CorpusConfig.from_params(cfg)
-    if cfg.source == "folder" and Path(cfg.folder).resolve() in Path(cfg.corpus_dir).resolve().parents:
-        raise ValueError(f"data.corpus_dir {cfg.corpus_dir!r} lies inside data.folder {cfg.folder!r}: "
-                         "the build would read its own output as a class")
     started = time.perf_counter()
-    corpus_dir = Path(cfg.corpus_dir)
-    corpus_dir.mkdir(parents=True, exist_ok=True)
-    clear_outputs(corpus_dir)
+    check_corpus_dir(cfg)  # before a download: a wrong folder is told at once
     skipped: Counter = Counter()
     timings: dict[str, float] = {}
     packages: dict[str, str] = {}
@@ -710,6 +740,9 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     else:
         items = folder_sources(Path(cfg.folder), skipped)
     items = subsample_before_decoding(items, cfg, skipped)
+    # Only now: a bad source leaves the previous corpus as it was.
+    corpus_dir = claim_folder(cfg.corpus_dir, "data.corpus_dir", made_before_the_marker)
+    clear_outputs(corpus_dir)
 
     start = time.perf_counter()
     decoded, reasons = decode_all(items, cfg)
@@ -735,7 +768,7 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     timings["build_s"] = round(time.perf_counter() - started, 2)
     report = make_report(cfg, kept, dedup, skipped, timings, packages, sheets)
     report["near_blank_sheet"] = rejected_sheet
-    (corpus_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(corpus_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return report
 
 

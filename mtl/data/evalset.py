@@ -21,6 +21,8 @@ Written to `<out_dir>/<split>/` (format in docs/architecture.md):
                   transformation, held_out, source_id, source_group (the corpus image
                   a query was made from and its picture: the split can be audited)
   references/*.jpg, queries/*.jpg
+`<out_dir>` must be new, empty, or made by an earlier build, and apart from the
+corpus: a folder holding anything else is refused, untouched.
 Query ids are assigned in a seeded shuffled order, so neither an id nor a file name
 tells a positive from a distractor.  Every image comes from a generator seeded by
 (seed, split, query number): the same inputs give byte-identical files, whatever the
@@ -45,6 +47,7 @@ import numpy as np
 
 from mtl.data.batches import Original, load_original, split_originals
 from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out, render_gallery
+from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps
 from mtl.runtime import is_interactive
 
 EVAL_SPLITS = ("test", "val")
@@ -164,16 +167,18 @@ def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_
 
 def render_query(job: QueryJob) -> str:
     img = apply(job.transformation, load_original(job.source.path), job.seed)
-    img.save(job.out_path, quality=QUERY_JPEG_QUALITY)
+    with atomic_path(job.out_path) as tmp:
+        img.save(tmp, quality=QUERY_JPEG_QUALITY)
     return job.query_id
 
 
 def copy_reference(original: Original, dest: Path) -> None:
     """Copy the original's bytes (JPEG corpus files), or re-encode other formats as JPEG."""
-    if original.path.suffix.lower() in {".jpg", ".jpeg"}:
-        shutil.copyfile(original.path, dest)
-    else:
-        load_original(original.path).save(dest, quality=95)
+    with atomic_path(dest) as tmp:
+        if original.path.suffix.lower() in {".jpg", ".jpeg"}:
+            shutil.copyfile(original.path, tmp)
+        else:
+            load_original(original.path).save(tmp, quality=95)
 
 
 def _progress(items: Iterable, total: int, desc: str) -> Iterable:
@@ -197,7 +202,7 @@ def render_queries(jobs: list[QueryJob], workers: int, desc: str) -> None:
 # --------------------------------------------------------------------------- writing
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: Iterable[Mapping[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
@@ -236,13 +241,27 @@ def build_split(originals: list[Original], counts: SplitCounts, seed: int, split
             "positives_per_transformation": per_transformation}
 
 
+def made_before_the_marker(out_dir: Path) -> bool:
+    """An eval set built before folders were marked: a split with our queries.csv."""
+    for split in EVAL_SPLITS:
+        try:
+            with (out_dir / split / "queries.csv").open(newline="") as f:
+                if next(csv.reader(f), None) == list(QUERY_COLUMNS):
+                    return True
+        except (OSError, UnicodeDecodeError):
+            continue
+    return False
+
+
 def build_evalset(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str | Path,
                   cfg: EvalsetConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Build every split of `cfg` under `out_dir`, plus `out_dir/gallery.png`; return a summary
     (counts per split and the build time)."""
     cfg = cfg if isinstance(cfg, EvalsetConfig) else EvalsetConfig.from_params(cfg)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if overlaps(out_dir, corpus_dir):
+        raise UserError(f"evalset.dir {str(out_dir)!r} and the corpus {str(corpus_dir)!r} overlap (one is or holds "
+                        "the other): the build replaces its split folders; give two separate folders")
+    out_dir = claim_folder(out_dir, "evalset.dir", made_before_the_marker)
     started = time.perf_counter()
     summary: dict[str, Any] = {"seed": cfg.seed, "transformations": list(EVAL_FAMILY),
                                "held_out": [n for n in EVAL_FAMILY if is_held_out(n)], "splits": {}}
@@ -274,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = build_evalset(corpus_dir / "manifest.csv", corpus_dir, cfg.dir, cfg)
     text = json.dumps(summary, indent=1)
     if args.summary:
-        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.summary).write_text(text + "\n")
+        atomic_write_text(args.summary, text + "\n")
     print(text)
     return 0
 

@@ -33,6 +33,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mtl.io import atomic_path
+
 Transform = Callable[[Image.Image, np.random.Generator], Image.Image]
 
 
@@ -402,10 +404,9 @@ def render_gallery(img: Image.Image, path: str | Path, seed: int = 0, tile: int 
         thumb.thumbnail((tile - 8, tile - 8))
         sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + label_h + (tile - thumb.height) // 2))
         draw.text((x + 4, y + 3), label, fill=(200, 0, 0) if "held out" in label else (0, 0, 0), font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    with atomic_path(path) as tmp:
+        sheet.save(tmp)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:

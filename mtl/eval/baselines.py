@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from mtl.io import atomic_path
 
 HASH_METHODS = ("phash", "dhash")
 HASH_BITS = 64
@@ -67,11 +70,15 @@ class PCAProjection:
         projected = (x - self.mean) @ self.components.T
         return unit_rows(projected)
 
+    @property
+    def digest(self) -> str:
+        """Names this projection in an embedding's provenance."""
+        return hashlib.sha256(self.mean.tobytes() + self.components.tobytes()).hexdigest()[:16]
+
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, mean=self.mean, components=self.components,
-                 explained_variance_ratio=self.explained_variance_ratio, n_fit=self.n_fit)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, mean=self.mean, components=self.components,
+                     explained_variance_ratio=self.explained_variance_ratio, n_fit=self.n_fit)
 
     @classmethod
     def load(cls, path: str | Path) -> "PCAProjection":
@@ -133,6 +140,7 @@ def fit_backbone_pca(checkpoint: str | Path, corpus_dir: str | Path, n_images: i
 
 def apply_pca_to_embeddings(gap_result, pca: PCAProjection, method: str = "backbone_pca320"):
     """An EmbeddingResult of 1280-d descriptors, projected: same ids, new method name."""
-    from dataclasses import replace
-
-    return replace(gap_result, embeddings=pca.apply(gap_result.embeddings), method=method)
+    provenance = gap_result.provenance
+    if provenance is not None:
+        provenance = replace(provenance, kind="pca", dim=pca.out_dim, projection=pca.digest)
+    return replace(gap_result, embeddings=pca.apply(gap_result.embeddings), method=method, provenance=provenance)

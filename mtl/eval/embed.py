@@ -19,24 +19,29 @@ files are listed in `failed` with a reason and skipped, never a crash.
 
 The .npz (docs/architecture.md): `ids` (str), `embeddings` float32 [N, D] unit
 rows, `class_probs` float32 [N, C] (checkpoints only), `failed` (str ids),
-`failed_reasons`, `method`, `images_per_second`; from an eval set also `roles`
-('reference' or 'query' per id, so both live in one file) and, for checkpoints,
-`class_names`.
+`failed_reasons`, `method`, `images_per_second`, `provenance` (how the vectors
+were made: see Provenance; `mtl search` compares it); from an eval set also
+`roles` ('reference' or 'query' per id, so both live in one file) and, for
+checkpoints, `class_names`.  An --out without the .npz suffix gets it.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+import zipfile
+import zlib
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from mtl.eval.baselines import HASH_BITS, HASH_METHODS, hash_vector
+from mtl.io import UserError, atomic_path, file_digest, overlaps
 
 GAP_PREFIX = "backbone_gap1280:"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -44,6 +49,37 @@ ROLES = ("reference", "query")
 
 
 # --------------------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a file's vectors were made: two files are comparable only when all of
+    it matches (pHash against dHash, two checkpoints, MTL against PCA or two input
+    sizes all give scores, and all of them are meaningless)."""
+
+    kind: str                             # mtl | gap1280 | pca | phash | dhash
+    dim: int
+    checkpoint: str | None = None         # file_digest of the checkpoint (models only)
+    image_size: int | None = None         # model input size (hashes see the whole image)
+    mean: tuple[float, ...] | None = None  # input normalization (models only)
+    std: tuple[float, ...] | None = None
+    projection: str | None = None         # digest of the PCA projection (pca only)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Provenance":
+        record = json.loads(text)
+        for name in ("mean", "std"):
+            if record.get(name) is not None:
+                record[name] = tuple(record[name])
+        return cls(**{f.name: record.get(f.name) for f in fields(cls)})
+
+    def differences(self, other: "Provenance") -> list[str]:
+        """'name this vs that' for every field that differs."""
+        return [f"{f.name} {getattr(self, f.name)} vs {getattr(other, f.name)}" for f in fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
 
 @dataclass(frozen=True)
 class EmbeddingResult:
@@ -58,6 +94,7 @@ class EmbeddingResult:
     failed_reasons: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
     roles: np.ndarray | None = None       # [N] 'reference' | 'query' (eval sets)
     class_names: np.ndarray | None = None  # [C]
+    provenance: Provenance | None = None  # None in files written before it was recorded
 
     def __post_init__(self) -> None:
         if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.ids):
@@ -94,9 +131,15 @@ class EmbeddingResult:
         return self.subset(self.roles == role)
 
 
-def save_npz(result: EmbeddingResult, path: str | Path) -> Path:
+def npz_path(path: str | Path) -> Path:
+    """The file an --out names: with the .npz suffix, added when missing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def save_npz(result: EmbeddingResult, path: str | Path) -> Path:
+    """Write `result` (atomically) and return the path written, `.npz` included."""
+    path = npz_path(path)
     arrays = {"ids": result.ids.astype(str), "embeddings": result.embeddings.astype(np.float32),
               "failed": result.failed.astype(str), "failed_reasons": result.failed_reasons.astype(str),
               "method": np.array(result.method), "images_per_second": np.array(result.images_per_second)}
@@ -104,28 +147,44 @@ def save_npz(result: EmbeddingResult, path: str | Path) -> Path:
         value = getattr(result, name)
         if value is not None:
             arrays[name] = value.astype(np.float32) if name == "class_probs" else value.astype(str)
-    np.savez(path, **arrays)
+    if result.provenance is not None:
+        arrays["provenance"] = np.array(result.provenance.to_json())
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
     return path
+
+
+# What a damaged or foreign .npz raises somewhere between opening and reading.
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib.error)
 
 
 def load_npz(path: str | Path) -> EmbeddingResult:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no embeddings at {path} (write them with `mtl embed`)")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"ids", "embeddings", "method"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} is not an embeddings file: missing {sorted(missing)}")
-        optional = {name: data[name] if name in data.files else None
-                    for name in ("class_probs", "roles", "class_names")}
-        empty = np.zeros(0, dtype=str)
-        return EmbeddingResult(
-            ids=data["ids"].astype(str), embeddings=data["embeddings"].astype(np.float32),
-            method=str(data["method"]),
-            images_per_second=float(data["images_per_second"]) if "images_per_second" in data.files else float("nan"),
-            failed=data["failed"].astype(str) if "failed" in data.files else empty,
-            failed_reasons=data["failed_reasons"].astype(str) if "failed_reasons" in data.files else empty,
-            **optional)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return _result_from_arrays(data)
+    except _UNREADABLE as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{path} is not a readable embeddings file ({reason}); write it again with `mtl embed`") \
+            from error
+
+
+def _result_from_arrays(data) -> EmbeddingResult:
+    missing = {"ids", "embeddings", "method"} - set(data.files)
+    if missing:
+        raise ValueError(f"missing {sorted(missing)}")
+    optional = {name: data[name] if name in data.files else None for name in ("class_probs", "roles", "class_names")}
+    empty = np.zeros(0, dtype=str)
+    return EmbeddingResult(
+        ids=data["ids"].astype(str), embeddings=data["embeddings"].astype(np.float32),
+        method=str(data["method"]),
+        images_per_second=float(data["images_per_second"]) if "images_per_second" in data.files else float("nan"),
+        failed=data["failed"].astype(str) if "failed" in data.files else empty,
+        failed_reasons=data["failed_reasons"].astype(str) if "failed_reasons" in data.files else empty,
+        provenance=Provenance.from_json(str(data["provenance"])) if "provenance" in data.files else None,
+        **optional)
 
 
 # --------------------------------------------------------------------------- image sources
@@ -152,7 +211,8 @@ def images_in_list(list_file: str | Path) -> ImageList:
     """One path per line (blank lines and # comments ignored); relative paths are
     relative to the list file; the id is the line as written."""
     list_file = Path(list_file)
-    lines = [ln.strip() for ln in list_file.read_text().splitlines()]
+    # surrogateescape: a listed name that is not UTF-8 still names its file.
+    lines = [ln.strip() for ln in list_file.read_text(encoding="utf-8", errors="surrogateescape").splitlines()]
     entries = [ln for ln in lines if ln and not ln.startswith("#")]
     if not entries:
         raise ValueError(f"{list_file} lists no images")
@@ -269,11 +329,11 @@ def embed_hashes(kind: str, images: ImageList, batch_size: int = 256, num_worker
         bad_all += bad
     seconds = time.perf_counter() - start
     embeddings = np.concatenate(vectors) if vectors else np.zeros((0, HASH_BITS), np.float32)
-    return _result(images, kept, bad_all, embeddings, kind, seconds)
+    return _result(images, kept, bad_all, embeddings, kind, seconds, Provenance(kind, HASH_BITS))
 
 
 def _result(images: ImageList, kept: list[int], bad: list[tuple[int, str]], embeddings: np.ndarray,
-            method: str, seconds: float, class_probs: np.ndarray | None = None,
+            method: str, seconds: float, provenance: Provenance, class_probs: np.ndarray | None = None,
             class_names: Sequence[str] | None = None) -> EmbeddingResult:
     failed, reasons = _failures(images, bad)
     roles = None if images.roles is None else np.array([images.roles[i] for i in kept], dtype=str)
@@ -281,7 +341,8 @@ def _result(images: ImageList, kept: list[int], bad: list[tuple[int, str]], embe
         ids=np.array([images.ids[i] for i in kept], dtype=str), embeddings=embeddings.astype(np.float32),
         method=method, images_per_second=len(kept) / seconds if seconds > 0 else float("nan"),
         class_probs=class_probs, failed=failed, failed_reasons=reasons, roles=roles,
-        class_names=None if class_names is None else np.array(class_names, dtype=str))
+        class_names=None if class_names is None else np.array(class_names, dtype=str),
+        provenance=replace(provenance, dim=int(embeddings.shape[1])))
 
 
 def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112, batch_size: int = 128,
@@ -292,7 +353,8 @@ def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112,
 
     dev = resolve_device(device)
     model = MTLNet.from_checkpoint(checkpoint, map_location=dev)
-    many = describe_images(model, images, str(checkpoint), image_size, batch_size, dev, num_workers)
+    many = describe_images(model, images, str(checkpoint), image_size, batch_size, dev, num_workers,
+                           checkpoint_digest=file_digest(checkpoint))
     if not len(many["mtl"].ids):
         first = many["mtl"].failed_reasons[0] if len(many["mtl"].failed_reasons) else "no images"
         raise ValueError(f"none of the {len(images.paths)} images could be read (first reason: {first})")
@@ -300,11 +362,13 @@ def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112,
 
 
 def describe_images(model, images: ImageList, name: str, image_size: int = 112, batch_size: int = 128,
-                    device=None, num_workers: int = 1) -> dict[str, EmbeddingResult]:
+                    device=None, num_workers: int = 1, checkpoint_digest: str | None = None
+                    ) -> dict[str, EmbeddingResult]:
     """embed_many's loop for a model already in memory (a checkpoint, or the untrained
     ImageNet backbone of `mtl dedup --method imagenet`).  `name` becomes the results'
-    method.  Unlike embed_many, a list with no readable image gives empty results, not
-    an error: a folder's new files may all be broken."""
+    method and `checkpoint_digest` (the file's, or None) their provenance.  Unlike
+    embed_many, a list with no readable image gives empty results, not an error: a
+    folder's new files may all be broken."""
     import torch
     import torch.nn.functional as F
 
@@ -335,11 +399,12 @@ def describe_images(model, images: ImageList, name: str, image_size: int = 112, 
     def stacked(parts: list, width: int) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
 
+    made = Provenance("mtl", 0, checkpoint_digest, image_size, tuple(mean), tuple(std))
     return {
-        "mtl": _result(images, kept, bad_all, stacked(embeddings, config.embed_dim), name, seconds,
+        "mtl": _result(images, kept, bad_all, stacked(embeddings, config.embed_dim), name, seconds, made,
                        stacked(probs, config.num_classes), list(config.class_names)),
         "gap1280": _result(images, kept, bad_all, stacked(gaps, model.spec.head_channels), GAP_PREFIX + name,
-                           seconds),
+                           seconds, replace(made, kind="gap1280")),
     }
 
 
@@ -397,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     kind, checkpoint = parse_method(args.method)
     if args.gap_out and kind != "mtl":
         parser.error("--gap-out needs a checkpoint as --method")
+    if args.gap_out and overlaps(npz_path(args.out), npz_path(args.gap_out)):
+        raise UserError(f"--out and --gap-out name one file ({npz_path(args.out)}): give two")
     if kind in HASH_METHODS:
         results = {"out": embed_hashes(kind, images, num_workers=args.num_workers)}
     else:

@@ -44,6 +44,7 @@ from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_po
                               label_predictions, precision_recall_curve, recall_by_transformation,
                               retrieval_metrics, threshold_for_precision)
 from mtl.eval.search import search
+from mtl.io import atomic_write_text, write_csv
 
 SPLITS = ("val", "test")
 DECISION_METHODS = ("gate", "fusion")
@@ -208,14 +209,15 @@ class MethodsEvaluation:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = {"methods": out_dir / "methods.csv", "per_transformation": out_dir / "per_transformation.csv",
                    "pr_curves": out_dir / "pr_curves.csv", "metrics": out_dir / "metrics.json"}
-        self.table.to_csv(written["methods"], index=False)
-        self.per_transformation.to_csv(written["per_transformation"], index=False)
         curves = [c.to_frame().assign(method=name) for name, c in self.pr_curves.items()]
-        pd.concat(curves, ignore_index=True).to_csv(written["pr_curves"], index=False)
-        written["metrics"].write_text(json.dumps(self.metrics_dict(), indent=2, sort_keys=True) + "\n")
+        tables = {"methods": self.table, "per_transformation": self.per_transformation,
+                  "pr_curves": pd.concat(curves, ignore_index=True)}
         if not self.fusion_grid.empty:
             written["fusion_beta"] = out_dir / "fusion_beta.csv"
-            self.fusion_grid.to_csv(written["fusion_beta"], index=False)
+            tables["fusion_beta"] = self.fusion_grid
+        for name, table in tables.items():
+            write_csv(table, written[name])
+        atomic_write_text(written["metrics"], json.dumps(self.metrics_dict(), indent=2, sort_keys=True) + "\n")
         return written
 
     def _paths(self) -> tuple[dict[str, str], dict[str, str]]:

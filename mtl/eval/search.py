@@ -9,17 +9,26 @@ A GPU index is used when CUDA and faiss-gpu are both present.
     mtl search --queries q.npz --references r.npz --k 10 --out preds.csv
 
 (one eval-set file, `mtl embed --evalset`, may be given as both: its roles say which is which)
+
+Queries and references must have been embedded the same way (their provenance:
+method, checkpoint, input size, normalization); `--force` searches anyway.
+Files written before provenance was recorded are searched with a warning.
+Ids that are not UTF-8 (file names in another encoding) are written to the CSV
+as the file system's bytes, so every row names its file.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mtl.io import UserError, overlaps, write_csv
 
 
 def faiss_gpu_available() -> bool:
@@ -124,13 +133,32 @@ def decide(predictions, queries, references, threshold: float | None = None, gat
         from mtl.eval.decision import apply_gate, attach_class_agreement
 
         if queries.class_probs is None or references.class_probs is None:
-            raise SystemExit("mtl search --gate: both .npz files need class probabilities "
-                             "(embed them with an MTL checkpoint, not a hash or backbone_gap1280)")
+            raise UserError("--gate needs class probabilities in both .npz files "
+                            "(embed them with an MTL checkpoint, not a hash or backbone_gap1280)")
         predictions = apply_gate(attach_class_agreement(predictions, queries.ids, queries.class_probs,
                                                         references.ids, references.class_probs))
     if threshold is not None:
         predictions = predictions[predictions["score"] >= threshold].reset_index(drop=True)
     return predictions
+
+
+def check_compatible(queries, references, names: tuple[Path, Path], force: bool = False) -> None:
+    """Refuse to compare vectors made differently (one line naming the difference),
+    unless `force`; vectors of different lengths cannot be compared at all."""
+    if queries.dim != references.dim:
+        raise UserError(f"queries {names[0]} are {queries.dim}-d but references {names[1]} are "
+                        f"{references.dim}-d: embed both with the same method")
+    if force:
+        return
+    if queries.provenance is None or references.provenance is None:
+        unknown = names[0] if queries.provenance is None else names[1]
+        print(f"mtl search: warning: {unknown} records no provenance (written by an older mtl embed), so only "
+              "the dimension was checked; embed it again to have the method checked too", file=sys.stderr)
+        return
+    differences = queries.provenance.differences(references.provenance)
+    if differences:
+        raise UserError(f"queries {names[0]} and references {names[1]} were embedded differently "
+                        f"({'; '.join(differences)}): embed both the same way, or pass --force to search anyway")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,16 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate", action="store_true",
                         help="drop matches whose predicted content classes differ (needs class "
                              "probabilities in both files, i.e. embeddings from an MTL checkpoint)")
+    parser.add_argument("--force", action="store_true",
+                        help="search even when queries and references were embedded differently")
     args = parser.parse_args(argv)
+    for given in (args.queries, args.references):
+        if overlaps(args.out, given):
+            raise UserError(f"--out {args.out} would overwrite the input {given}: give another file")
     # An eval-set embedding (`mtl embed --evalset`) holds both roles in one file.
     queries, references = load_npz(args.queries), load_npz(args.references)
     queries = queries.role("query") if queries.roles is not None else queries
     references = references.role("reference") if references.roles is not None else references
+    check_compatible(queries, references, (args.queries, args.references), args.force)
     result = search(queries.embeddings, queries.ids, references.embeddings, references.ids,
                     k=args.k, use_gpu=False if args.cpu else None)
     predictions = decide(result.predictions, queries, references, args.threshold, args.gate)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(args.out, index=False)
+    write_csv(predictions, args.out, encoding="utf-8", errors="surrogateescape")
     print(f"{len(predictions)} predictions for {result.n_queries} queries "
           f"({result.ms_per_query:.3f} ms/query) -> {args.out}")
     return 0

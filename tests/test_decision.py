@@ -107,7 +107,8 @@ def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(
     rng = np.random.default_rng(0)
     per_split = {split: _write_split(tmp_path, split, rng) for split in ("val", "test")}
     embeddings = {m: {s: per_split[s][m] for s in per_split} for m in ("backbone_gap1280", "mtl_finetune")}
-    evaluation = evaluate_methods(tmp_path / "eval", embeddings, k=5, betas=[0.0, 0.5, 1.0])
+    evaluation = evaluate_methods(tmp_path / "eval", embeddings, k=5, betas=[0.0, 0.5, 1.0],
+                                  decisions_from=["mtl_finetune"])
     table = evaluation.table.set_index("method")
     assert list(table.index) == ["backbone_gap1280", "mtl_finetune", "mtl_finetune_gate", "mtl_finetune_fusion"]
     assert table.loc["backbone_gap1280", "bytes_per_vector"] == 64
@@ -116,11 +117,12 @@ def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(
     assert table.loc["mtl_finetune_fusion", "muap"] >= table.loc["mtl_finetune", "muap"]
     assert table.loc["mtl_finetune_fusion", "beta"] > 0
     assert set(evaluation.metrics_dict()["mtl_finetune"]) == {
-        "muap", "recall_at_p90", "acc_at_1", "fp_at_threshold", "bytes_per_vector"}
-    fps = evaluation.worst_false_positives(3)
+        "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold", "threshold",
+        "bytes_per_vector"}
+    fps = evaluation.worst_false_positives(3, "mtl_finetune")
     assert len(fps) == 3 and fps["score"].is_monotonic_decreasing and not fps["correct"].any()
     assert all(str(p).endswith(".jpg") for p in fps["query_path"])
-    missed = evaluation.missed_copies(50)
+    missed = evaluation.missed_copies(50, "mtl_finetune")
     assert set(missed["transformation"]) <= {"blur", "crop"}
     written = evaluation.save(tmp_path / "out")
     assert pd.read_csv(written["methods"]).shape[0] == 4

@@ -128,12 +128,20 @@ def test_every_method_embeds_both_splits_and_lands_in_one_table(tmp_path, checkp
     from mtl.eval.methods import embed_methods, evaluate_methods
 
     _tiny_evalset(tmp_path, np.random.default_rng(4))
-    paths = embed_methods(tmp_path / "eval", tmp_path / "emb",
-                          {"mtl_frozen": checkpoint, "mtl_finetune": checkpoint}, corpus_dir=tmp_path / "corpus",
+    from mtl.eval.methods import CheckpointPass
+
+    passes = [CheckpointPass(checkpoint, mtl="mtl_frozen", gap1280="backbone_gap1280", pca320="backbone_pca320"),
+              CheckpointPass(checkpoint, mtl="mtl_finetune"),
+              CheckpointPass(checkpoint, mtl="mtl_finetune_48px", image_size=48)]
+    paths = embed_methods(tmp_path / "eval", tmp_path / "emb", passes, corpus_dir=tmp_path / "corpus",
                           pca_images=6, pca_dim=4, image_size=32, batch_size=8, device="cpu", num_workers=0)
-    assert set(paths) == {"phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen", "mtl_finetune"}
+    assert set(paths) == {"phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen", "mtl_finetune",
+                          "mtl_finetune_48px"}
     assert load_npz(paths["backbone_pca320"]["test"]).dim == 4
-    evaluation = evaluate_methods(tmp_path / "eval", paths, k=3, betas=[0.0, 1.0])
+    assert load_npz(paths["mtl_finetune_48px"]["test"]).provenance.image_size == 48
+    paths = {name: paths[name] for name in ("phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen",
+                                            "mtl_finetune")}
+    evaluation = evaluate_methods(tmp_path / "eval", paths, k=3, betas=[0.0, 1.0], decisions_from=["mtl_finetune"])
     table = evaluation.table.set_index("method")
     assert list(table.index) == ["phash", "dhash", "backbone_gap1280", "backbone_pca320", "mtl_frozen",
                                  "mtl_finetune", "mtl_finetune_gate", "mtl_finetune_fusion"]

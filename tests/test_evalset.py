@@ -137,9 +137,10 @@ def test_no_distractor_is_a_piece_of_a_reference_picture(tmp_path, small_real_ph
     """Seven 'wallpapers' of six tiles each and seven single pictures: references come
     from distinct pictures, and no distractor shares a picture (group) with a reference,
     as queries.csv itself shows (source_id, source_group)."""
-    manifest = write_tiled_corpus(tmp_path, small_real_photos)
+    (tmp_path / "corpus").mkdir()
+    manifest = write_tiled_corpus(tmp_path / "corpus", small_real_photos)
     counts = {"test": SplitCounts(references=6, positive_queries=5, distractor_queries=6)}
-    build_evalset(manifest, tmp_path, tmp_path / "eval", EvalsetConfig(seed=seed, splits=counts, workers=1))
+    build_evalset(manifest, manifest.parent, tmp_path / "eval", EvalsetConfig(seed=seed, splits=counts, workers=1))
     group_of = {r["id"]: r["group"] for r in _rows(manifest)}
     references = _rows(tmp_path / "eval" / "test" / "references.csv")
     reference_groups = [group_of[r["reference_id"]] for r in references]

@@ -21,11 +21,16 @@ def test_run_folder_is_kept_for_the_same_run_and_cleared_for_another(tmp_path):
 
 
 def test_summarize_log_reports_last_epoch_and_totals():
+    from mtl.train import LOG_COLUMNS
+
     log = pd.DataFrame({"epoch": [1, 2], "train_total": [1.0, 0.5], "val_total": [1.2, 0.7],
                         "train_contrastive": [0.8, 0.4], "images_per_second": [100.0, 200.0],
-                        "wall_seconds": [10.0, 5.0], "val_class_accuracy": [0.8, 0.9]})
+                        "wall_seconds": [10.0, 5.0], "val_class_accuracy": [0.8, 0.9], "train_steps": [30, 30],
+                        "train_negatives_compared": [1000.0, 1000.0], "train_active_negatives": [100.0, 10.0]})
+    log = log.reindex(columns=LOG_COLUMNS, fill_value=0.0)
     summary = summarize_log(log)
-    assert summary["epochs"] == 2
+    assert summary["epochs"] == 2 and summary["steps"] == 60
+    assert summary["active_share_first_epoch"] == 0.1 and summary["active_share_last_epoch"] == 0.01
     assert summary["final_train_total"] == 0.5 and summary["first_train_total"] == 1.0
     assert summary["final_val_class_accuracy"] == 0.9
     assert summary["images_per_second"] == pytest.approx(150.0)

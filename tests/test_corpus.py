@@ -390,3 +390,55 @@ def assert_eval_planning_keeps_pictures_apart(corpus_dir: Path, tmp_path: Path) 
         distractors = [j for j in jobs if not j.reference_id]
         assert not {j.source.picture for j in distractors} & reference_pictures
         assert len({j.source.id for j in distractors}) == counts.distractor_queries  # each its own image
+
+
+# ---------------------------------------------------------------------------
+# resuming a killed build
+
+
+def test_a_killed_build_resumes_and_decodes_only_the_rest(tmp_path, photo_folder, monkeypatch):
+    whole = build_corpus(_folder_config(photo_folder, tmp_path / "whole"))
+    sources = whole["decode"]["decoded_now"]
+    real, calls = decode.process_source, []
+
+    def killed_after_five(item, cfg):
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        calls.append(item.image_id)
+        return real(item, cfg)
+
+    monkeypatch.setattr(decode, "process_source", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(_folder_config(photo_folder, tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "manifest.csv").exists()
+
+    again = []
+    monkeypatch.setattr(decode, "process_source", lambda item, cfg: again.append(item.image_id) or real(item, cfg))
+    report = build_corpus(_folder_config(photo_folder, tmp_path / "resumed"))
+    assert sorted(again) == sorted(set(again)) and not set(again) & set(calls)
+    assert len(again) == sources - 5 and report["decode"] == {"decoded_now": sources - 5, "from_record": 5,
+                                                             "restored": 0}
+    assert (tmp_path / "resumed" / "manifest.csv").read_bytes() == (tmp_path / "whole" / "manifest.csv").read_bytes()
+    images = lambda d: sorted(p.relative_to(d).as_posix() for p in (d / "images").rglob("*.jpg"))  # noqa: E731
+    assert images(tmp_path / "resumed") == images(tmp_path / "whole")
+
+    again.clear()  # a finished build decodes nothing; other decode settings start over
+    build_corpus(_folder_config(photo_folder, tmp_path / "resumed"))
+    assert again == []
+    build_corpus(_folder_config(photo_folder, tmp_path / "resumed", max_side=96))
+    assert len(again) == sources
+
+
+def test_a_kept_image_whose_file_is_gone_is_decoded_again(tmp_path, photo_folder):
+    """The record keeps what an earlier build dropped (a duplicate, over a cap); when such
+    an image is kept again its file is restored from its source."""
+    corpus_dir = tmp_path / "c"
+    build_corpus(_folder_config(photo_folder, corpus_dir))
+    before = (corpus_dir / "manifest.csv").read_bytes()
+    row = read_manifest(corpus_dir / "manifest.csv")[0]
+    stored = (corpus_dir / row["path"]).read_bytes()
+    (corpus_dir / row["path"]).unlink()
+    report = build_corpus(_folder_config(photo_folder, corpus_dir))
+    assert report["decode"] == {"decoded_now": 0, "from_record": report["decode"]["from_record"], "restored": 1}
+    assert (corpus_dir / row["path"]).read_bytes() == stored
+    assert (corpus_dir / "manifest.csv").read_bytes() == before

@@ -62,7 +62,12 @@ def corpus_stage(params: dict, results_dir: str | Path = RESULTS / "corpus") -> 
     results_dir.mkdir(parents=True, exist_ok=True)
     combined.save(results_dir / "contact_sheets.png", optimize=True)
     shutil.copyfile(corpus_dir / report["near_blank_sheet"], results_dir / "near_blank.png")
-    metrics = {key: report[key] for key in ("images", "splits", "counts", "groups", "rejections", "duplicates")}
+    if report.get("package_sheets"):
+        from mtl.scale_report import package_overview
+
+        package_overview(corpus_dir, results_dir / "packages.png")
+    metrics = {key: report[key] for key in ("images", "splits", "counts", "groups", "rejections", "duplicates",
+                                            "timings", "disk", "decode", "per_package") if key in report}
     metrics["wall_seconds"] = timing["seconds"]
     write_json(results_dir / "metrics.json", metrics)
     return report

@@ -4,6 +4,7 @@ was, and what counts as one picture (icon sizes, sprite frames, clip-art variant
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,28 @@ def test_one_file_per_group_the_largest_icon_or_a_seeded_frame(tmp_path):
     assert [sorted(i.group for i in p) for p in picks][0] == ["some-game-data:units/ghost", "some-game-data:units/hero"]
     assert picks[0] == picks[1]  # seeded
     assert len({next(i.path.name for i in p if i.group.endswith("hero")) for p in picks}) > 1
+
+
+def test_svg_icons_are_rendered_where_a_row_says_so(tmp_path):
+    from mtl.data.corpus import CorpusConfig
+    from mtl.data.decode import process_source
+
+    if debian.shutil.which("rsvg-convert") is None:
+        pytest.skip("needs rsvg-convert (Debian librsvg2-bin)")
+    theme = tmp_path / "usr/share/icons/S/64x64/apps"
+    theme.mkdir(parents=True)
+    (theme / "globe.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
+                                     '<circle cx="32" cy="32" r="28" fill="#2a7"/><rect x="20" y="20" width="24" '
+                                     'height="10" fill="#c33"/></svg>')
+    (theme / "globe-symbolic.svg").write_text((theme / "globe.svg").read_text())
+    vector = next(r for r in PACKAGES if r.package == "papirus-icon-theme")
+    row = PackageSource("svg-theme", "clipart", vector.globs, "icon", "test rows need a reason",
+                        root="usr/share/icons/S", pick="largest", exclude=vector.exclude, vector=True)
+    skipped = Counter()
+    (item,) = debian.whole_sources(row, tmp_path, seed=0, skipped=skipped)
+    assert item.path.name == "globe.svg" and not skipped
+    stored, reasons = process_source(item, CorpusConfig(corpus_dir=str(tmp_path / "corpus")))
+    assert not reasons and (stored[0].width, stored[0].height) == (256, 256)
+    skipped = Counter()
+    assert debian.whole_sources(replace(row, vector=False), tmp_path, 0, skipped) == []
+    assert skipped == {"vector_image": 1}

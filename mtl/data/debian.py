@@ -6,7 +6,8 @@ One file per picture: a tiled row (wallpapers, maps, painted backgrounds) keeps 
 largest file of each group (its other sizes and colourings are copies of it); a row of
 whole images keeps one file per group, a seeded choice (`pick: seeded`, e.g. one of the
 numbered variants of a clip-art drawing) or the largest (`pick: largest`, e.g. an icon's
-biggest size).  Symbolic links (a file filed twice) and vector files are skipped.
+biggest size).  Symbolic links (a file filed twice) are skipped, and so are vector files
+except in rows of SVG icon themes (`vector`), which are rendered (`mtl.data.decode`).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def row_files(row: PackageSource, package_root: Path, skipped: Counter) -> list[
             continue
         if path.is_symlink():
             skipped["symlink"] += 1
-        elif suffix in VECTOR_SUFFIXES:
+        elif suffix in VECTOR_SUFFIXES and not row.vector:
             skipped["vector_image"] += 1
         elif path.is_file():
             files.append(path)
@@ -116,10 +117,10 @@ def whole_sources(row: PackageSource, package_root: Path, seed: int, skipped: Co
     for group, candidates in members.items():
         if row.pick == "largest":
             best = max(candidates, key=lambda c: (header_pixels(c[0]), rank_key(seed, c[1])))
-            skipped["other_version"] += len(candidates) - 1
         else:
             best = min(candidates, key=lambda c: rank_key(seed, c[1]))
-            skipped["family_variant"] += len(candidates) - 1
+        if len(candidates) > 1:
+            skipped["other_version" if row.pick == "largest" else "family_variant"] += len(candidates) - 1
         group_name = group if not row.prefix else f"{row.prefix}:{group}"
         chosen.append(SourceImage(best[0], row.class_name, f"debian:{row.package}", group_name, best[1], tiled=False))
     return sorted(chosen, key=lambda item: item.image_id)

@@ -6,8 +6,12 @@ Every source file (a whole image, or a large picture cut into tiles) is decoded 
 minutes for the full package set on two cores), so it is recorded: after each source,
 one line of ``<corpus_dir>/decoded.jsonl`` holds what it gave (images with their hashes,
 or the reasons it gave none).  A build that is killed and started again reads the
-record and decodes only the sources not in it; the record is kept only while the
-decode settings (`DECODE_KEYS`) stay the same, and a line cut short by a kill is ignored.
+record and decodes only the sources not in it.  A line counts only for the same file
+(size and time) and the same decode settings of its kind (`DECODE_KEYS`: a new tile size
+decodes the tiled pictures again, not the clip art); a line cut short by a kill is ignored.
+
+Vector drawings (SVG icon themes) are rendered with librsvg's ``rsvg-convert`` (Debian
+``librsvg2-bin``) at VECTOR_SIDE pixels, then treated like any whole image.
 """
 
 from __future__ import annotations
@@ -23,18 +27,23 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
-from mtl.data.imageio import fit_within, load_image
+from mtl.data.imageio import LoadResult, composite_on, fit_within, load_image
 
 RECORD = "decoded.jsonl"
-RECORD_FORMAT = 1
-# The settings that decide what decoding a source gives: a change starts the record over.
-DECODE_KEYS = ("max_side", "tile_size", "max_tiles_per_picture", "min_tile_std", "min_tile_edges",
-               "min_content_share", "min_side", "max_source_pixels", "jpeg_quality", "seed")
+RECORD_FORMAT = 2
+# The settings that decide what decoding a source gives, per kind of source.
+DECODE_KEYS = {
+    "whole": ("max_side", "min_side", "min_content_share", "max_source_pixels", "jpeg_quality"),
+    "tiled": ("max_side", "tile_size", "max_tiles_per_picture", "min_tile_std", "min_tile_edges",
+              "min_content_share", "max_source_pixels", "jpeg_quality", "seed"),
+}
+VECTOR_SUFFIXES = (".svg", ".svgz")
+VECTOR_SIDE = 256  # rendering size of a vector drawing's longer side (px)
 # Edge pixel: neighbouring grey levels differ by at least this much (of 255).
 EDGE_STEP = 8.0
 # Content pixel: some channel differs from the background colour by more than this
@@ -150,7 +159,10 @@ def process_source(item: SourceImage, cfg) -> tuple[list[CorpusImage], Counter]:
     """Decode one source file; store its image (or its tiles); count what was skipped."""
     skipped: Counter = Counter()
     min_side = cfg.tile_size if item.tiled else cfg.min_side
-    loaded = load_image(item.path, max_pixels=cfg.max_source_pixels, min_side=min_side)
+    if item.path.suffix.lower() in VECTOR_SUFFIXES:
+        loaded = render_vector(item.path, VECTOR_SIDE, min_side)
+    else:
+        loaded = load_image(item.path, max_pixels=cfg.max_source_pixels, min_side=min_side)
     if not loaded.ok:
         skipped[loaded.reason] += 1
         return [], skipped
@@ -180,45 +192,67 @@ def process_source(item: SourceImage, cfg) -> tuple[list[CorpusImage], Counter]:
     return stored, skipped
 
 
+def render_vector(path: Path, side: int, min_side: int) -> LoadResult:
+    """An SVG drawing rendered (longer side `side` px) as RGB on white, or a reason."""
+    import io
+    import subprocess
+
+    if shutil.which("rsvg-convert") is None:
+        raise RuntimeError("rendering SVG sources needs rsvg-convert: `sudo apt-get install librsvg2-bin` "
+                           "(or `make setup`)")
+    try:
+        done = subprocess.run(["rsvg-convert", "--width", str(side), "--height", str(side), "--keep-aspect-ratio",
+                               str(path)], capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return LoadResult(None, "truncated")
+    if done.returncode != 0 or not done.stdout:
+        return LoadResult(None, "not_an_image")
+    with Image.open(io.BytesIO(done.stdout)) as im:
+        if min(im.size) < min_side:
+            return LoadResult(None, "too_small")
+        return LoadResult(composite_on(im.convert("RGBA")))
+
+
 def _keyed(item: SourceImage, cfg) -> tuple[str, tuple[list[CorpusImage], Counter]]:
-    return source_key(item), process_source(item, cfg)
+    return source_key(item, cfg), process_source(item, cfg)
 
 
 # ---------------------------------------------------------------------------
 # The record of decoded sources
 
 
-def decode_settings(cfg) -> dict[str, Any]:
-    return {"format": RECORD_FORMAT, **{key: getattr(cfg, key) for key in DECODE_KEYS}}
+def decode_settings(cfg, tiled: bool) -> str:
+    """A short digest of the settings that decide what decoding one kind of source gives."""
+    values = {key: getattr(cfg, key) for key in DECODE_KEYS["tiled" if tiled else "whole"]}
+    return hashlib.sha1(json.dumps({**values, "vector_side": VECTOR_SIDE}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def source_key(item: SourceImage) -> str:
-    """What a record line is valid for: the source's id, class, group, file and its size
-    and time (a re-unpacked or changed package gives new keys)."""
+def source_key(item: SourceImage, cfg) -> str:
+    """What a record line is valid for: the source's id, class, group, file with its size
+    and time (a re-unpacked or changed package gives new keys), and the decode settings."""
     try:
         stat = os.stat(item.path)
         version = f"{stat.st_size}:{stat.st_mtime_ns}"
     except OSError:
         version = "missing"
-    return f"{item.image_id}|{item.class_name}|{item.source}|{item.group}|{int(item.tiled)}|{item.path}|{version}"
+    return (f"{item.image_id}|{item.class_name}|{item.source}|{item.group}|{int(item.tiled)}|{item.path}|{version}|"
+            f"{decode_settings(cfg, item.tiled)}")
 
 
 def open_record(cfg) -> dict[str, tuple[list[CorpusImage], Counter]]:
-    """The sources already decoded with these settings (source_key -> result).  With no
-    record, or one made with other settings, the stored images are cleared and a new
-    record is started."""
+    """The sources already decoded (source_key -> result).  With no record, or one of
+    another format, the stored images are cleared and a new record is started."""
     corpus_dir = Path(cfg.corpus_dir)
     path = corpus_dir / RECORD
-    settings = decode_settings(cfg)
     done: dict[str, tuple[list[CorpusImage], Counter]] = {}
     lines = path.read_text().splitlines() if path.is_file() else []
     header = _parse(lines[0]) if lines else None
-    if header is None or header.get("settings") != settings:
+    if header is None or header.get("format") != RECORD_FORMAT:
         shutil.rmtree(corpus_dir / "images", ignore_errors=True)
         shutil.rmtree(corpus_dir / REJECTED_DIR, ignore_errors=True)
         corpus_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings}) + "\n")
+        tmp.write_text(json.dumps({"format": RECORD_FORMAT}) + "\n")
         os.replace(tmp, path)
         return done
     for line in lines[1:]:
@@ -256,7 +290,7 @@ def decode_all(items: list[SourceImage], cfg) -> tuple[list[CorpusImage], Counte
     from mtl.runtime import progress
 
     done = open_record(cfg)
-    keys = {item.image_id: source_key(item) for item in items}
+    keys = {item.image_id: source_key(item, cfg) for item in items}
     todo = [item for item in items if keys[item.image_id] not in done]
     # big pictures first (better load balance); then a fixed order
     todo.sort(key=lambda it: (not it.tiled, it.image_id))

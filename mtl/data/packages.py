@@ -63,6 +63,7 @@ class PackageSource:
     pick: str = "seeded"         # whole images: which file of a group (tiled rows: the largest)
     exclude: tuple[str, ...] = ()  # globs (below root) left out
     id_prefix: str | None = None   # None: the package name; "" for the rows the default set always had
+    vector: bool = False           # SVG files are sources (rendered with rsvg-convert), not skipped
     sets: tuple[str, ...] = ("full",)
 
     def __post_init__(self) -> None:
@@ -113,9 +114,11 @@ def _wallpapers(package: str) -> PackageSource:
                          sets=("default", "full"))
 
 
-def _icon_theme(package: str, theme: str, reason: str = _ICONS, exclude: tuple[str, ...] = ()) -> PackageSource:
-    return PackageSource(package, "clipart", ("**/*.png",), "icon", reason, root=f"usr/share/icons/{theme}",
-                         pick="largest", exclude=("**/*symbolic*", "**/*symbolic*/**", *exclude))
+def _icon_theme(package: str, theme: str, reason: str = _ICONS, exclude: tuple[str, ...] = (),
+                globs: tuple[str, ...] = ("**/*.png",)) -> PackageSource:
+    return PackageSource(package, "clipart", globs, "icon", reason, root=f"usr/share/icons/{theme}",
+                         pick="largest", exclude=("**/*symbolic*", "**/*symbolic*/**", *exclude),
+                         vector=any(g.endswith(".svg") for g in globs))
 
 
 WESNOTH = "usr/share/games/wesnoth/1.16/data/core/images"
@@ -146,6 +149,14 @@ PACKAGES: tuple[PackageSource, ...] = (
     _icon_theme("yaru-theme-icon", "Yaru", "Ubuntu's Yaru icons, up to 512 px"),
     _icon_theme("mint-y-icons", "Mint-Y", "Linux Mint's Mint-Y icons (the colour variants are left out)"),
     _icon_theme("obsidian-icon-theme", "Obsidian", "Obsidian icons, 64-96 px"),
+    # SVG-only themes, rendered at 256 px (one size folder: each size is the same drawing)
+    _icon_theme("papirus-icon-theme", "Papirus", "Papirus flat icons (SVG, the 64 px drawings)",
+                globs=("64x64/**/*.svg",)),
+    _icon_theme("numix-icon-theme-circle", "Numix-Circle", "Numix Circle app icons (SVG)", globs=("**/*.svg",)),
+    _icon_theme("suru-icon-theme", "suru", "Lomiri's Suru icons (SVG)", globs=("**/*.svg",)),
+    _icon_theme("breeze-icon-theme", "breeze", "KDE's Breeze colour icons (SVG; apps, places, devices, "
+                "file types: the monochrome action glyphs are left out)",
+                globs=("apps/48/*.svg", "places/64/*.svg", "devices/64/*.svg", "mimetypes/64/*.svg")),
     # --- game art: sprites and objects are clip art; painted full-frame backgrounds are scenes
     PackageSource("wesnoth-1.16-data", "clipart", ("units/**/*.png",), "sprite",
                   "Wesnoth unit sprites: one painted figure per file on a transparent hex", root=WESNOTH),
@@ -187,9 +198,6 @@ PACKAGES: tuple[PackageSource, ...] = (
     PackageSource("extremetuxracer-data", "scene", ("terrains/*.png", "env/**/*.png"), "file",
                   "Extreme Tux Racer terrain textures and sky boxes: full-frame snow, rock and sky",
                   root=ETR),
-    PackageSource("desktop-base", "scene", ("usr/share/desktop-base/*-theme/wallpaper/**/*.png",
-                                            "usr/share/desktop-base/*-theme/login/*.png"), "wallpaper",
-                  "Debian release artwork: full-frame abstract wallpapers", tiled=True),
     PackageSource("mypaint-data-extras", "scene", ("usr/share/mypaint/backgrounds/**/*.*",), "file",
                   "MyPaint paper and canvas textures (the content test drops the flat ones)", tiled=True),
 )

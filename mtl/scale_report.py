@@ -118,11 +118,11 @@ def build_table(corpus: dict) -> str:
     rows = [
         {"phase": "download (.deb files)", "mb": disk.get("download_mb"), "minutes": minutes("download_s")},
         {"phase": "unpack (dpkg-deb -x)", "mb": disk.get("unpacked_mb"), "minutes": minutes("unpack_s")},
-        {"phase": "find the source files", "mb": None, "minutes": minutes("discover_s")},
+        {"phase": "find the source files", "mb": float("nan"), "minutes": minutes("discover_s")},
         {"phase": "decode, tile, store (kept images)", "mb": disk.get("decoded_mb"), "minutes": minutes("decode_s")},
-        {"phase": "duplicates, splits, outputs", "mb": None,
+        {"phase": "duplicates, splits, outputs", "mb": float("nan"),
          "minutes": round((timings.get("dedup_split_s", 0) + timings.get("outputs_s", 0)) / 60, 1)},
-        {"phase": "**whole build**", "mb": None, "minutes": minutes("build_s")},
+        {"phase": "**whole build**", "mb": float("nan"), "minutes": minutes("build_s")},
     ]
     return markdown_table(rows, [("phase", "phase"), ("mb", "MB"), ("minutes", "minutes")])
 

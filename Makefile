@@ -14,12 +14,14 @@ export MALLOC_TRIM_THRESHOLD_ := 100000000000
 export DVC_NO_ANALYTICS := 1
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: setup apt kernel dvc-config repro test sweep clean-results help
+.PHONY: setup apt kernel dvc-config repro test sweep learning-curve clean-results help
 
 help:
 	@echo "make repro              set up, then run the whole DVC pipeline (default CPU profile)"
 	@echo "make repro PROFILE=paper   the paper's settings (MobileNetV2, 224 px, GPU)"
 	@echo "make test               set up, then run the test suite"
+	@echo "make repro PROFILE=full    every package of the table, no caps (CPU, <= 3 h)"
+	@echo "make learning-curve PROFILE=full   the best recipe on 1k..all training pictures (results/learning_curve/)"
 	@echo "make sweep              a papermill parameter sweep, scored on val (SWEEP=sweeps/stage1.yaml)"
 	@echo "make setup              only install (.venv, Debian tools, Jupyter kernel, DVC config)"
 
@@ -65,3 +67,15 @@ SWEEP_SET ?=
 sweep: setup
 	$(VENV)/bin/dvc repro evalset features
 	$(PY) -m mtl.sweep $(SWEEP) $(if $(SWEEP_SET),--set $(SWEEP_SET))
+
+# The learning curve (sweeps/learning_curve.yaml): the profile's corpus, evaluation set and
+# feature cache first (only those stages), then every point, scored on val and test.
+learning-curve: setup
+ifeq ($(PROFILE),default)
+	$(VENV)/bin/dvc repro evalset features
+	$(PY) -m mtl.learning_curve sweeps/learning_curve.yaml
+else
+	$(VENV)/bin/dvc exp run -n $(PROFILE)-data-$$(date +%Y%m%d-%H%M%S) $$($(PY) -m mtl.params set-args profiles/$(PROFILE).yaml) evalset features
+	$(PY) -m mtl.learning_curve sweeps/learning_curve.yaml --profile profiles/$(PROFILE).yaml
+endif
+	$(PY) -m mtl.report --readme README.md

@@ -71,10 +71,26 @@ class FeatureCache:
     labels: np.ndarray      # [N] corpus-wide instance labels (the contrastive positives)
     class_ids: np.ndarray   # [N]
     views: int
+    # A subset (`subset`): the stored instance behind each of `ids`; labels, class ids and
+    # rows stay those of the stored instances.  None: every stored instance, in order.
+    instances: np.ndarray | None = None
 
     @property
     def num_instances(self) -> int:
         return len(self.ids)
+
+    def stored_instance(self, instance: int) -> int:
+        return instance if self.instances is None else int(self.instances[instance])
+
+    def subset(self, ids: Sequence[str]) -> "FeatureCache":
+        """The same stored taps, restricted to `ids` (in that order): a learning-curve point
+        trains on the very views the full cache holds for its images."""
+        position = {image_id: i for i, image_id in enumerate(self.ids)}
+        missing = [i for i in ids if i not in position]
+        if missing:
+            raise KeyError(f"{self.directory}: {len(missing)} id(s) not in the cache, e.g. {missing[:3]}")
+        chosen = np.array([self.stored_instance(position[i]) for i in ids], dtype=np.int64)
+        return FeatureCache(self.directory, self.taps, list(ids), self.labels, self.class_ids, self.views, chosen)
 
     @classmethod
     def open(cls, directory: str | Path) -> "FeatureCache":
@@ -200,7 +216,7 @@ class CachedEpoch:
 
     def rows(self, keys: Sequence[ViewKey]) -> np.ndarray:
         """The cache rows of one batch's view keys."""
-        return np.array([k.instance * self.cache.views + self._view(k) for k in keys])
+        return np.array([self.cache.stored_instance(k.instance) * self.cache.views + self._view(k) for k in keys])
 
     def load(self, rows: np.ndarray) -> Batch:
         """(taps as float32, instance labels, class ids) of cache rows, in their order."""

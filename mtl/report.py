@@ -294,6 +294,9 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     dedup_csv = results_dir / "dedup" / "benchmark.csv"
     if dedup_csv.is_file():
         tables["dedup"] = dedup_table(dedup_csv)
+    from mtl.scale_report import scale_tables  # (imports this module)
+
+    tables.update(scale_tables(results_dir))
     return tables
 
 

@@ -83,15 +83,16 @@ def is_interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(items: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterator[T]:
-    """Progress over a long loop: a live tqdm bar when a person watches; otherwise a line
-    at 25, 50, 75 and 100 % with the elapsed time and the rate (papermill, CI, pipes)."""
+def progress(items: Iterable[T], total: int, desc: str, unit: str = "it", lines: int = 4) -> Iterator[T]:
+    """Progress over a long loop: a live tqdm bar when a person watches; otherwise `lines`
+    lines (at 25, 50, 75 and 100 % by default) with the elapsed time and the rate
+    (papermill, CI, pipes)."""
     if is_interactive():
         from tqdm import tqdm
 
         yield from tqdm(items, total=total, desc=desc, unit=unit)
         return
-    marks = {max(1, -(-total * q // 4)) for q in (1, 2, 3, 4)}
+    marks = {max(1, -(-total * q // lines)) for q in range(1, lines + 1)}
     started = time.perf_counter()
     for done, item in enumerate(items, 1):
         yield item

@@ -64,7 +64,12 @@ def corpus_stage(params: dict, results_dir: str | Path = RESULTS / "corpus") -> 
         combined.save(tmp, optimize=True)
     with atomic_path(results_dir / "near_blank.png") as tmp:
         shutil.copyfile(corpus_dir / report["near_blank_sheet"], tmp)
-    metrics = {key: report[key] for key in ("images", "splits", "counts", "groups", "rejections", "duplicates")}
+    if report.get("package_sheets"):
+        from mtl.scale_report import package_overview
+
+        package_overview(corpus_dir, results_dir / "packages.png")
+    metrics = {key: report[key] for key in ("images", "splits", "counts", "groups", "rejections", "duplicates",
+                                            "timings", "disk", "decode", "per_package") if key in report}
     metrics["wall_seconds"] = timing["seconds"]
     write_json(results_dir / "metrics.json", metrics)
     return report

@@ -505,7 +505,7 @@ def corpus_batches(params: dict, cfg: StageConfig, model: MTLNet
     from mtl.data.batches import make_stage_batches
 
     corpus_dir = Path(params["data"]["corpus_dir"])
-    manifest = corpus_dir / "manifest.csv"
+    manifest = training_manifest(params)
     if cfg.source == "features":
         return feature_batches(params, cfg, model)
 
@@ -516,6 +516,20 @@ def corpus_batches(params: dict, cfg: StageConfig, model: MTLNet
 
     val_batches = batches_for("val")
     return batches_for("train"), lambda: val_batches(0)
+
+
+def training_manifest(params: dict) -> Path:
+    """The manifest a stage trains on: the corpus's, or with ``data.train_pictures`` set,
+    a copy whose train split is that seeded subset (`mtl.data.splits.train_subset`; val
+    and test rows unchanged), written beside the corpus."""
+    from mtl.data.splits import write_train_subset
+
+    data = params["data"]
+    manifest = Path(data["corpus_dir"]) / "manifest.csv"
+    if data.get("train_pictures") is None:
+        return manifest
+    out = manifest.parent.parent / "train_subsets" / f"{manifest.parent.name}-{data['train_pictures']}-seed{data['seed']}.csv"
+    return write_train_subset(manifest, out, int(data["train_pictures"]), int(data["seed"]))
 
 
 def feature_batches(params: dict, cfg: StageConfig, model: MTLNet
@@ -529,7 +543,13 @@ def feature_batches(params: dict, cfg: StageConfig, model: MTLNet
                           val_views=cfg.views_per_instance, image_size=cfg.image_size, view_recipe=cfg.views,
                           seed=cfg.seed, batch_size=features["batch_size"], num_workers=cfg.num_workers,
                           device=cfg.device)
-    train = cache_batches(caches["train"], cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=True)
+    train_cache = caches["train"]
+    if params["data"].get("train_pictures") is not None:  # the full split's cache, cut to the subset
+        from mtl.data.batches import split_originals
+
+        subset = split_originals(training_manifest(params), corpus_dir, "train")
+        train_cache = train_cache.subset([original.id for original in subset])
+    train = cache_batches(train_cache, cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=True)
     val = cache_batches(caches["val"], cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=False)
     return train, lambda: val(0)
 
@@ -546,7 +566,7 @@ def corpus_digest(params: dict, splits: tuple[str, ...] = ("train", "val")) -> s
 
     corpus_dir = Path(params["data"]["corpus_dir"])
     digest = hashlib.sha256()
-    for row in sorted(read_manifest(corpus_dir / "manifest.csv"), key=lambda r: r["id"]):
+    for row in sorted(read_manifest(training_manifest(params)), key=lambda r: r["id"]):
         if row["split"] in splits:
             digest.update(repr(sorted(row.items())).encode())
             digest.update((corpus_dir / row["path"]).read_bytes())

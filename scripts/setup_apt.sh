@@ -3,7 +3,8 @@
 #  - package lists, so that `apt-get download openclipart-png ...` (the corpus
 #    source, no root needed for the download itself) can find the packages;
 #  - libmagic1, which AugLy's file-type detection needs;
-#  - chromium and chromium-driver, the headless browser that tests `mtl dedup`'s report.html.
+#  - chromium and chromium-driver, the headless browser that tests `mtl dedup`'s report.html;
+#  - librsvg2-bin (rsvg-convert), which renders the SVG icon themes of the full package set.
 # Runs `apt-get update` only when the lists do not know the corpus packages.
 set -euo pipefail
 SUDO=""
@@ -25,4 +26,8 @@ fi
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     echo "setup_apt: installing chromium chromium-driver (browser test of the dedup report)"
     $SUDO apt-get install -y -qq chromium chromium-driver
+fi
+if ! command -v rsvg-convert >/dev/null; then
+    echo "setup_apt: installing librsvg2-bin (renders the SVG icons of the full corpus)"
+    $SUDO apt-get install -y -qq librsvg2-bin
 fi

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import imagehash
@@ -16,11 +17,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from mtl.data import corpus
+from mtl.data import corpus, debian, decode
 from mtl.data.batches import read_manifest
-from mtl.data.corpus import (MANIFEST_COLUMNS, SPLITS, CorpusConfig, CorpusImage, assign_splits, build_corpus,
-                             clipart_family, content_share, drop_duplicates, near_duplicate_pairs,
-                             scene_picture, tile_content)
+from mtl.data.corpus import MANIFEST_COLUMNS, CorpusConfig, build_corpus
+from mtl.data.decode import CorpusImage, content_share, tile_content
+from mtl.data.packages import PACKAGES, PackageSource, clipart_family, scene_picture
+from mtl.data.splits import SPLITS, assign_splits, drop_duplicates, near_duplicate_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +132,9 @@ def test_one_wallpaper_file_per_picture_the_largest(tmp_path, small_real_photos)
     (tmp_path / "gnome/blobs-l.svg").write_text("<svg/>")
     (kde / "images/1920x1200.jpg").symlink_to(kde / "images/1280x800.jpg")
     skipped = Counter()
-    items = corpus.scene_sources({"plasma": tmp_path / "plasma", "gnome": tmp_path / "gnome"}, skipped)
+    rows = [PackageSource(name, "scene", ("**/*",), "wallpaper", "test", tiled=True, id_prefix="")
+            for name in ("plasma", "gnome")]
+    items = debian.tiled_sources(rows, {"plasma": tmp_path / "plasma", "gnome": tmp_path / "gnome"}, skipped)
     assert {(item.group, item.path) for item in items} == {
         ("flow", kde / "images/2560x1600.jpg"), ("adwaita", tmp_path / "gnome/adwaita-d.webp")}
     assert skipped == {"other_version": 4, "symlink": 1, "vector_image": 1}
@@ -149,7 +153,8 @@ def test_one_clipart_file_per_family(tmp_path, small_real_photos):
         small_real_photos["coffee"].save(tmp_path / "shapes" / f"{name}.png")
     (tmp_path / "shapes" / "link_01.png").symlink_to(tmp_path / "shapes" / "tangram_01.png")
     skipped = Counter()
-    items = corpus.clipart_sources(tmp_path, seed=0, skipped=skipped)
+    openclipart = next(row for row in PACKAGES if row.package == "openclipart-png")
+    items = debian.whole_sources(replace(openclipart, root=""), tmp_path, seed=0, skipped=skipped)
     assert sorted(item.group for item in items) == ["jigsaw_red", "tangram"]
     assert skipped == {"family_variant": 2, "symlink": 1}
 
@@ -201,30 +206,30 @@ def test_near_blank_canvases_are_rejected_counted_and_shown(tmp_path, small_real
     ids = {r["id"] for r in read_manifest(tmp_path / "corpus" / "manifest.csv")}
     assert report["rejections"]["near_blank"] == 2
     assert {"drawing-large", "drawing-flag"} <= ids and not {"drawing-speck", "drawing-dot"} & ids
-    rejected = tmp_path / "corpus" / corpus.REJECTED_DIR
+    rejected = tmp_path / "corpus" / decode.REJECTED_DIR
     assert sorted(p.stem for p in rejected.glob("*.jpg")) == ["drawing-dot", "drawing-speck"]
     sheet = Image.open(tmp_path / "corpus" / report["near_blank_sheet"])
-    assert sheet.width > 2 * corpus.REJECTED_THUMB  # the contact sheet shows them
+    assert sheet.width > 2 * decode.REJECTED_THUMB  # the contact sheet shows them
 
 
 def test_wallpapers_are_cut_into_capped_square_tiles(tmp_path, real_photos):
     wallpaper = real_photos["china"].resize((1280, 854))
     wallpaper.save(tmp_path / "china.jpg", quality=95)
-    item = corpus.SourceImage(tmp_path / "china.jpg", "scene", "test", "china", "scene-china", tiled=True)
+    item = decode.SourceImage(tmp_path / "china.jpg", "scene", "test", "china", "scene-china", tiled=True)
     cfg = CorpusConfig(corpus_dir=str(tmp_path / "out"), tile_size=256, max_side=128, max_tiles_per_picture=5,
                        min_tile_std=0, min_tile_edges=0)
-    stored, skipped = corpus.process_source(item, cfg)
+    stored, skipped = decode.process_source(item, cfg)
     assert len(stored) == 5 and skipped["over_tile_cap"] == 5 * 3 - 5
     assert all((im.width, im.height) == (128, 128) and im.group == "china" for im in stored)
     assert len({im.image_id for im in stored}) == 5
-    again, _ = corpus.process_source(item, cfg)
+    again, _ = decode.process_source(item, cfg)
     assert [im.image_id for im in again] == [im.image_id for im in stored]  # seeded choice
 
 
 def test_files_are_chosen_before_decoding_to_fill_the_class_cap():
-    pictures = [corpus.SourceImage(Path(f"p{i}.jpg"), "scene", "t", f"p{i}", f"scene-p{i}", tiled=True)
+    pictures = [decode.SourceImage(Path(f"p{i}.jpg"), "scene", "t", f"p{i}", f"scene-p{i}", tiled=True)
                 for i in range(10)]
-    drawings = [corpus.SourceImage(Path(f"d{i}.png"), "clipart", "t", f"d{i}", f"clipart-d{i}", tiled=False)
+    drawings = [decode.SourceImage(Path(f"d{i}.png"), "clipart", "t", f"d{i}", f"clipart-d{i}", tiled=False)
                 for i in range(20)]
     cfg = CorpusConfig(max_per_class=8, max_tiles_per_picture=4)
     skipped = Counter()
@@ -248,10 +253,10 @@ def test_missing_package_lists_say_how_to_fix_them(tmp_path, monkeypatch):
     def apt_without_lists(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package openclipart-png\n")
 
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: "/usr/bin/apt-get")
-    monkeypatch.setattr(corpus.subprocess, "run", apt_without_lists)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(debian.subprocess, "run", apt_without_lists)
     with pytest.raises(RuntimeError, match=r"sudo apt-get update"):
-        corpus.fetch_packages(["openclipart-png"], tmp_path)
+        debian.fetch_packages(["openclipart-png"], tmp_path)
 
 
 # ---------------------------------------------------------------------------
@@ -385,3 +390,55 @@ def assert_eval_planning_keeps_pictures_apart(corpus_dir: Path, tmp_path: Path) 
         distractors = [j for j in jobs if not j.reference_id]
         assert not {j.source.picture for j in distractors} & reference_pictures
         assert len({j.source.id for j in distractors}) == counts.distractor_queries  # each its own image
+
+
+# ---------------------------------------------------------------------------
+# resuming a killed build
+
+
+def test_a_killed_build_resumes_and_decodes_only_the_rest(tmp_path, photo_folder, monkeypatch):
+    whole = build_corpus(_folder_config(photo_folder, tmp_path / "whole"))
+    sources = whole["decode"]["decoded_now"]
+    real, calls = decode.process_source, []
+
+    def killed_after_five(item, cfg):
+        if len(calls) == 5:
+            raise KeyboardInterrupt("killed")
+        calls.append(item.image_id)
+        return real(item, cfg)
+
+    monkeypatch.setattr(decode, "process_source", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(_folder_config(photo_folder, tmp_path / "resumed"))
+    assert not (tmp_path / "resumed" / "manifest.csv").exists()
+
+    again = []
+    monkeypatch.setattr(decode, "process_source", lambda item, cfg: again.append(item.image_id) or real(item, cfg))
+    report = build_corpus(_folder_config(photo_folder, tmp_path / "resumed"))
+    assert sorted(again) == sorted(set(again)) and not set(again) & set(calls)
+    assert len(again) == sources - 5 and report["decode"] == {"decoded_now": sources - 5, "from_record": 5,
+                                                             "restored": 0}
+    assert (tmp_path / "resumed" / "manifest.csv").read_bytes() == (tmp_path / "whole" / "manifest.csv").read_bytes()
+    images = lambda d: sorted(p.relative_to(d).as_posix() for p in (d / "images").rglob("*.jpg"))  # noqa: E731
+    assert images(tmp_path / "resumed") == images(tmp_path / "whole")
+
+    again.clear()  # a finished build decodes nothing; other decode settings start over
+    build_corpus(_folder_config(photo_folder, tmp_path / "resumed"))
+    assert again == []
+    build_corpus(_folder_config(photo_folder, tmp_path / "resumed", max_side=96))
+    assert len(again) == sources
+
+
+def test_a_kept_image_whose_file_is_gone_is_decoded_again(tmp_path, photo_folder):
+    """The record keeps what an earlier build dropped (a duplicate, over a cap); when such
+    an image is kept again its file is restored from its source."""
+    corpus_dir = tmp_path / "c"
+    build_corpus(_folder_config(photo_folder, corpus_dir))
+    before = (corpus_dir / "manifest.csv").read_bytes()
+    row = read_manifest(corpus_dir / "manifest.csv")[0]
+    stored = (corpus_dir / row["path"]).read_bytes()
+    (corpus_dir / row["path"]).unlink()
+    report = build_corpus(_folder_config(photo_folder, corpus_dir))
+    assert report["decode"] == {"decoded_now": 0, "from_record": report["decode"]["from_record"], "restored": 1}
+    assert (corpus_dir / row["path"]).read_bytes() == stored
+    assert (corpus_dir / "manifest.csv").read_bytes() == before

@@ -1,0 +1,203 @@
+"""Data at scale: the README's tables for the full package set, the corpus build's disk and
+time, a profile's results beside the default ones, and the learning curve.
+
+A profile's numbers are kept under ``results/profiles/<name>/`` (the pipeline writes every
+profile's results to the same paths, so they are copied aside once a run finishes):
+
+    python -m mtl.scale_report save-profile full          # after `make repro PROFILE=full`
+    python -m mtl.scale_report corpus data/corpus_full    # a corpus built by hand (`mtl corpus`)
+
+`mtl.report` writes the tables below into the README with every other table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+from mtl.report import RETRIEVAL_COLUMNS, fmt, markdown_table
+
+RESULTS = Path("results")
+PROFILE_FILES = ("corpus/metrics.json", "corpus/contact_sheets.png", "corpus/packages.png", "evaluate/methods.csv",
+                 "metrics.json")
+
+
+# --------------------------------------------------------------------------- corpus summaries
+
+def corpus_metrics(report: dict) -> dict:
+    """What results/<...>/corpus/metrics.json keeps of a corpus build's report.json."""
+    keys = ("images", "splits", "counts", "groups", "rejections", "subsampling", "duplicates", "timings", "disk",
+            "decode", "per_package")
+    return {key: report[key] for key in keys if key in report}
+
+
+def package_overview(corpus_dir: Path, out_png: Path, per_row: int = 12, thumb: int = 44) -> Path:
+    """One small sheet: a row of seeded thumbnails per (package, class), labelled."""
+    from PIL import Image, ImageDraw
+
+    from mtl.data.batches import read_manifest
+    from mtl.data.decode import rank_key
+
+    rows = defaultdict(list)
+    for row in read_manifest(corpus_dir / "manifest.csv"):
+        rows[(row["source"].removeprefix("debian:"), row["class"])].append(row)
+    label, pad = 230, 2
+    sheet = Image.new("RGB", (label + per_row * (thumb + pad), len(rows) * (thumb + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, ((package, class_name), members) in enumerate(sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
+        y = pad + r * (thumb + pad)
+        draw.text((4, y + thumb // 2 - 6), f"{class_name}: {package} ({len(members):,})", fill="black")
+        for c, row in enumerate(sorted(members, key=lambda m: rank_key(1, m["id"]))[:per_row]):
+            with Image.open(corpus_dir / row["path"]) as im:
+                im = im.convert("RGB")
+                im.thumbnail((thumb, thumb))
+            sheet.paste(im, (label + c * (thumb + pad) + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    sheet.quantize(256).save(out_png, optimize=True)
+    return out_png
+
+
+def save_corpus(corpus_dir: Path, out_dir: Path) -> Path:
+    """metrics.json, packages.png and contact_sheets.png of a built corpus, under out_dir."""
+    report = json.loads((corpus_dir / "report.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(corpus_metrics(report), indent=2, sort_keys=True) + "\n")
+    package_overview(corpus_dir, out_dir / "packages.png")
+    from PIL import Image
+
+    sheets = [Image.open(corpus_dir / name) for name in report["contact_sheets"].values()]
+    combined = Image.new("RGB", (sum(s.width for s in sheets) + 16 * (len(sheets) - 1), max(s.height for s in sheets)),
+                         "white")
+    x = 0
+    for sheet in sheets:
+        combined.paste(sheet, (x, 0))
+        x += sheet.width + 16
+    combined.quantize(256).save(out_dir / "contact_sheets.png", optimize=True)
+    return out_dir
+
+
+def save_profile(name: str, results_dir: Path = RESULTS) -> Path:
+    """Copy the pipeline's current results of a profile to results/profiles/<name>/."""
+    out = results_dir / "profiles" / name
+    for rel in PROFILE_FILES:
+        if (results_dir / rel).is_file():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(results_dir / rel, out / rel)
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+def packages_table(corpus: dict) -> str:
+    """Per package and class: the table's reason, files decoded, images and pictures kept."""
+    from mtl.data.packages import PACKAGES
+
+    reasons = defaultdict(list)
+    for row in PACKAGES:
+        reasons[f"{row.package}:{row.class_name}"].append(row.reason)
+    rows = []
+    for key, counts in corpus.get("per_package", {}).items():
+        package, class_name = key.rsplit(":", 1)
+        rows.append({"package": package, "class": class_name, **counts,
+                     "reason": "; ".join(reasons.get(key, ["(not in the table)"]))})
+    rows.sort(key=lambda r: (r["class"], -r["images"]))
+    columns = [("package", "package"), ("class", "class"), ("files", "files decoded"), ("images", "images kept"),
+               ("groups", "pictures"), ("reason", "why this class")]
+    return markdown_table(rows, columns)
+
+
+def build_table(corpus: dict) -> str:
+    """Disk and time of a corpus build, per phase."""
+    disk, timings = corpus.get("disk", {}), corpus.get("timings", {})
+    minutes = lambda key: round(timings[key] / 60, 1) if key in timings else None  # noqa: E731
+    rows = [
+        {"phase": "download (.deb files)", "mb": disk.get("download_mb"), "minutes": minutes("download_s")},
+        {"phase": "unpack (dpkg-deb -x)", "mb": disk.get("unpacked_mb"), "minutes": minutes("unpack_s")},
+        {"phase": "find the source files", "mb": float("nan"), "minutes": minutes("discover_s")},
+        {"phase": "decode, tile, store (kept images)", "mb": disk.get("decoded_mb"), "minutes": minutes("decode_s")},
+        {"phase": "duplicates, splits, outputs", "mb": float("nan"),
+         "minutes": round((timings.get("dedup_split_s", 0) + timings.get("outputs_s", 0)) / 60, 1)},
+        {"phase": "**whole build**", "mb": float("nan"), "minutes": minutes("build_s")},
+    ]
+    return markdown_table(rows, [("phase", "phase"), ("mb", "MB"), ("minutes", "minutes")])
+
+
+def counts_table(corpus: dict) -> str:
+    """Images (and pictures) per class and split."""
+    counts, groups = corpus.get("counts", {}), corpus.get("groups", {})
+    rows = []
+    for class_name, row in counts.items():
+        pictures = groups.get(class_name, {})
+        rows.append({"class": class_name, **{s: f"{fmt(row[s])} ({fmt(pictures.get(s))})" for s in row}})
+    return markdown_table(rows, [("class", "class"), ("train", "train"), ("val", "val"), ("test", "test"),
+                                 ("total", "total")])
+
+
+def learning_curve_table(results_dir: Path) -> str | None:
+    table = results_dir / "learning_curve" / "table.csv"
+    if not table.is_file():
+        return None
+    rows = pd.read_csv(table).to_dict("records")
+    baseline = results_dir / "learning_curve" / "baseline.json"
+    if baseline.is_file():
+        rows.append({"train_pictures": "ImageNet 1280-d", **json.loads(baseline.read_text())})
+    columns = [("train_pictures", "training pictures"), ("muap_val", "μAP val"), ("muap_test", "μAP test"),
+               ("acc1_test", "acc@1 test"), ("recall_at_p90_test", "R@P90 test"), ("wall_seconds", "wall s")]
+    return markdown_table(rows, columns)
+
+
+def profiles_table(results_dir: Path, methods: tuple[str, ...] = ("phash", "backbone_gap1280", "best_frozen",
+                                                                   "best_finetune", "best_finetune_gate")) -> str | None:
+    """The default profile's and the full profile's retrieval, side by side."""
+    sources = {"default": results_dir / "evaluate" / "methods.csv",
+               "full": results_dir / "profiles" / "full" / "evaluate" / "methods.csv"}
+    if not sources["full"].is_file():
+        return None
+    rows = []
+    for profile, path in sources.items():
+        if path.is_file():
+            frame = pd.read_csv(path)
+            rows += [{"profile": profile, **r} for r in frame[frame["method"].isin(methods)].to_dict("records")]
+    columns = [("profile", "profile"), *[c for c in RETRIEVAL_COLUMNS if c[0] in ("method", "muap", "recall_at_p90",
+                                                                                  "acc_at_1", "fp_at_threshold")]]
+    return markdown_table(rows, columns)
+
+
+def scale_tables(results_dir: Path = RESULTS) -> dict[str, str]:
+    """Every data-at-scale table whose numbers exist."""
+    tables = {}
+    corpus_json = results_dir / "profiles" / "full" / "corpus" / "metrics.json"
+    if corpus_json.is_file():
+        corpus = json.loads(corpus_json.read_text())
+        tables.update(packages_full=packages_table(corpus), corpus_build_full=build_table(corpus),
+                      corpus_full=counts_table(corpus))
+    for name, table in (("learning_curve", learning_curve_table(results_dir)),
+                        ("retrieval_profiles", profiles_table(results_dir))):
+        if table is not None:
+            tables[name] = table
+    return tables
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtl.scale_report", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("save-profile", help="copy the current results to results/profiles/NAME/")
+    s.add_argument("name")
+    c = sub.add_parser("corpus", help="summarize a corpus built by hand into results/profiles/NAME/corpus/")
+    c.add_argument("corpus_dir")
+    c.add_argument("--profile", default="full")
+    args = parser.parse_args(argv)
+    if args.cmd == "save-profile":
+        print(f"wrote {save_profile(args.name)}")
+    else:
+        print(f"wrote {save_corpus(Path(args.corpus_dir), RESULTS / 'profiles' / args.profile / 'corpus')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -315,21 +315,25 @@ def evaluation_passes(params: dict) -> list:
             CheckpointPass(checkpoint_path(recipe, "finetune"), mtl=f"{recipe}_finetune",
                            gap1280=f"{recipe}_finetune_gap1280"),
         ]
-    passes.append(CheckpointPass(checkpoint_path("best", "finetune"), mtl=f"best_finetune_{larger}px",
-                                 image_size=larger))
+    # Evaluated larger than trained (SSCD's finding), next to the ImageNet baseline at that size.
+    passes += [CheckpointPass(checkpoint_path("best", "frozen"), gap1280=f"backbone_gap1280_{larger}px",
+                              image_size=larger),
+               CheckpointPass(checkpoint_path("best", "finetune"), mtl=f"best_finetune_{larger}px",
+                              image_size=larger)]
     return passes
 
 
 def method_order(paths: dict) -> dict:
-    """Baselines first, then each recipe's methods stage by stage."""
-    first = ["phash", "dhash", "backbone_gap1280", "backbone_pca320"]
+    """Baselines first, then each recipe's methods stage by stage, the larger input last."""
+    first = [name for name in ("phash", "dhash", "backbone_gap1280", "backbone_pca320") if name in paths]
     return {name: paths[name] for name in [*first, *sorted(set(paths) - set(first), key=_recipe_order)]}
 
 
 def _recipe_order(name: str) -> tuple:
     recipe, _, rest = name.partition("_")
     stages = ["frozen", "frozen_mem0", "finetune", "finetune_gap1280"]
-    return (RECIPES.index(recipe) if recipe in RECIPES else len(RECIPES),
+    larger = name.endswith("px")  # the larger-input rows close the table
+    return (larger, RECIPES.index(recipe) if recipe in RECIPES else -1,
             stages.index(rest) if rest in stages else len(stages), rest)
 
 

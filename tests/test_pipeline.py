@@ -86,7 +86,8 @@ def test_metrics_are_gathered_finite_and_in_range(tiny_study):
     assert metrics["features"]["speedup"] > 0
     recipe_methods = [f"{recipe}_{part}" for recipe in ("paper", "best") for part in
                       ("frozen", "frozen_mem0", "finetune", "finetune_gate", "finetune_fusion", "finetune_gap1280")]
-    for method in ("phash", "dhash", "backbone_gap1280", "backbone_pca320", *recipe_methods, "best_finetune_80px"):
+    for method in ("phash", "dhash", "backbone_gap1280", "backbone_pca320", *recipe_methods, "best_finetune_80px",
+                   "backbone_gap1280_80px"):
         row = metrics["retrieval"][method]
         for key in ("muap", "recall_at_p90", "acc_at_1"):
             assert 0.0 <= row[key] <= 1.0, (method, key, row[key])
@@ -113,3 +114,17 @@ def test_notebooks_are_committed_without_outputs():
                 assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs"
         tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{path.name} needs exactly one 'parameters' cell"
+
+
+def test_operating_points_and_diagnosis_are_written(tiny_study):
+    points = json.loads((tiny_study / "models" / "operating_points.json").read_text())
+    assert {"best", "imagenet", "phash", "dhash"} <= set(points)
+    assert points["best"]["gate"] and points["best"]["checkpoint"] == "models/best/finetune/final.pt"
+    import pandas as pd
+
+    batchnorm = pd.read_csv(tiny_study / "results" / "diagnose" / "batchnorm.csv")
+    assert list(batchnorm["bn"]) == ["-", "train", "frozen"]
+    summary = pd.read_csv(tiny_study / "results" / "diagnose" / "active_summary.csv")
+    assert set(summary["margin"]) >= {0.45, 1.0} and summary["active_share_last_epoch"].between(0, 1).all()
+    readme = (tiny_study / "README.md").read_text()
+    assert "(run `dvc repro` to fill this section)" not in readme

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_params_yaml_has_the_documented_sections():
     params = load_params(ROOT / "params.yaml")
-    assert {"data", "model", "loss", "train", "features", "recipes", "diagnose", "eval"} <= set(params)
+    assert {"data", "evalset", "model", "loss", "train", "features", "recipes", "embeddings", "diagnose", "eval"} <= set(params)
     assert {"frozen", "finetune"} <= set(params["train"])
     assert params["train"]["instances_per_batch"] * params["train"]["views_per_instance"] == 64
     assert {"paper", "best", "paper_mem0", "best_mem0"} <= set(params["recipes"])

@@ -249,3 +249,30 @@ def test_torchrun_trains_stage_one_from_the_feature_cache_like_one_process(tmp_p
     assert_all_close(two["model_state"], one["model_state"], "weights", rtol=1e-3, atol=1e-4)
     assert [row["train_positive_pairs"] for row in two["history"]] == [row["train_positive_pairs"]
                                                                        for row in one["history"]]
+
+
+def test_torchrun_embeds_a_part_per_process_and_joins_them_like_one_process(folder_with_copies, tmp_path):
+    """`torchrun --nproc-per-node 2 -m mtl.cli embed`: one .npz, equal to one process's."""
+    from mtl.eval.embed import load_npz, main
+    from tests.test_embed import assert_same_embeddings
+
+    folder, _ = folder_with_copies
+    (folder / "broken.jpg").write_text("not a picture")  # a failure in the middle of the list
+    checkpoint = tmp_path / "model.pt"
+    tiny_model().save_checkpoint(checkpoint)
+    common = ["--method", str(checkpoint), "--folder", str(folder), "--image-size", "48", "--batch-size", "3",
+              "--num-workers", "0", "--gap-out"]
+    result = torchrun("-m", "mtl.cli", "embed", *common, str(tmp_path / "gap2.npz"), "--out", str(tmp_path / "two.npz"))
+    assert result.stdout.count("joined ->") == 2  # rank 0 joins both files
+    # Bit for bit at the same number of threads (each process runs one): another thread
+    # count splits the convolutions' sums otherwise and moves the last bits (~1e-7).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*common, str(tmp_path / "gap1.npz"), "--out", str(tmp_path / "one.npz")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for two, one in (("two", "one"), ("gap2", "gap1")):
+        assert_same_embeddings(load_npz(tmp_path / f"{two}.npz"), load_npz(tmp_path / f"{one}.npz"))
+    assert list(load_npz(tmp_path / "two.npz").failed) == ["broken.jpg"]
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["gap1.npz", "gap2.npz", "one.npz", "two.npz"]

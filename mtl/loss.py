@@ -18,6 +18,14 @@ exactly (the test suite checks this against PML as an oracle):
 ``memory_size=0`` is the conventional within-batch loss of Fig. 2 (top):
 PML's plain ``ContrastiveLoss``, where both sides of a pair carry gradient.
 
+Across processes (``across_ranks=True`` under torchrun, :mod:`mtl.distributed`) each
+rank's anchors are its own rows of the global batch; the references are the global
+batch (gathered in rank order, so the memory is the same on every rank and equals the
+single-process memory), detached as in one process, or with gradient for the
+within-batch loss.  The non-zero means are global: the sums of terms and their counts
+are summed over ranks, so the loss value is the single-process value on every rank, and
+the ranks' gradients add up to the single-process gradient.
+
 How it stays cheap with 64 x 10,240 pairs: a negative only counts inside the margin,
 so one low-precision matmul (no graph) finds the reference columns that can matter.
 When they are few (the usual case once training is under way) the exact fp32
@@ -32,6 +40,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mtl import distributed
 
 # Squared distances at or below this are treated as exactly zero: sqrt has an
 # infinite slope at 0 (NaN gradients for identical views).
@@ -242,7 +252,7 @@ class CrossBatchContrastiveLoss(nn.Module):
     def _references(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool,
                     selection_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the batch is compared with: (reference embeddings, the same in the
-        pre-selection dtype, their labels, each anchor's own column).  Only the
+        pre-selection dtype, their labels, each batch row's own column).  Only the
         within-batch case (memory_size=0, Fig. 2 top) has references that carry
         gradient, as in PML's plain ContrastiveLoss."""
         batch_columns = torch.arange(len(labels), device=labels.device)
@@ -262,27 +272,39 @@ class CrossBatchContrastiveLoss(nn.Module):
 
     # -- forward ----------------------------------------------------------------
 
-    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check_inputs(self, embeddings: torch.Tensor, labels: torch.Tensor, ranks: int = 1) -> None:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
             raise ValueError(f"embeddings must be [B, {self.embed_dim}], got {tuple(embeddings.shape)}")
         if labels.shape != (embeddings.shape[0],):
             raise ValueError(f"labels must be [B]={embeddings.shape[0]}, got {tuple(labels.shape)}")
-        if self.memory_size and embeddings.shape[0] > self.memory_size:
-            raise ValueError(f"batch of {embeddings.shape[0]} does not fit a memory of {self.memory_size}; "
+        batch = embeddings.shape[0] * ranks  # the global batch is what the memory stores
+        if self.memory_size and batch > self.memory_size:
+            raise ValueError(f"batch of {batch} does not fit a memory of {self.memory_size}; "
                              "use memory_size=0 (within-batch) or >= the batch size")
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool = True) -> torch.Tensor:
-        self._check_inputs(embeddings, labels)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool = True,
+                across_ranks: bool = False) -> torch.Tensor:
+        """``across_ranks``: `embeddings` are this rank's rows of a global batch (training
+        under torchrun); see the module docstring.  Ignored in a single process."""
+        across_ranks = across_ranks and distributed.is_active()
+        self._check_inputs(embeddings, labels, distributed.world_size() if across_ranks else 1)
         # Always in fp32 (autocast may hand us fp16); renormalizing is a no-op for
         # the model's unit outputs and matches PML's LpDistance(normalize_embeddings=True).
         embeddings = F.normalize(embeddings.float(), dim=1)
         labels = labels.to(device=embeddings.device, dtype=torch.long)
+        if across_ranks:
+            batch, batch_labels = self._global_batch(embeddings, labels)
+        else:
+            batch, batch_labels = embeddings, labels
         if self.memory_embeddings.device != embeddings.device:
             raise ValueError(f"loss memory is on {self.memory_embeddings.device} but embeddings are on "
                              f"{embeddings.device}; move the loss with .to(device)")
         selection_dtype = fast_selection_dtype(embeddings.device)
         references, selection_references, ref_labels, self_columns = self._references(
-            embeddings, labels, update_memory, selection_dtype)
+            batch, batch_labels, update_memory, selection_dtype)
+        if across_ranks:  # this rank's anchors are its rows of the global batch
+            first = distributed.rank() * len(labels)
+            self_columns = self_columns[first:first + len(labels)]
         cosine, columns, threshold = near_columns(embeddings.detach().to(selection_dtype), selection_references,
                                                   self.margin)
         if len(columns) <= _DENSE_COLUMN_SHARE * len(ref_labels):
@@ -290,6 +312,8 @@ class CrossBatchContrastiveLoss(nn.Module):
                                       cosine, columns, threshold)
         else:
             terms = dense_pair_terms(embeddings, labels, references, ref_labels, self_columns, self.margin)
+        if across_ranks:
+            return self._global_means(terms)
         positive_loss, _ = mean_of_nonzero(terms.positive)
         negative_loss, active_negatives = mean_of_nonzero(terms.negative)
         self._last_counts = {
@@ -298,6 +322,27 @@ class CrossBatchContrastiveLoss(nn.Module):
             "active_negatives": active_negatives,
         }
         return positive_loss + negative_loss
+
+    def _global_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's rows in rank order: with gradient where the single-process loss
+        has references with gradient (within-batch), detached otherwise."""
+        gather = distributed.gather_rows_with_grad if self.memory_size == 0 else distributed.gather_rows
+        return gather(embeddings), distributed.gather_rows(labels)
+
+    def _global_means(self, terms: PairTerms) -> torch.Tensor:
+        """AvgNonZeroReducer over the global batch: sums and counts of the non-zero terms
+        are summed over ranks (one all-reduce); each rank's gradient is its share."""
+        positive_sum, negative_sum = terms.positive.sum(), terms.negative.sum()
+        local = torch.stack([value.detach().double() for value in (
+            positive_sum, torch.count_nonzero(terms.positive > 0), negative_sum,
+            torch.count_nonzero(terms.negative > 0), terms.positive_pairs, terms.negatives_compared)])
+        totals = distributed.all_reduce_sum(local)
+        positive_count, negative_count = totals[1].clamp_min(1).float(), totals[3].clamp_min(1).float()
+        positive = distributed.global_share(positive_sum, totals[0].float()) / positive_count
+        negative = distributed.global_share(negative_sum, totals[2].float()) / negative_count
+        self._last_counts = {"positive_pairs": totals[4].long(), "negatives_compared": totals[5].long(),
+                             "active_negatives": totals[3].long()}
+        return positive + negative
 
     @property
     def last_stats(self) -> dict[str, int]:
@@ -337,12 +382,36 @@ class MultiTaskLoss(nn.Module):
         self.lambda_koleo = float(lambda_koleo)
 
     def forward(self, embeddings: torch.Tensor, logits: torch.Tensor, instance_ids: torch.Tensor,
-                class_ids: torch.Tensor, update_memory: bool = True) -> LossParts:
-        contrastive = self.contrastive(embeddings, instance_ids, update_memory=update_memory)
-        cross_entropy = F.cross_entropy(logits.float(), class_ids.to(logits.device))
+                class_ids: torch.Tensor, update_memory: bool = True, across_ranks: bool = False) -> LossParts:
+        """``across_ranks``: the inputs are this rank's rows of a global batch; every part
+        is then its value over the global batch, with this rank's share of its gradient."""
+        across_ranks = across_ranks and distributed.is_active()
+        contrastive = self.contrastive(embeddings, instance_ids, update_memory=update_memory,
+                                       across_ranks=across_ranks)
+        class_ids = class_ids.to(logits.device)
+        if across_ranks:  # the mean over the global batch: summed, divided by the global count
+            local = F.cross_entropy(logits.float(), class_ids, reduction="sum")
+            total_loss, rows = distributed.all_reduce_sum(torch.stack([local.detach(), torch.tensor(
+                float(len(class_ids)), device=local.device)]).double())
+            cross_entropy = distributed.global_share(local, total_loss.float()) / rows.float()
+        else:
+            cross_entropy = F.cross_entropy(logits.float(), class_ids)
         total = contrastive + self.lambda_cls * cross_entropy
         koleo = torch.zeros((), device=embeddings.device)
         if self.lambda_koleo:
-            koleo = koleo_loss(embeddings, instance_ids.to(embeddings.device))
+            if across_ranks:
+                koleo = self._global_koleo(embeddings, instance_ids.to(embeddings.device))
+            else:
+                koleo = koleo_loss(embeddings, instance_ids.to(embeddings.device))
             total = total + self.lambda_koleo * koleo
         return LossParts(total, contrastive, cross_entropy, koleo)
+
+    @staticmethod
+    def _global_koleo(embeddings: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
+        """KoLeo of the global batch (nearest neighbours may sit on another rank).  Every
+        rank computes the same value; the gathered rows carry gradient and each rank
+        back-propagates 1/N of it, so the gathers' backward sums to the full gradient."""
+        everything = distributed.gather_rows_with_grad(embeddings.float())
+        value = koleo_loss(everything, distributed.gather_rows(instance_ids))
+        share = value / distributed.world_size()
+        return distributed.global_share(share, value)

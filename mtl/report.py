@@ -275,6 +275,24 @@ def dedup_table(benchmark_csv: Path) -> str:
     return markdown_table(rows, [(k, h) for k, h in DEDUP_COLUMNS if k in frame.columns])
 
 
+INDEX_SCALE_COLUMNS = [
+    ("n", "references"), ("index", "index"), ("nprobe", "nprobe"), ("build_s", "build s"),
+    ("index_mb", "index MB"), ("peak_rss_mb", "peak RSS MB"), ("ms_per_query_batch", "ms/query, batch"),
+    ("ms_single_query", "ms, one query"), ("copy_recall_at_10", "copy recall@10"),
+    ("recall_at_10_vs_flat", "top-10 overlap with flat"),
+]
+
+
+def index_scale_table(index_csv: Path) -> str:
+    """The last `benchmarks/scale_1m.py --index-sizes` run (results/scale/index.csv)."""
+    rows = pd.read_csv(index_csv, dtype={"nprobe": str}).to_dict("records")
+    for row in rows:
+        if isinstance(row.get("note"), str):  # a flat index too large to build: its size is computed
+            row["index"] = f"{row['index']} (not built: {row['index_mb'] / 1024:.1f} GB)"
+            row["index_mb"] = float("nan")
+    return markdown_table(rows, INDEX_SCALE_COLUMNS)
+
+
 def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | None = None) -> dict[str, str]:
     tables = {
         "corpus": corpus_table(metrics),
@@ -297,6 +315,9 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     from mtl.scale_report import scale_tables  # (imports this module)
 
     tables.update(scale_tables(results_dir))
+    index_csv = results_dir / "scale" / "index.csv"
+    if index_csv.is_file():
+        tables["index_scale"] = index_scale_table(index_csv)
     return tables
 
 

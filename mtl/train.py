@@ -23,6 +23,14 @@ augmented batches rewrite the statistics.  Stage 1 always freezes them.
 
 Stage 1 can learn from stored backbone taps (``source: features``, :mod:`mtl.features`)
 instead of images: the same model, loss and schedule, many more epochs for the time.
+
+Several processes (``torchrun --nproc-per-node N -m mtl.train ...``, :mod:`mtl.distributed`):
+each takes a contiguous K/N instances x V views of every global K x V batch, the loss
+sees the whole global batch and every rank's memory stores every rank's entries, the
+gradients are summed over ranks and BatchNorm layers that learn use global-batch
+statistics, so a step equals the single-process step on the same batch (to float
+rounding).  Only rank 0 writes checkpoints and logs; every rank resumes from them.
+Validation is not sharded: every rank scores the whole (small) val split alike.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mtl import distributed
 from mtl.io import atomic_path, file_digest
 from mtl.loss import CrossBatchContrastiveLoss, LossParts, MultiTaskLoss
 from mtl.model import MTLNet, ModelConfig, load_checkpoint
@@ -64,7 +73,7 @@ STEP_COLUMNS = ("step", "epoch", "lr", "total", "contrastive", "cross_entropy", 
 BATCHNORM_POLICIES = ("frozen", "train")
 SOURCES = ("images", "features")
 # Fields that may differ when a run is resumed (they do not change what is learned).
-RESUMABLE_DIFFERENCES = {"device", "num_workers"}
+RESUMABLE_DIFFERENCES = {"device", "num_workers", "distributed_backend"}
 
 
 @dataclass
@@ -94,6 +103,7 @@ class StageConfig:
     views: str = "single"              # view recipe (mtl.data.batches.VIEW_RECIPES)
     source: str = "images"             # frozen: "images", or "features" (stored backbone taps)
     max_steps_per_epoch: int | None = None  # cap, for smoke tests; None = the whole epoch
+    distributed_backend: str = "auto"  # under torchrun: "auto" (nccl on GPUs, gloo on CPUs), "gloo", "nccl"
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -108,6 +118,9 @@ class StageConfig:
             raise ValueError(f"bn must be one of {BATCHNORM_POLICIES}, got {self.bn!r}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.distributed_backend not in distributed.BACKENDS:
+            raise ValueError(f"distributed_backend must be one of {distributed.BACKENDS}, "
+                             f"got {self.distributed_backend!r}")
         if self.source == "features" and self.stage != "frozen":
             raise ValueError("source 'features' (stored backbone taps) needs a frozen backbone: stage 'frozen'")
         if self.views_per_instance < 2:
@@ -218,6 +231,10 @@ class StageRun:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.freeze_backbone(cfg.stage == "frozen")
         self.model.freeze_backbone_batchnorm(cfg.bn == "frozen")
+        self.world = distributed.world_size()
+        if self.world > 1:  # the global batch's BatchNorm statistics; every rank starts as rank 0
+            distributed.sync_batchnorm(self.model)
+            distributed.broadcast_state(self.model)
         contrastive = CrossBatchContrastiveLoss(cfg.margin, cfg.memory_size, model.config.embed_dim)
         self.criterion = MultiTaskLoss(contrastive, cfg.lambda_cls, cfg.lambda_koleo).to(self.device)
         # fused: one kernel for all parameters instead of a dozen small ops per tensor.
@@ -250,7 +267,7 @@ class StageRun:
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), loss_state=self.criterion.contrastive.state_dict(),
             rng=rng_states(), finished=self.epoch >= self.cfg.epochs, git_revision=git_revision(),
-            run_fingerprint=self.fingerprint)
+            run_fingerprint=self.fingerprint, world_size=self.world)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         differences = config_differences(checkpoint["stage_config"], self.cfg)
@@ -275,17 +292,18 @@ class StageRun:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs, instance_ids.to(self.device), class_ids.to(self.device)
 
-    def _loss(self, batch: Batch, update_memory: bool) -> tuple[LossParts, torch.Tensor]:
+    def _loss(self, batch: Batch, update_memory: bool, across_ranks: bool = False) -> tuple[LossParts, torch.Tensor]:
         inputs, instance_ids, class_ids = batch  # images, or stored backbone taps
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             output = self.model.heads(inputs) if self.from_taps else self.model(inputs)
         # The loss runs in fp32 outside autocast: distances of unit vectors near the margin
         # need more than fp16's 3 digits.
-        parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory)
+        parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory, across_ranks)
         return parts, output.logits
 
     def train_step(self, batch: Batch, step: int) -> tuple[LossParts, dict[str, torch.Tensor]]:
-        parts, _ = self._loss(self._to_device(batch), update_memory=True)
+        """One optimizer step; under torchrun `batch` is this rank's shard of the global batch."""
+        parts, _ = self._loss(self._to_device(batch), update_memory=True, across_ranks=True)
         total = float(parts.total.detach())  # one host sync per step, needed to stop at once
         if not math.isfinite(total):
             raise FloatingPointError(f"{self.cfg.stage} stage: non-finite loss {total} at epoch {self.epoch + 1}, "
@@ -293,6 +311,7 @@ class StageRun:
                                      f"cross-entropy {float(parts.cross_entropy.detach())}); lower the lr or check the inputs")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(parts.total).backward()
+        distributed.sum_gradients(self.model.parameters())  # each rank holds its share of the gradient
         self.scaler.step(self.optimizer)
         self.scaler.update()
         counts = self.criterion.contrastive.last_counts
@@ -311,7 +330,7 @@ class StageRun:
                 break
             parts, counts = self.train_step(batch, step)
             sums.add(parts, counts)
-            sums.images += len(batch[0])
+            sums.images += len(batch[0]) * self.world
         if not sums.steps:
             raise ValueError(f"epoch {self.epoch + 1} yielded no training batches")
         return sums, time.perf_counter() - start
@@ -350,7 +369,8 @@ def write_log(path: Path, history: list[dict[str, float]], columns: tuple[str, .
 
 
 def print_header(cfg: StageConfig, model: MTLNet, out_dir: Path, device: torch.device, start_epoch: int) -> None:
-    print(f"mtl train  stage={cfg.stage}  git={git_revision()}  device={device}  out={out_dir}", flush=True)
+    print(f"mtl train  stage={cfg.stage}  git={git_revision()}  device={device}  out={out_dir}  "
+          f"processes={distributed.world_size()}", flush=True)
     for key, value in sorted(asdict(cfg).items()):
         print(f"  {key}: {value}")
     for key, value in sorted(model.config.to_dict().items()):
@@ -404,11 +424,13 @@ def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     last, final = out_dir / "last.pt", out_dir / "final.pt"
     fingerprint = fingerprint or {}
+    main_rank = distributed.is_main()  # only rank 0 writes (checkpoints, logs) and prints
     if final.is_file():
         saved = load_checkpoint(final)
         if saved.get("finished") and not config_differences(saved["stage_config"], cfg) \
                 and saved.get("run_fingerprint", {}) == fingerprint:
-            print(f"[{cfg.stage}] {final} is complete; nothing to do")
+            if main_rank:
+                print(f"[{cfg.stage}] {final} is complete; nothing to do")
             return final
 
     steps_per_epoch = len(make_train_batches(1))
@@ -424,9 +446,10 @@ def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
         run.restore(checkpoint)
     else:
         seed_everything(cfg.seed)
-    print_header(cfg, run.model, out_dir, run.device, run.epoch)
+    if main_rank:
+        print_header(cfg, run.model, out_dir, run.device, run.epoch)
 
-    interactive = is_interactive()
+    interactive = is_interactive() and main_rank
     while run.epoch < cfg.epochs:
         started = time.perf_counter()
         epoch = run.epoch + 1
@@ -441,12 +464,15 @@ def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
         lr = next(r["lr"] for r in run.step_rows if r["epoch"] == epoch)  # at the epoch's first step
         row = run.log_row(train, train_seconds, val, lr, time.perf_counter() - started)
         run.history.append(row)
-        run.save(last)
-        write_logs(out_dir, run)
-        print(epoch_line(cfg.stage, cfg.epochs, row), flush=True)
+        if main_rank:
+            run.save(last)
+            write_logs(out_dir, run)
+            print(epoch_line(cfg.stage, cfg.epochs, row), flush=True)
 
-    _atomic_copy(last, final)
-    write_logs(out_dir, run)
+    if main_rank:
+        _atomic_copy(last, final)
+        write_logs(out_dir, run)
+    distributed.barrier()  # every rank returns once final.pt is there
     return final
 
 
@@ -509,13 +535,13 @@ def corpus_batches(params: dict, cfg: StageConfig, model: MTLNet
     if cfg.source == "features":
         return feature_batches(params, cfg, model)
 
-    def batches_for(split: str) -> Callable[[int], Iterable[Batch]]:
+    def batches_for(split: str, shard: tuple[int, int] = (0, 1)) -> Callable[[int], Iterable[Batch]]:
         return make_stage_batches(manifest, corpus_dir, split, cfg.instances_per_batch, cfg.views_per_instance,
                                   cfg.image_size, model.normalization, cfg.seed, num_workers=cfg.num_workers,
-                                  class_names=model.config.class_names, views=cfg.views)
+                                  class_names=model.config.class_names, views=cfg.views, shard=shard)
 
-    val_batches = batches_for("val")
-    return batches_for("train"), lambda: val_batches(0)
+    val_batches = batches_for("val")  # not sharded: every rank validates on all of it
+    return batches_for("train", distributed.shard()), lambda: val_batches(0)
 
 
 def training_manifest(params: dict) -> Path:
@@ -539,23 +565,25 @@ def feature_batches(params: dict, cfg: StageConfig, model: MTLNet
 
     corpus_dir = Path(params["data"]["corpus_dir"])
     features = params["features"]
-    caches = split_caches(corpus_dir / "manifest.csv", corpus_dir, features["dir"], model, views=features["views"],
-                          val_views=cfg.views_per_instance, image_size=cfg.image_size, view_recipe=cfg.views,
-                          seed=cfg.seed, batch_size=features["batch_size"], num_workers=cfg.num_workers,
-                          device=cfg.device)
+    with distributed.main_first():  # rank 0 builds a missing cache, the others then open it
+        caches = split_caches(corpus_dir / "manifest.csv", corpus_dir, features["dir"], model,
+                              views=features["views"], val_views=cfg.views_per_instance, image_size=cfg.image_size,
+                              view_recipe=cfg.views, seed=cfg.seed, batch_size=features["batch_size"],
+                              num_workers=cfg.num_workers, device=cfg.device)
     train_cache = caches["train"]
     if params["data"].get("train_pictures") is not None:  # the full split's cache, cut to the subset
         from mtl.data.batches import split_originals
 
         subset = split_originals(training_manifest(params), corpus_dir, "train")
         train_cache = train_cache.subset([original.id for original in subset])
-    train = cache_batches(train_cache, cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=True)
+    train = cache_batches(train_cache, cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=True,
+                          shard=distributed.shard())
     val = cache_batches(caches["val"], cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=False)
     return train, lambda: val(0)
 
 
 # The modules whose code decides what a stage learns (part of the run fingerprint).
-STAGE_CODE = ("train.py", "loss.py", "model.py", "backbones.py", "features.py", "data/batches.py",
+STAGE_CODE = ("train.py", "loss.py", "distributed.py", "model.py", "backbones.py", "features.py", "data/batches.py",
               "data/transforms.py")
 
 
@@ -594,9 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = StageConfig.from_params(params, args.stage)
     if args.stage == "finetune" and args.init is None:
         raise SystemExit("mtl train: --stage finetune needs --init (the frozen stage's final.pt)")
-    model = stage_model(params, cfg, args.init)
-    train_stage(model, cfg, *corpus_batches(params, cfg, model), args.out,
-                fingerprint=run_fingerprint(params, cfg, model, args.init))
+    distributed.init_from_env(cfg.distributed_backend)  # torchrun: join the other processes
+    try:
+        model = stage_model(params, cfg, args.init)
+        train_stage(model, cfg, *corpus_batches(params, cfg, model), args.out,
+                    fingerprint=run_fingerprint(params, cfg, model, args.init))
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -133,6 +133,25 @@ def test_val_split_keeps_its_last_partial_batch(corpus: Path) -> None:
     assert sorted(torch.cat([b[1] for b in batches]).unique().tolist()) == list(range(10, 15))  # corpus ranks
 
 
+def test_processes_share_each_batch_in_rank_order(corpus: Path) -> None:
+    """torchrun: rank r takes a contiguous K/N instances x V views of every batch; the
+    ranks' parts, concatenated in rank order, are the single-process batch."""
+    def sharded(rank: int, processes: int):
+        return make_stage_batches(corpus, corpus.parent, "train", 4, 3, SIZE, NORM, 0, shard=(rank, processes))
+
+    whole = _all(sharded(0, 1)(1))
+    parts = [_all(sharded(rank, 2)(1)) for rank in range(2)]
+    assert [len(p) for p in parts] == [len(whole)] * 2  # the same steps on every rank
+    for b, batch in enumerate(whole):
+        assert all(len(part[b][1]) == 6 for part in parts)  # 2 instances x 3 views each
+        for i in range(3):
+            assert torch.equal(torch.cat([part[b][i] for part in parts]), batch[i])
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        sharded(0, 3)
+    with pytest.raises(ValueError, match="does not exist"):
+        sharded(2, 2)
+
+
 def test_too_few_images_for_a_batch_fail_clearly(corpus: Path) -> None:
     with pytest.raises(ValueError, match="fewer than instances_per_batch"):
         _batches(corpus, k=11)

@@ -148,3 +148,35 @@ def test_every_method_embeds_both_splits_and_lands_in_one_table(tmp_path, checkp
     assert table.loc["phash", "bytes_per_vector"] == 8 and table.loc["mtl_frozen", "bytes_per_vector"] == 1280
     assert table.loc["phash", "muap"] > 0.5  # brightened, re-scaled copies keep their pHash
     assert ((table["muap"] >= 0) & (table["muap"] <= 1)).all()
+
+
+def assert_same_embeddings(joined, single) -> None:
+    """Same ids, same order, same vectors (bit for bit), same failures."""
+    for name in ("ids", "embeddings", "class_probs", "failed", "failed_reasons", "class_names"):
+        ours, theirs = getattr(joined, name), getattr(single, name)
+        assert (ours is None) == (theirs is None), name
+        if ours is not None:
+            np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    assert joined.method == single.method
+
+
+def test_shards_joined_equal_the_single_process_file(image_folder, checkpoint, tmp_path, capsys):
+    common = ["--method", str(checkpoint), "--folder", str(image_folder), "--image-size", "32", "--batch-size", "2",
+              "--num-workers", "0"]
+    assert main([*common, "--out", str(tmp_path / "single.npz")]) == 0
+    for i in range(3):  # 8 files in batches of 2: parts of 1, 1 and 2 batches
+        assert main([*common, "--shard", f"{i}/3", "--out", str(tmp_path / "joined.npz")]) == 0
+    assert "mtl embed --merge --out" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("joined.part-*-of-3.npz"))) == 3
+    assert main(["--merge", "--out", str(tmp_path / "joined.npz")]) == 0
+    assert_same_embeddings(load_npz(tmp_path / "joined.npz"), load_npz(tmp_path / "single.npz"))
+    assert not list(tmp_path.glob("joined.part-*"))  # the parts are gone once joined
+
+
+def test_merge_refuses_an_incomplete_set_of_parts(image_folder, tmp_path):
+    assert main(["--method", "phash", "--folder", str(image_folder), "--shard", "1/2",
+                 "--out", str(tmp_path / "x.npz")]) == 0
+    with pytest.raises(FileNotFoundError, match=r"parts \[0\] of 2"):
+        main(["--merge", "--out", str(tmp_path / "x.npz")])
+    with pytest.raises(SystemExit):
+        main(["--method", "phash", "--folder", str(image_folder), "--shard", "2/2", "--out", str(tmp_path / "y.npz")])

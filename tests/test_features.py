@@ -81,6 +81,14 @@ def test_train_batches_are_k_by_v_distinct_views_seeded_per_epoch(train_cache):
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch, other))
 
 
+def test_processes_share_cached_batches_like_image_batches(train_cache):
+    whole = list(cache_batches(train_cache, K, V, seed=0, train=True)(1))
+    halves = [list(cache_batches(train_cache, K, V, seed=0, train=True, shard=(rank, 2))(1)) for rank in range(2)]
+    for b, batch in enumerate(whole):
+        for i in range(3):
+            assert torch.equal(torch.cat([half[b][i] for half in halves]), batch[i])
+
+
 def test_an_up_to_date_cache_is_reused_not_rebuilt(train_cache, corpus, model):
     stamp = (train_cache.directory / "taps.npy").stat().st_mtime_ns
     again = build(corpus, train_cache.directory.parent, model)

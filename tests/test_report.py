@@ -62,3 +62,16 @@ def test_dedup_table_says_how_to_add_the_trained_model(tmp_path):
     assert table[4].startswith("| mtl_trained | *to be regenerated* |")
     csv.write_text(csv.read_text() + "mtl_trained,0.9400,best,900,0.6,0.6,0.6,30,0.3,0\n")
     assert "to be regenerated" not in dedup_table(csv)
+
+
+def test_index_scale_table_marks_a_flat_index_too_large_to_build(tmp_path):
+    from mtl.report import index_scale_table
+
+    csv = tmp_path / "index.csv"
+    csv.write_text("n,index,nprobe,build_s,index_mb,peak_rss_mb,load_s,ms_per_query_batch,ms_single_query,"
+                   "copy_recall_at_10,recall_at_10_vs_flat,note\n"
+                   "10000000,Flat,,nan,12207,nan,nan,nan,nan,1,1,not built\n"
+                   '10000000,"IVF4096,PQ64x4fs",32,600,400,2500,1,0.1,0.2,0.8,0.1,\n')
+    table = index_scale_table(csv)
+    assert "| 10,000,000 | Flat (not built: 11.9 GB) | – | – | – |" in table
+    assert "| 10,000,000 | IVF4096,PQ64x4fs | 32 | 600 | 400 | 2,500 | 0.100 | 0.200 | 0.800 | 0.100 |" in table

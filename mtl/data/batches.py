@@ -227,17 +227,29 @@ class InstanceViews(Dataset):
 
 class InstanceBatchSampler(Sampler):
     """Batches of `instances_per_batch` distinct instances x `views_per_instance` views,
-    the instances in an order drawn from (seed, epoch).  Set `epoch` before iterating."""
+    the instances in an order drawn from (seed, epoch).  Set `epoch` before iterating.
+
+    `shard` = (rank, processes): this process's part of every batch, a contiguous
+    K / processes of its instances with all their views, so the processes' parts in rank
+    order are the single-process batch (training under torchrun, mtl.distributed)."""
 
     def __init__(self, num_instances: int, instances_per_batch: int, views_per_instance: int, seed: int,
-                 drop_last: bool = True):
+                 drop_last: bool = True, shard: tuple[int, int] = (0, 1)):
         if instances_per_batch < 1 or views_per_instance < 1:
             raise ValueError("instances_per_batch and views_per_instance must be >= 1")
+        rank, processes = shard
+        if not 0 <= rank < processes:
+            raise ValueError(f"shard {rank} of {processes} does not exist")
+        if processes > 1 and (instances_per_batch % processes or not drop_last):
+            raise ValueError(f"{processes} processes cannot share batches of {instances_per_batch} instances "
+                             "equally: instances_per_batch must be a multiple of the number of processes "
+                             "(and incomplete batches dropped)")
         self.num_instances = num_instances
         self.instances_per_batch = instances_per_batch
         self.views_per_instance = views_per_instance
         self.seed = seed
         self.drop_last = drop_last
+        self.shard = shard
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -246,8 +258,12 @@ class InstanceBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list[ViewKey]]:
         order = np.random.default_rng((self.seed, self.epoch)).permutation(self.num_instances)
+        rank, processes = self.shard
+        share = self.instances_per_batch // processes
         for b in range(len(self)):
             chunk = order[b * self.instances_per_batch:(b + 1) * self.instances_per_batch]
+            if processes > 1:
+                chunk = chunk[rank * share:(rank + 1) * share]
             yield [ViewKey(self.epoch, int(i), v) for i in chunk for v in range(self.views_per_instance)]
 
 
@@ -265,12 +281,13 @@ def corpus_labels(manifest_csv: str | Path, originals: Sequence[Original]) -> li
 
 def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: str, instances_per_batch: int,
                        views_per_instance: int, image_size: int, normalization: Normalization, seed: int,
-                       num_workers: int = 0, class_names: Sequence[str] | None = None, views: str = "single"
-                       ) -> Callable[[int], Iterable[Batch]]:
+                       num_workers: int = 0, class_names: Sequence[str] | None = None, views: str = "single",
+                       shard: tuple[int, int] = (0, 1)) -> Callable[[int], Iterable[Batch]]:
     """`batches(epoch) -> iterable of (images [K*V,3,S,S], instance_ids [K*V], class_ids [K*V])`.
 
     Train drops the last incomplete batch (every batch is exactly K x V); val keeps it, so
-    every val original is scored.  The same epoch gives the same batches."""
+    every val original is scored.  The same epoch gives the same batches.  `shard` =
+    (rank, processes): this process's K/processes x V part of each batch."""
     originals = split_originals(manifest_csv, corpus_dir, split)
     if len(originals) < 2:
         raise ValueError(f"split {split!r} of {manifest_csv} has {len(originals)} images; need at least 2")
@@ -281,7 +298,7 @@ def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: 
     class_names = list(class_names) if class_names is not None else class_names_from_manifest(manifest_csv)
     dataset = InstanceViews(originals, class_names, image_size, normalization, seed,
                             labels=corpus_labels(manifest_csv, originals), views=views)
-    sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last)
+    sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last, shard)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=dataset.collate,
                         persistent_workers=num_workers > 0)
 

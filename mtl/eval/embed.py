@@ -2,7 +2,9 @@
 
     mtl embed --method CKPT|backbone_gap1280:CKPT|phash|dhash
               (--folder DIR | --list FILE | --evalset data/eval/test)
-              --out x.npz [--image-size 112] [--gap-out gap.npz]
+              --out x.npz [--image-size 112] [--gap-out gap.npz] [--shard i/n]
+    mtl embed --merge --out x.npz                   (join the parts written with --shard)
+    torchrun --nproc-per-node N -m mtl.cli embed ...  (N processes: a part each, rank 0 joins them)
 
 Methods
     CKPT                    an MTLNet checkpoint: the 320-d embedding, and the class
@@ -17,6 +19,10 @@ One backbone pass gives both the MTL embedding and the 1280-d descriptor, so
 Images are decoded by a DataLoader worker while the network runs; unreadable
 files are listed in `failed` with a reason and skipped, never a crash.
 
+Sharding: part i of n is a contiguous run of whole batches of the image list, written
+to `x.part-i-of-n.npz`; joined in order, the parts are the single-process file (same ids,
+order and vectors: every image is embedded in the very batch one process would put it in).
+
 The .npz (docs/architecture.md): `ids` (str), `embeddings` float32 [N, D] unit
 rows, `class_probs` float32 [N, C] (checkpoints only), `failed` (str ids),
 `failed_reasons`, `method`, `images_per_second`, `provenance` (how the vectors
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import sys
 import time
 import zipfile
@@ -237,6 +244,71 @@ def images_in_evalset(split_dir: str | Path) -> ImageList:
     return ImageList(paths, ids, roles)
 
 
+# --------------------------------------------------------------------------- shards
+
+def shard_images(images: ImageList, index: int, count: int, batch_size: int) -> ImageList:
+    """Part `index` (0..count-1) of the list: a contiguous run of whole batches."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} does not exist (0 <= i < n)")
+    batches = -(-len(images.paths) // batch_size)
+    first, last = (batch_size * (batches * i // count) for i in (index, index + 1))
+    return ImageList(images.paths[first:last], images.ids[first:last],
+                     None if images.roles is None else images.roles[first:last])
+
+
+def part_path(out: str | Path, index: int, count: int) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.part-{index}-of-{count}{out.suffix}")
+
+
+def part_paths(out: str | Path) -> list[Path]:
+    """The parts of `out` written with --shard, in order; all n of them or an error."""
+    out = Path(out)
+    pattern = re.compile(rf"{re.escape(out.stem)}\.part-(\d+)-of-(\d+){re.escape(out.suffix)}")
+    found = {tuple(int(g) for g in m.groups()): path for path in out.parent.glob(f"{out.stem}.part-*")
+             if (m := pattern.fullmatch(path.name))}
+    counts = {n for _, n in found}
+    if len(counts) != 1:
+        raise FileNotFoundError(f"no complete set of parts of {out}: found {sorted(p.name for p in found.values())}")
+    (count,) = counts
+    missing = [i for i in range(count) if (i, count) not in found]
+    if missing:
+        raise FileNotFoundError(f"parts {missing} of {count} of {out} are missing")
+    return [found[(i, count)] for i in range(count)]
+
+
+def merge_results(parts: Sequence[EmbeddingResult]) -> EmbeddingResult:
+    """The parts, in order, as one result; the speed is the images over the slowest part's time."""
+    methods = {p.method for p in parts}
+    if len(methods) != 1:
+        raise ValueError(f"parts of different methods cannot be merged: {sorted(methods)}")
+    with_rows = [p for p in parts if len(p.ids)] or list(parts[:1])
+
+    def joined(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in with_rows]
+        return None if values[0] is None else np.concatenate(values)
+
+    seconds = max((len(p.ids) / p.images_per_second for p in parts if len(p.ids) and p.images_per_second > 0),
+                  default=float("nan"))
+    return EmbeddingResult(
+        ids=joined("ids"), embeddings=joined("embeddings"), method=methods.pop(),
+        images_per_second=sum(len(p.ids) for p in parts) / seconds, class_probs=joined("class_probs"),
+        failed=np.concatenate([p.failed for p in parts]), failed_reasons=np.concatenate([p.failed_reasons for p in parts]),
+        roles=joined("roles"), class_names=with_rows[0].class_names)
+
+
+def merge_parts(out: str | Path) -> EmbeddingResult:
+    """Join the parts of `out` into `out` and delete them; returns the joined result."""
+    parts = part_paths(out)
+    merged = merge_results([load_npz(p) for p in parts])
+    if not len(merged.ids):
+        raise ValueError(f"none of the images of {out}'s {len(parts)} parts could be read")
+    save_npz(merged, out)
+    for path in parts:
+        path.unlink()
+    return merged
+
+
 # --------------------------------------------------------------------------- decoding
 
 class _ImageDataset:
@@ -346,8 +418,9 @@ def _result(images: ImageList, kept: list[int], bad: list[tuple[int, str]], embe
 
 
 def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112, batch_size: int = 128,
-               device: str = "auto", num_workers: int = 1) -> dict[str, EmbeddingResult]:
-    """{"mtl": embedding + class probs, "gap1280": the backbone's 1280-d} from one pass."""
+               device: str = "auto", num_workers: int = 1, allow_empty: bool = False) -> dict[str, EmbeddingResult]:
+    """{"mtl": embedding + class probs, "gap1280": the backbone's 1280-d} from one pass.
+    No readable image is an error unless `allow_empty` (a part of a sharded list)."""
     from mtl.model import MTLNet
     from mtl.runtime import resolve_device
 
@@ -355,7 +428,7 @@ def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112,
     model = MTLNet.from_checkpoint(checkpoint, map_location=dev)
     many = describe_images(model, images, str(checkpoint), image_size, batch_size, dev, num_workers,
                            checkpoint_digest=file_digest(checkpoint))
-    if not len(many["mtl"].ids):
+    if not len(many["mtl"].ids) and not allow_empty:
         first = many["mtl"].failed_reasons[0] if len(many["mtl"].failed_reasons) else "no images"
         raise ValueError(f"none of the {len(images.paths)} images could be read (first reason: {first})")
     return many
@@ -435,12 +508,27 @@ def report_failures(result: EmbeddingResult, out=None) -> None:
             print(f"  {id_}  [{reason}]", file=out)
 
 
+def _merge_and_report(outputs) -> None:
+    for path in outputs:
+        merged = merge_parts(path)
+        print(f"{len(merged.ids)} embeddings ({merged.dim}-d, {merged.method}) joined -> {path}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"--shard takes i/n with 0 <= i < n, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mtl import distributed
+
     parser = argparse.ArgumentParser(prog="mtl embed", description="Write embeddings (+ class probabilities) "
                                      "of images to .npz.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n")[2])
-    parser.add_argument("--method", required=True, help="CKPT | backbone_gap1280:CKPT | phash | dhash")
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("--method", help="CKPT | backbone_gap1280:CKPT | phash | dhash")
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--folder", type=Path, help="every image file under this folder")
     source.add_argument("--list", type=Path, help="a text file with one image path per line")
     source.add_argument("--evalset", type=Path, help="an eval split, e.g. data/eval/test (references + queries)")
@@ -451,7 +539,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     parser.add_argument("--num-workers", type=int, default=1, help="decoding workers")
+    parser.add_argument("--shard", type=parse_shard, help="i/n: embed only part i (0..n-1) of the images, into "
+                        "OUT.part-i-of-n.npz (under torchrun: the rank's part, joined by rank 0)")
+    parser.add_argument("--merge", action="store_true", help="join the parts of --out (and --gap-out) written "
+                        "with --shard into one file, then delete them")
     args = parser.parse_args(argv)
+    outputs = {"out": args.out, **({"gap_out": args.gap_out} if args.gap_out else {})}
+    if args.merge:
+        _merge_and_report(outputs.values())
+        return 0
+    if args.method is None or not (args.folder or args.list or args.evalset):
+        parser.error("--method and one of --folder, --list, --evalset are required (unless --merge)")
 
     if args.folder:
         images = images_in_folder(args.folder)
@@ -464,16 +562,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--gap-out needs a checkpoint as --method")
     if args.gap_out and overlaps(npz_path(args.out), npz_path(args.gap_out)):
         raise UserError(f"--out and --gap-out name one file ({npz_path(args.out)}): give two")
+    joined_by_rank_zero = distributed.init_from_env("gloo")  # torchrun: a process per part
+    shard = distributed.shard() if joined_by_rank_zero else args.shard
+    if shard is not None:
+        images = shard_images(images, *shard, args.batch_size)
+        outputs = {key: part_path(path, *shard) for key, path in outputs.items()}
     if kind in HASH_METHODS:
         results = {"out": embed_hashes(kind, images, num_workers=args.num_workers)}
     else:
-        many = embed_many(checkpoint, images, args.image_size, args.batch_size, args.device, args.num_workers)
+        many = embed_many(checkpoint, images, args.image_size, args.batch_size, args.device, args.num_workers,
+                          allow_empty=shard is not None)
         results = {"out": many[kind]}
         if args.gap_out:
             results["gap_out"] = many["gap1280"]
     for key, result in results.items():
-        path = save_npz(result, getattr(args, key))
+        path = save_npz(result, outputs[key])
         print(f"{len(result.ids)} embeddings ({result.dim}-d, {result.method}) at "
               f"{result.images_per_second:.1f} img/s -> {path}")
     report_failures(results["out"])
+    if joined_by_rank_zero:
+        distributed.barrier()  # every part is written
+        if distributed.is_main():
+            _merge_and_report([args.out, *([args.gap_out] if args.gap_out else [])])
+        distributed.shutdown()
+    elif shard is not None:
+        print(f"part {shard[0]} of {shard[1]} written; once all are: mtl embed --merge --out {args.out}")
     return 0

@@ -2,11 +2,12 @@
 
 Every descriptor in this study is a unit vector (hashes as ±1/√bits), so inner
 product is cosine similarity and, for hashes, 1 − 2·hamming/bits.  Search is
-exact (`IndexFlatIP`) so that methods differ only by their descriptors; the
-compressed indexes of the 1M-scale claim live in benchmarks/scale_1m.py.
+exact (`IndexFlatIP`) so that methods differ only by their descriptors; large
+galleries keep an on-disk index instead (flat or IVF-PQ, mtl.eval.index).
 A GPU index is used when CUDA and faiss-gpu are both present.
 
     mtl search --queries q.npz --references r.npz --k 10 --out preds.csv
+    mtl search --queries q.npz --index refs.index --k 10 --out preds.csv
 
 (one eval-set file, `mtl embed --evalset`, may be given as both: its roles say which is which)
 
@@ -20,10 +21,12 @@ as the file system's bytes, so every row names its file.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -39,7 +42,8 @@ def faiss_gpu_available() -> bool:
     return bool(get_num_gpus and get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"))
 
 
-def _as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
+def as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """A C-contiguous float32 [n, dim] array, or a clear error."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-d array [n, dim], got shape {x.shape}")
@@ -52,7 +56,7 @@ def build_flat_index(references: np.ndarray, use_gpu: bool | None = None):
     """An exact inner-product index holding `references` (GPU when available)."""
     import faiss
 
-    references = _as_float32_matrix(references, "references")
+    references = as_float32_matrix(references, "references")
     index = faiss.IndexFlatIP(references.shape[1])
     if use_gpu is None:
         use_gpu = faiss_gpu_available()
@@ -76,8 +80,8 @@ class SearchResult:
 def search(query_embeddings: np.ndarray, query_ids, reference_embeddings: np.ndarray,
            reference_ids, k: int = 10, use_gpu: bool | None = None) -> SearchResult:
     """Top-k references of each query by inner product, as a predictions table."""
-    queries = _as_float32_matrix(query_embeddings, "query embeddings")
-    references = _as_float32_matrix(reference_embeddings, "reference embeddings")
+    queries = as_float32_matrix(query_embeddings, "query embeddings")
+    references = as_float32_matrix(reference_embeddings, "reference embeddings")
     if queries.shape[1] != references.shape[1]:
         raise ValueError(f"query dim {queries.shape[1]} != reference dim {references.shape[1]}")
     query_ids, reference_ids = np.asarray(query_ids).astype(str), np.asarray(reference_ids).astype(str)
@@ -93,15 +97,32 @@ def search(query_embeddings: np.ndarray, query_ids, reference_embeddings: np.nda
     else:
         scores, neighbours = build_flat_index(references, use_gpu).search(queries, k)
     seconds = time.perf_counter() - start
-    valid = neighbours >= 0  # faiss pads with -1 when fewer than k exist
-    rows, cols = np.nonzero(valid)
-    predictions = pd.DataFrame({
-        "query_id": query_ids[rows],
-        "reference_id": reference_ids[neighbours[rows, cols]],
+    return SearchResult(predictions_table(query_ids, reference_ids, scores, neighbours), seconds, len(queries))
+
+
+def predictions_table(query_ids: np.ndarray, reference_ids: np.ndarray, scores: np.ndarray,
+                      neighbours: np.ndarray) -> pd.DataFrame:
+    """faiss's (scores, rows) as query_id, reference_id, score, rank (1 = nearest)."""
+    rows, cols = np.nonzero(neighbours >= 0)  # faiss pads with -1 when fewer than k exist
+    return pd.DataFrame({
+        "query_id": np.asarray(query_ids)[rows],
+        "reference_id": np.asarray(reference_ids)[neighbours[rows, cols]],
         "score": scores[rows, cols].astype(np.float64),
         "rank": cols + 1,
     })
-    return SearchResult(predictions=predictions, seconds=seconds, n_queries=len(queries))
+
+
+def search_index(query_embeddings: np.ndarray, query_ids, index, k: int = 10, nprobe: int | None = None,
+                 use_gpu: bool | None = None) -> SearchResult:
+    """Top-k of each query in an on-disk index (mtl.eval.index.ReferenceIndex)."""
+    query_ids = np.asarray(query_ids).astype(str)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    start = time.perf_counter()
+    scores, neighbours = index.search(query_embeddings, min(k, max(index.ntotal, 1)), nprobe,
+                                      use_gpu=use_gpu is not False)
+    seconds = time.perf_counter() - start
+    return SearchResult(predictions_table(query_ids, index.ids, scores, neighbours), seconds, len(query_ids))
 
 
 def pairs_above(embeddings: np.ndarray, min_score: float,
@@ -110,7 +131,7 @@ def pairs_above(embeddings: np.ndarray, min_score: float,
     all against all, exact (faiss range search, on the CPU: faiss has no GPU range
     search).  Returns (i, j, score) arrays.  Queries go in blocks so that memory
     grows with the number of pairs found, not with n^2."""
-    x = _as_float32_matrix(embeddings, "embeddings")
+    x = as_float32_matrix(embeddings, "embeddings")
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if len(x) < 2:
         return empty
@@ -166,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="mtl search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", required=True, type=Path, help="query embeddings (.npz)")
-    parser.add_argument("--references", required=True, type=Path, help="reference embeddings (.npz)")
+    gallery = parser.add_mutually_exclusive_group(required=True)
+    gallery.add_argument("--references", type=Path, help="reference embeddings (.npz), searched exactly")
+    gallery.add_argument("--index", type=Path, help="an index folder (`mtl index build`) instead of --references")
+    parser.add_argument("--nprobe", type=int, help="with an IVF-PQ --index: lists to visit (default: its own)")
     parser.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     parser.add_argument("--out", required=True, type=Path, help="predictions CSV")
     parser.add_argument("--cpu", action="store_true", help="never use a GPU index")
@@ -179,16 +203,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="search even when queries and references were embedded differently")
     args = parser.parse_args(argv)
-    for given in (args.queries, args.references):
+    for given in (args.queries, args.references or args.index):
         if overlaps(args.out, given):
             raise UserError(f"--out {args.out} would overwrite the input {given}: give another file")
     # An eval-set embedding (`mtl embed --evalset`) holds both roles in one file.
-    queries, references = load_npz(args.queries), load_npz(args.references)
+    queries = load_npz(args.queries)
     queries = queries.role("query") if queries.roles is not None else queries
-    references = references.role("reference") if references.roles is not None else references
-    check_compatible(queries, references, (args.queries, args.references), args.force)
-    result = search(queries.embeddings, queries.ids, references.embeddings, references.ids,
-                    k=args.k, use_gpu=False if args.cpu else None)
+    if args.index is not None:
+        from mtl.eval.embed import Provenance
+        from mtl.eval.index import ReferenceIndex
+
+        references = ReferenceIndex.load(args.index)  # ids and class probabilities, for --gate
+        embedded = references.provenance.get("embedding")
+        check_compatible(queries, SimpleNamespace(dim=references.dim, provenance=None if embedded is None else
+                                                  Provenance.from_json(json.dumps(embedded))),
+                         (args.queries, args.index), args.force)
+        result = search_index(queries.embeddings, queries.ids, references, args.k, args.nprobe,
+                              use_gpu=False if args.cpu else None)
+    else:
+        references = load_npz(args.references)
+        references = references.role("reference") if references.roles is not None else references
+        check_compatible(queries, references, (args.queries, args.references), args.force)
+        result = search(queries.embeddings, queries.ids, references.embeddings, references.ids,
+                        k=args.k, use_gpu=False if args.cpu else None)
     predictions = decide(result.predictions, queries, references, args.threshold, args.gate)
     write_csv(predictions, args.out, encoding="utf-8", errors="surrogateescape")
     print(f"{len(predictions)} predictions for {result.n_queries} queries "

@@ -42,7 +42,9 @@ def gather_metrics(results_dir: Path = RESULTS) -> dict:
 
 
 def fmt(value, digits: int = 3) -> str:
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"

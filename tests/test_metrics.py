@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -157,3 +159,17 @@ def test_bad_input_is_reported():
         micro_average_precision(pd.DataFrame({"score": [1.0]}), 1)
     with pytest.raises(ValueError, match="ground-truth"):
         micro_average_precision(preds([("a", "x", 1.0, True), ("b", "x", 1.0, True)]), 1)
+
+
+def test_held_out_metrics_score_held_out_copies_with_every_distractor():
+    from mtl.eval.metrics import held_out_metrics, label_predictions
+
+    queries = pd.DataFrame({"query_id": ["a", "b", "d"], "reference_id": ["r1", "r2", None],
+                            "transformation": ["blur", "perspective", "blur"], "held_out": [False, True, False]})
+    predictions = label_predictions(pd.DataFrame({"query_id": ["a", "b", "d"], "reference_id": ["r1", "r2", "r1"],
+                                                  "score": [0.9, 0.5, 0.7]}), queries)
+    held = held_out_metrics(predictions, queries)
+    # Only b's copy counts; the distractor d scores above it: precision 1/2 at full recall.
+    assert held.n_ground_truth == 1 and held.muap == pytest.approx(0.5) and held.acc_at_1 == 1.0
+    none_held = held_out_metrics(predictions, queries.assign(held_out=False))
+    assert none_held.n_ground_truth == 0 and math.isnan(none_held.muap)

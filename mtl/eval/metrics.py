@@ -273,7 +273,11 @@ def held_out_queries(queries: pd.DataFrame) -> pd.DataFrame:
 
 def held_out_metrics(labelled: pd.DataFrame, queries: pd.DataFrame,
                      target_precision: float = 0.9) -> RetrievalMetrics:
-    """retrieval_metrics over the held-out queries only (see held_out_queries)."""
+    """retrieval_metrics over the held-out queries only (see held_out_queries); NaN when
+    no copy was made by a held-out transformation (a tiny evaluation set)."""
     subset = held_out_queries(queries)
     ids = set(subset["query_id"].astype(str))
-    return retrieval_metrics(labelled[labelled["query_id"].astype(str).isin(ids)], subset, target_precision)
+    kept = labelled[labelled["query_id"].astype(str).isin(ids)]
+    if count_ground_truth(subset) == 0:
+        return RetrievalMetrics(float("nan"), float("nan"), float("nan"), 0, len(kept))
+    return retrieval_metrics(kept, subset, target_precision)

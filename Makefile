@@ -55,8 +55,11 @@ else
 	$(VENV)/bin/dvc exp run -n $(PROFILE)-$$(date +%Y%m%d-%H%M%S) $$($(PY) -m mtl.params set-args profiles/$(PROFILE).yaml)
 endif
 
+# One thread per process: the tests run many small processes (DataLoader workers, two
+# torchrun ranks, notebook kernels) on two cores, where OpenMP threads that spin while
+# waiting made single tests several times slower.
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 clean-results:
 	rm -rf results/notebooks

@@ -143,6 +143,16 @@ def sweep_tables(results_dir: Path) -> dict[str, str]:
     return tables
 
 
+def generalization_table(table_csv: Path) -> str:
+    """The last `python -m mtl.eval.generalization` (results/generalization/table.csv)."""
+    frame = pd.read_csv(table_csv)
+    frame["method"] = [m if m == "imagenet_gap1280" else Path(m).parent.parent.name + "_" + Path(m).parent.name
+                       for m in frame["method"]]
+    columns = [("method", "method"), ("image_size", "input px"), ("muap", "μAP"), ("acc_at_1", "acc@1"),
+               ("recall_at_p90", "R@P90")]
+    return markdown_table(frame.to_dict("records"), columns)
+
+
 def diagnosis_tables(results_dir: Path) -> dict[str, str]:
     """The recorded diagnosis runs (results/diagnose/*.csv), as README tables."""
     tables = {}
@@ -311,6 +321,9 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     methods_csv = results_dir / "evaluate" / "methods.csv"
     if methods_csv.is_file():
         tables["retrieval"] = retrieval_table(methods_csv)
+    generalization_csv = results_dir / "generalization" / "table.csv"
+    if generalization_csv.is_file():
+        tables["generalization"] = generalization_table(generalization_csv)
     dedup_csv = results_dir / "dedup" / "benchmark.csv"
     if dedup_csv.is_file():
         tables["dedup"] = dedup_table(dedup_csv)

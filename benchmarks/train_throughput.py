@@ -53,10 +53,11 @@ def fill_memory(loss: CrossBatchContrastiveLoss, bunched: bool = False) -> None:
     """Start from a full memory: the steady state of a long run (10,240 negatives).
     ``bunched``: all entries near one direction, so every negative is inside the margin
     (the worst case, as with a fresh embedding branch)."""
-    with torch.no_grad():
-        loss.memory_embeddings.copy_(unit_rows(loss.memory_size, loss.embed_dim, bunched, loss.memory_embeddings.device))
-        loss.memory_labels.copy_(torch.arange(loss.memory_size) + 1_000_000)  # never a positive by accident
-        loss.filled.fill_(loss.memory_size)
+    device = loss.memory_embeddings.device
+    loss.load_state_dict({"memory_embeddings": unit_rows(loss.memory_size, loss.embed_dim, bunched, device),
+                          "memory_labels": torch.arange(loss.memory_size, device=device) + 1_000_000,  # never positives
+                          "write_pointer": torch.zeros((), dtype=torch.long, device=device),
+                          "filled": torch.tensor(loss.memory_size, device=device)})
 
 
 def unit_rows(rows: int, dim: int, bunched: bool, device: torch.device) -> torch.Tensor:

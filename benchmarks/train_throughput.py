@@ -21,12 +21,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mtl.loss import CrossBatchContrastiveLoss
 from mtl.model import MTLNet, ModelConfig
+from mtl.params import load_params
 from mtl.runtime import resolve_device
 from mtl.train import StageConfig, StageRun
 
@@ -110,12 +112,12 @@ def time_loss(run: StageRun, bunched: bool = False) -> float:
 
 
 def benchmark_stage(stage: str, args: argparse.Namespace) -> dict[str, float]:
-    cfg = StageConfig(stage=stage, epochs=1, instances_per_batch=args.instances, views_per_instance=args.views,
-                      image_size=args.image_size, device=args.device, memory_size=args.memory_size,
-                      channels_last=not args.no_channels_last)
+    cfg = replace(StageConfig.from_params(load_params(args.params), stage), epochs=1, source="images",
+                  instances_per_batch=args.instances, views_per_instance=args.views, image_size=args.image_size,
+                  device=args.device, memory_size=args.memory_size, channels_last=not args.no_channels_last)
     torch.manual_seed(0)
     model = MTLNet(ModelConfig(backbone=args.backbone, pretrained=False))
-    run = StageRun(model, cfg, Path(tempfile.mkdtemp()))
+    run = StageRun(model, cfg, Path(tempfile.mkdtemp()), steps_per_epoch=args.reps * args.steps + 10)
     batch = synthetic_batch(cfg, model.config.num_classes)
     for _ in range(2):  # warm-up: allocator, kernels, autotuning
         time_bare(run, batch, 1), time_trainer(run, batch, 1), time_loss(run), time_loss(run, bunched=True)
@@ -142,6 +144,7 @@ def benchmark_stage(stage: str, args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="the stage settings not given here")
     parser.add_argument("--stages", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--instances", type=int, default=16)

@@ -27,16 +27,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl.eval.methods import checkpoint_scores
+from mtl.eval.methods import EvalConfig, checkpoint_scores
 from mtl.train import (StageConfig, StageRun, corpus_batches, feature_batches, stage_model, train_stage)
 
 RESULTS = Path("results") / "diagnose"
 
 
 def _val_scores(checkpoint: Path, params: dict) -> dict[str, float]:
-    cfg = params["eval"]
-    scores = checkpoint_scores(checkpoint, params["evalset"]["dir"], "val", cfg["image_size"], cfg["batch_size"],
-                               cfg.get("device", "auto"))
+    scores = checkpoint_scores(checkpoint, params["evalset"]["dir"], "val", EvalConfig.from_params(params["eval"]))
     return {f"{kind}_{key}": value for kind, values in scores.items() for key, value in values.items()}
 
 

@@ -61,11 +61,9 @@ def count_train_pictures(params: dict) -> int:
 
 
 def score(checkpoint: Path, params: dict, split: str) -> dict[str, dict[str, float]]:
-    from mtl.eval.methods import checkpoint_scores
+    from mtl.eval.methods import EvalConfig, checkpoint_scores
 
-    cfg = params["eval"]
-    return checkpoint_scores(checkpoint, params["evalset"]["dir"], split, cfg["image_size"], cfg["batch_size"],
-                             cfg.get("device", "auto"), target_precision=cfg["target_precision"])
+    return checkpoint_scores(checkpoint, params["evalset"]["dir"], split, EvalConfig.from_params(params["eval"]))
 
 
 def run_point(points: int | None, recipe: str, params_path: str, common: Sequence[str], runner: Runner,

@@ -218,19 +218,20 @@ def anchor_views(params: dict) -> tuple[list, np.ndarray, np.ndarray, list[str]]
     Returns (images, group, is_anchor, transformation names)."""
     from mtl.data.batches import load_original, split_originals
     from mtl.data.transforms import EVAL_FAMILY, apply
+    from mtl.eval.space import EmbeddingsConfig
 
-    cfg = params["embeddings"]
+    cfg = EmbeddingsConfig.from_params(params["embeddings"])
     corpus_dir = Path(params["data"]["corpus_dir"])
     originals = split_originals(corpus_dir / "manifest.csv", corpus_dir, "test")
-    rng = np.random.default_rng(cfg["seed"])
-    chosen = rng.choice(len(originals), size=min(cfg["anchors"], len(originals)), replace=False)
+    rng = np.random.default_rng(cfg.seed)
+    chosen = rng.choice(len(originals), size=min(cfg.anchors, len(originals)), replace=False)
     images, group, is_anchor, names = [], [], [], []
     for a, index in enumerate(sorted(chosen)):
         original = load_original(originals[index].path)
         images.append(original), group.append(a), is_anchor.append(True), names.append("anchor")
-        for v in range(cfg["views_per_anchor"]):
+        for v in range(cfg.views_per_anchor):
             name = EVAL_FAMILY[(a + v) % len(EVAL_FAMILY)]
-            images.append(apply(name, original, (cfg["seed"], a, v)))
+            images.append(apply(name, original, (cfg.seed, a, v)))
             group.append(a), is_anchor.append(False), names.append(name)
     return images, np.array(group), np.array(is_anchor), names
 
@@ -257,26 +258,27 @@ def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/best/f
     """t-SNE and UMAP of anchors + views before training (pretrained backbone,
     untrained branches) and after stage 2, with the numbers behind the pictures."""
     from mtl import plots
-    from mtl.eval.space import project_tsne, project_umap, score_space
+    from mtl.eval.methods import EvalConfig
+    from mtl.eval.space import EmbeddingsConfig, project_tsne, project_umap, score_space
     from mtl.model import MTLNet
     from mtl.runtime import resolve_device, seed_everything
 
     results_dir = Path(results_dir)
-    cfg = params["embeddings"]
-    device = resolve_device(params["eval"].get("device", "auto"))
+    cfg = EmbeddingsConfig.from_params(params["embeddings"])
+    device = resolve_device(EvalConfig.from_params(params["eval"]).device)
     with stopwatch() as timing:
         images, group, is_anchor, _ = anchor_views(params)
         after = MTLNet.from_checkpoint(after_checkpoint).to(device)
-        seed_everything(cfg["seed"])
+        seed_everything(cfg.seed)
         before = MTLNet(after.config).to(device)  # same backbone weights source, fresh branches
-        vectors = {"before": embed_pil(before, images, cfg["image_size"]),
-                   "after": embed_pil(after, images, cfg["image_size"])}
+        vectors = {"before": embed_pil(before, images, cfg.image_size),
+                   "after": embed_pil(after, images, cfg.image_size)}
         scores = {when: score_space(v, group, is_anchor).as_dict() for when, v in vectors.items()}
         panels = {}
         for when, v in vectors.items():
-            panels[f"t-SNE, {when} training"] = project_tsne(v, cfg["seed"])
+            panels[f"t-SNE, {when} training"] = project_tsne(v, cfg.seed)
         for when, v in vectors.items():
-            panels[f"UMAP, {when} training"] = project_umap(v, cfg["seed"])
+            panels[f"UMAP, {when} training"] = project_umap(v, cfg.seed)
     plots.projections(panels, group, is_anchor, results_dir / "projections.png",
                       title=f"{int(is_anchor.sum())} test anchors (stars) and their transformed views")
     metrics = {**scores, "anchors": int(is_anchor.sum()), "views": int((~is_anchor).sum()),
@@ -301,9 +303,9 @@ def checkpoint_path(recipe: str, stage: str) -> Path:
 
 def evaluation_passes(params: dict) -> list:
     """Which checkpoints the evaluation embeds, and the methods each pass yields."""
-    from mtl.eval.methods import CheckpointPass
+    from mtl.eval.methods import CheckpointPass, EvalConfig
 
-    larger = int(params["eval"]["larger_image_size"])
+    larger = EvalConfig.from_params(params["eval"]).larger_image_size
     passes = []
     for recipe in RECIPES:
         imagenet = recipe == "best"  # a frozen stage's backbone is the untouched ImageNet one
@@ -342,17 +344,17 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
     """Every method on the same eval files, one table; PR curves, recall per
     transformation, the worst errors as image pairs, and the operating points."""
     from mtl import plots
-    from mtl.eval.methods import embed_methods, evaluate_methods, image_pairs
+    from mtl.eval.methods import EvalConfig, embed_methods, evaluate_methods, image_pairs
 
     results_dir = Path(results_dir)
-    cfg = params["eval"]
+    cfg = EvalConfig.from_params(params["eval"])
     eval_dir = params["evalset"]["dir"]
     with stopwatch() as timing:
         paths = embed_methods(eval_dir, embeddings_dir, passes or evaluation_passes(params),
-                              corpus_dir=params["data"]["corpus_dir"], image_size=cfg["image_size"],
-                              batch_size=cfg["batch_size"], device=cfg.get("device", "auto"), overwrite=True)
-        evaluation = evaluate_methods(eval_dir, method_order(paths), k=cfg["top_k"],
-                                      target_precision=cfg["target_precision"],
+                              corpus_dir=params["data"]["corpus_dir"], image_size=cfg.image_size,
+                              batch_size=cfg.batch_size, device=cfg.device, overwrite=True)
+        evaluation = evaluate_methods(eval_dir, method_order(paths), k=cfg.top_k,
+                                      target_precision=cfg.target_precision,
                                       decisions_from=[f"{r}_finetune" for r in RECIPES if f"{r}_finetune" in paths])
     evaluation.save(results_dir)
     write_operating_points(evaluation.table, params, MODELS / "operating_points.json")
@@ -378,8 +380,10 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
 def write_operating_points(table: pd.DataFrame, params: dict, path: Path) -> Path:
     """The val-chosen thresholds `mtl dedup` decides with: the trained model (best recipe,
     class gate on), the ImageNet backbone's 1280-d output, and the two hashes."""
+    from mtl.eval.methods import EvalConfig
+
     rows = table.set_index("method")
-    image_size = int(params["eval"]["image_size"])
+    cfg = EvalConfig.from_params(params["eval"])
     best = checkpoint_path("best", "finetune")
     entries = {
         "best": ("best_finetune_gate", "mtl", best, True),
@@ -392,8 +396,8 @@ def write_operating_points(table: pd.DataFrame, params: dict, path: Path) -> Pat
         if method not in rows.index:
             continue
         points[name] = {"descriptor": descriptor, "threshold": float(rows.loc[method, "threshold"]),
-                        "target_precision": float(params["eval"]["target_precision"]), "split": "val",
+                        "target_precision": float(cfg.target_precision), "split": "val",
                         "checkpoint": str(checkpoint) if checkpoint else None,
                         "checkpoint_digest": file_digest(checkpoint) if checkpoint else None,
-                        "image_size": image_size if descriptor in ("mtl", "gap1280") else None, "gate": gate}
+                        "image_size": cfg.image_size if descriptor in ("mtl", "gap1280") else None, "gate": gate}
     return write_json(path, points)

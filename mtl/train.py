@@ -43,7 +43,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -55,6 +55,7 @@ from mtl import distributed
 from mtl.io import atomic_path, file_digest
 from mtl.loss import CrossBatchContrastiveLoss, LossParts, MultiTaskLoss
 from mtl.model import MTLNet, ModelConfig, load_checkpoint
+from mtl.params import section_config
 from mtl.runtime import git_revision, is_interactive, resolve_device, seed_everything
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -78,32 +79,33 @@ RESUMABLE_DIFFERENCES = {"device", "num_workers", "distributed_backend"}
 
 @dataclass
 class StageConfig:
-    """One stage's settings; the keys of params.yaml ``train.<stage>`` plus ``loss``."""
+    """One stage's settings: params.yaml's ``loss``, the keys ``train`` shares between the
+    stages, and ``train.<stage>`` (see :meth:`from_params`; the values live there only)."""
 
-    stage: str = "frozen"              # "frozen" (branches only) or "finetune" (everything)
-    epochs: int = 4
-    lr: float = 1.0e-3
-    weight_decay: float = 1.0e-4
-    instances_per_batch: int = 16      # K originals per batch ...
-    views_per_instance: int = 4        # ... x V views each = batch size (paper: 64)
-    image_size: int = 112
-    seed: int = 0
-    device: str = "auto"               # "auto" = CUDA when present, else CPU
-    amp: bool = True                   # mixed precision; CUDA only (ignored on CPU)
-    channels_last: bool = True         # faster convolutions on CPU and tensor cores
-    num_workers: int = 1               # data loading processes (used by the CLI's batches)
-    memory_size: int = 10240           # cross-batch memory entries (paper: 10,240 negatives)
-    margin: float = 0.45               # contrastive margin alpha (paper: 0.45)
-    lambda_cls: float = 1.0            # weight of the content-type cross-entropy
-    lambda_koleo: float = 0.0          # weight of the entropy regularizer (beyond the paper; 0 = off)
-    final_lr_fraction: float = 0.01    # cosine ends at lr * this
-    warmup_steps: int = 0              # linear warm-up of the learning rate, in optimizer steps
-    branch_lr_scale: float = 1.0       # finetune: the branches' lr = lr * this (the backbone's is lr)
-    bn: str = "frozen"                 # finetune: backbone BatchNorm "frozen" (eval mode) or "train"
-    views: str = "single"              # view recipe (mtl.data.batches.VIEW_RECIPES)
-    source: str = "images"             # frozen: "images", or "features" (stored backbone taps)
-    max_steps_per_epoch: int | None = None  # cap, for smoke tests; None = the whole epoch
-    distributed_backend: str = "auto"  # under torchrun: "auto" (nccl on GPUs, gloo on CPUs), "gloo", "nccl"
+    stage: str                    # "frozen" (branches only) or "finetune" (everything)
+    epochs: int
+    lr: float
+    weight_decay: float
+    instances_per_batch: int      # K originals per batch ...
+    views_per_instance: int       # ... x V views each = batch size (paper: 64)
+    image_size: int
+    seed: int
+    device: str                   # "auto" = CUDA when present, else CPU
+    amp: bool                     # mixed precision; CUDA only (ignored on CPU)
+    channels_last: bool           # faster convolutions on CPU and tensor cores
+    num_workers: int              # data loading processes (used by the CLI's batches)
+    memory_size: int              # cross-batch memory entries (paper: 10,240 negatives)
+    margin: float                 # contrastive margin alpha (paper: 0.45)
+    lambda_cls: float             # weight of the content-type cross-entropy
+    lambda_koleo: float           # weight of the entropy regularizer (beyond the paper; 0 = off)
+    final_lr_fraction: float      # cosine ends at lr * this
+    warmup_steps: int             # linear warm-up of the learning rate, in optimizer steps
+    branch_lr_scale: float        # finetune: the branches' lr = lr * this (the backbone's is lr)
+    bn: str                       # finetune: backbone BatchNorm "frozen" (eval mode) or "train"
+    views: str                    # view recipe (mtl.data.batches.VIEW_RECIPES)
+    source: str                   # frozen: "images", or "features" (stored backbone taps)
+    max_steps_per_epoch: int | None  # cap, for smoke tests; None = the whole epoch
+    distributed_backend: str      # under torchrun: "auto" (nccl on GPUs, gloo on CPUs), "gloo", "nccl"
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -142,12 +144,8 @@ class StageConfig:
         if stage not in train:
             raise KeyError(f"params have no train.{stage} section (stages: {sorted(s for s in STAGES if s in train)})")
         shared = {k: v for k, v in train.items() if k not in STAGES}
-        merged = {**params.get("loss", {}), **shared, **train[stage], "stage": stage}
-        known = {f.name for f in fields(cls)}
-        unknown = set(merged) - known
-        if unknown:
-            raise ValueError(f"unknown stage parameters {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**merged)
+        return section_config(cls, {**params.get("loss", {}), **shared, **train[stage]},
+                              f"loss + train + train.{stage}", stage=stage)
 
 
 # --------------------------------------------------------------------------- RNG + checkpoint state

@@ -16,6 +16,7 @@ from skimage import data
 
 from mtl.data.evalset import EvalsetConfig, SplitCounts, build_evalset, main
 from mtl.data.transforms import EVAL_FAMILY, is_held_out
+from tests.configs import evalset_config
 
 COUNTS = {"test": SplitCounts(references=8, positive_queries=6, distractor_queries=8),
           "val": SplitCounts(references=4, positive_queries=3, distractor_queries=3)}
@@ -49,7 +50,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def evalset(corpus: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval")
-    build_evalset(corpus, corpus.parent, out, EvalsetConfig(seed=3, splits=COUNTS, workers=1))
+    build_evalset(corpus, corpus.parent, out, evalset_config(seed=3, splits=COUNTS, workers=1))
     return out
 
 
@@ -140,7 +141,7 @@ def test_no_distractor_is_a_piece_of_a_reference_picture(tmp_path, small_real_ph
     (tmp_path / "corpus").mkdir()
     manifest = write_tiled_corpus(tmp_path / "corpus", small_real_photos)
     counts = {"test": SplitCounts(references=6, positive_queries=5, distractor_queries=6)}
-    build_evalset(manifest, manifest.parent, tmp_path / "eval", EvalsetConfig(seed=seed, splits=counts, workers=1))
+    build_evalset(manifest, manifest.parent, tmp_path / "eval", evalset_config(seed=seed, splits=counts, workers=1))
     group_of = {r["id"]: r["group"] for r in _rows(manifest)}
     references = _rows(tmp_path / "eval" / "test" / "references.csv")
     reference_groups = [group_of[r["reference_id"]] for r in references]
@@ -175,12 +176,12 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_rebuilding_gives_identical_files_with_any_worker_count(evalset: Path, corpus: Path, tmp_path: Path) -> None:
-    build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(seed=3, splits=COUNTS, workers=2))
+    build_evalset(corpus, corpus.parent, tmp_path, evalset_config(seed=3, splits=COUNTS, workers=2))
     assert _digest(tmp_path) == _digest(evalset)
 
 
 def test_another_seed_gives_another_set(evalset: Path, corpus: Path, tmp_path: Path) -> None:
-    build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(seed=4, splits=COUNTS, workers=1))
+    build_evalset(corpus, corpus.parent, tmp_path, evalset_config(seed=4, splits=COUNTS, workers=1))
     assert _digest(tmp_path) != _digest(evalset)
 
 
@@ -191,7 +192,7 @@ def test_gallery_is_written(evalset: Path) -> None:
 def test_too_small_split_fails_clearly(corpus: Path, tmp_path: Path) -> None:
     too_many = {"val": SplitCounts(references=6, positive_queries=3, distractor_queries=3)}
     with pytest.raises(ValueError, match=r"split 'val' has 6 images of 6 distinct pictures, too few for 6 references"):
-        build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(splits=too_many, workers=1))
+        build_evalset(corpus, corpus.parent, tmp_path, evalset_config(splits=too_many, workers=1))
 
 
 def test_inconsistent_counts_fail_clearly() -> None:
@@ -199,7 +200,7 @@ def test_inconsistent_counts_fail_clearly() -> None:
         SplitCounts(references=2, positive_queries=3, distractor_queries=3)
     with pytest.raises(ValueError, match="at least positive_queries"):
         SplitCounts(references=5, positive_queries=3, distractor_queries=2)
-    with pytest.raises(ValueError, match="unknown evalset parameters"):
+    with pytest.raises(ValueError, match="unknown key.*evalset section: tset"):
         EvalsetConfig.from_params({"seed": 1, "test": {"references": 2, "positive_queries": 1,
                                                          "distractor_queries": 1}, "tset": {}})
 
@@ -207,7 +208,7 @@ def test_inconsistent_counts_fail_clearly() -> None:
 def test_command_line_reads_the_evalset_section(corpus: Path, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(f"data: {{corpus_dir: {corpus.parent}}}\n"
-                      f"evalset:\n  dir: {tmp_path / 'eval'}\n  seed: 1\n"
+                      f"evalset:\n  dir: {tmp_path / 'eval'}\n  seed: 1\n  workers: 1\n"
                       "  test: {references: 5, positive_queries: 2, distractor_queries: 2}\n"
                       "  val: {references: 2, positive_queries: 1, distractor_queries: 1}\n")
     assert main(["--params", str(params), "--summary", str(tmp_path / "summary.json")]) == 0

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 
 from mtl.model import MTLNet, ModelConfig, load_checkpoint
 from mtl.train import LOG_COLUMNS, StageConfig, train_stage
+from tests import configs
 
 IMAGE_SIZE = 48
 INSTANCES_PER_BATCH, VIEWS = 3, 3
@@ -60,10 +61,12 @@ def epoch_batches(photos: torch.Tensor, seed: int, epoch: int) -> list[tuple[tor
 
 
 def stage_config(stage: str = "frozen", **overrides) -> StageConfig:
-    settings = dict(stage=stage, epochs=2, lr=1e-3, weight_decay=1e-4, instances_per_batch=INSTANCES_PER_BATCH,
+    """params.yaml's stage, from images, at the tests' sizes, no warm-up."""
+    settings = dict(epochs=2, lr=1e-3, weight_decay=1e-4, instances_per_batch=INSTANCES_PER_BATCH,
                     views_per_instance=VIEWS, image_size=IMAGE_SIZE, seed=0, device="cpu", amp=False,
-                    channels_last=False, num_workers=0, memory_size=4 * INSTANCES_PER_BATCH * VIEWS)
-    return StageConfig(**{**settings, **overrides})
+                    channels_last=False, num_workers=0, memory_size=4 * INSTANCES_PER_BATCH * VIEWS,
+                    warmup_steps=0, source="images", views="single")
+    return configs.stage_config(stage, **{**settings, **overrides})
 
 
 def tiny_model(pretrained: bool = False, seed: int = 0) -> MTLNet:

@@ -28,7 +28,8 @@ sheet per package (``contact_packages/``).  The build refuses (and touches nothi
 when ``corpus_dir`` overlaps the folder it reads, or holds files no build made (a build
 marks the folder as its own).
 
-Run it as ``mtl corpus --params params.yaml [--profile profiles/full.yaml] [--set max_side=256]``.
+Run it as ``mtl corpus --params params.yaml [--profile profiles/full.yaml] [--set max_side=256]``
+(`--set` takes keys of the data section, with or without the ``data.`` prefix).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,10 +50,10 @@ from PIL import Image
 
 from mtl.data.decode import (REJECTED_DIR, CorpusImage, SourceImage, decode_all, folder_megabytes, rank_key,
                              remove_unkept, restore_files, slug, unique_ids)
-from mtl.data.imageio import DEFAULT_MAX_PIXELS
 from mtl.data.packages import PACKAGE_SETS
 from mtl.data.splits import SPLITS, Deduplication, assign_splits, cap_per_class, drop_duplicates
 from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
+from mtl.params import load_params, section_config
 
 MANIFEST_COLUMNS = ("id", "path", "class", "source", "group", "split", "hash", "width", "height")
 # Decode files for this many times `max_per_class` images at most: enough that
@@ -65,14 +66,15 @@ DECODE_OVERSAMPLE = 1.5
 class CorpusConfig:
     """The `data` section of params.yaml (paths relative to the working directory)."""
 
-    source: str = "debian"
-    packages: str = "default"     # the package set (mtl.data.packages): default | full
-    folder: str | None = None
-    raw_dir: str = "data/raw"
-    corpus_dir: str = "data/corpus"
-    max_side: int = 384
-    tile_size: int = 640
-    max_tiles_per_picture: int = 24
+    source: str                   # 'debian' (the package table) or 'folder' (a user's ImageFolder tree)
+    packages: str                 # the package set (mtl.data.packages): default | full
+    folder: str | None            # source=folder: one sub-folder per class
+    raw_dir: str                  # .deb cache
+    corpus_dir: str
+    max_side: int                 # longest side of a stored image (px)
+    min_side: int                 # shorter side of a whole (non-tiled) image below this: too small (source px)
+    tile_size: int                # wallpaper tiles are this many source pixels square
+    max_tiles_per_picture: int
     # Content test for wallpaper tiles, measured on the stored (max_side) tile in
     # grey levels 0-255.  A tile is kept only if its grey std is >= min_tile_std
     # AND at least min_tile_edges of its pixels are edge pixels (a step of
@@ -83,8 +85,8 @@ class CorpusConfig:
     # Such tiles carry no picture to recognize and are near-duplicates of each
     # other.  With 12 / 0.02 about 37 % of all tiles pass; kept tiles show shapes,
     # textures or objects (see contact_scene.png).
-    min_tile_std: float = 12.0
-    min_tile_edges: float = 0.02
+    min_tile_std: float
+    min_tile_edges: float
     # Near-blank test for every stored image (tiles and whole drawings): at least this
     # share of the stored canvas must differ from its background colour (see
     # content_share).  Clip art is often a tiny drawing on a large empty page; at the
@@ -92,29 +94,22 @@ class CorpusConfig:
     # indistinguishable, so the eval set would count their match as a false positive.
     # 0.02 rejects ~2 % of the clip art, all visibly near blank
     # (results/corpus/near_blank.png); 0.02-0.04 already holds clear drawings and flags.
-    min_content_share: float = 0.02
-    max_per_class: int = 3000
-    near_dup_hamming: int = 4
-    split_fractions: dict = field(default_factory=lambda: {"train": 0.6, "val": 0.1, "test": 0.3})
-    seed: int = 0
+    min_content_share: float
+    max_per_class: int            # cap per class (seeded subset)
+    near_dup_hamming: int         # pHash distance <= this counts as the same picture
+    split_fractions: dict
+    max_source_pixels: int        # larger files are skipped as decompression bombs
+    jpeg_quality: int
+    contact_sheet_images: int
+    workers: int                  # decode processes; 1 = in this process
+    seed: int
     # Read by training, not by the build: train on a seeded subset of this many training
     # images (whole groups; val and test untouched, mtl.data.splits.train_subset); null = all.
-    train_pictures: int | None = None
-    # Not in params.yaml yet; these defaults apply when absent.
-    min_side: int = 64            # shorter side of a whole (non-tiled) image, source px
-    max_source_pixels: int = DEFAULT_MAX_PIXELS  # larger files are skipped as bombs
-    workers: int = 2              # decode processes; 1 = in this process
-    jpeg_quality: int = 92
-    contact_sheet_images: int = 48
+    train_pictures: int | None
 
     @classmethod
     def from_params(cls, data: Mapping[str, Any]) -> "CorpusConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) in the data section: {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
-        return cls(**dict(data))
+        return section_config(cls, data, "data")
 
     def __post_init__(self) -> None:
         if self.source not in {"debian", "folder"}:
@@ -416,36 +411,16 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def apply_overrides(data: dict, assignments: Sequence[str]) -> dict:
-    """`key=value` (or `data.key=value`) overrides of the data section, values parsed as YAML.
-
-    Checked against CorpusConfig rather than params.yaml, so keys with a default
-    here (workers, min_side, ...) can be set even where params.yaml omits them.
-    """
-    import yaml
-
-    known = {f.name for f in fields(CorpusConfig)}
-    data = dict(data)
-    for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        key = key.strip().removeprefix("data.")
-        if not sep or key not in known:
-            raise ValueError(f"--set {assignment!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
-        data[key] = yaml.safe_load(raw)
-    return data
-
-
 def main(argv: list[str] | None = None) -> int:
-    from mtl.params import load_params
-
     parser = argparse.ArgumentParser(prog="mtl corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="parameter file (its `data` section)")
     parser.add_argument("--profile", default=None, help="a profile YAML overlaid on the parameters")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a data key, e.g. --set max_side=256 (repeatable)")
+                        help="override a data key, e.g. --set max_side=256 or --set data.max_side=256 (repeatable)")
     args = parser.parse_args(argv)
-    params = load_params(args.params, profile=args.profile)
-    report = build_corpus(CorpusConfig.from_params(apply_overrides(params.get("data") or {}, args.set)))
+    params = load_params(args.params, [key if key.startswith("data.") else f"data.{key}" for key in args.set],
+                         args.profile)
+    report = build_corpus(CorpusConfig.from_params(params["data"]))
     print(summary(report))
     print(f"wrote {Path(report['config']['corpus_dir']) / 'manifest.csv'} and report.json")
     return 0

@@ -34,11 +34,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -48,6 +47,7 @@ import numpy as np
 from mtl.data.batches import Original, load_original, split_originals
 from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out, render_gallery
 from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps
+from mtl.params import load_params, section_config
 from mtl.runtime import is_interactive
 
 EVAL_SPLITS = ("test", "val")
@@ -78,22 +78,18 @@ class SplitCounts:
 class EvalsetConfig:
     """The `evalset` section of params.yaml."""
 
-    dir: str = "data/eval"
-    seed: int = 1
-    splits: Mapping[str, SplitCounts] = field(default_factory=lambda: {
-        "test": SplitCounts(1200, 1000, 1000), "val": SplitCounts(300, 300, 300)})
-    workers: int = min(2, os.cpu_count() or 1)
+    dir: str
+    seed: int
+    splits: Mapping[str, SplitCounts]  # the section's `test` and `val` entries
+    workers: int                       # render processes (the files do not depend on it)
 
     @classmethod
     def from_params(cls, section: Mapping[str, Any]) -> "EvalsetConfig":
-        splits = {s: SplitCounts(**section[s]) for s in EVAL_SPLITS if s in section}
+        section = dict(section)
+        splits = {s: SplitCounts(**section.pop(s)) for s in EVAL_SPLITS if s in section}
         if not splits:
             raise ValueError(f"evalset parameters name none of the splits {EVAL_SPLITS}")
-        extra = set(section) - {"dir", "seed", "workers", *EVAL_SPLITS}
-        if extra:
-            raise ValueError(f"unknown evalset parameters {sorted(extra)}")
-        return cls(dir=section.get("dir", cls.dir), seed=int(section.get("seed", cls.seed)), splits=splits,
-                   workers=int(section.get("workers", cls.workers)))
+        return section_config(cls, section, "evalset", splits=splits)
 
 
 @dataclass(frozen=True)
@@ -279,8 +275,6 @@ def build_evalset(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl.params import load_params
-
     parser = argparse.ArgumentParser(prog="mtl evalset", description="build the fixed evaluation set")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default=None, help="a profiles/*.yaml overlay")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,11 +45,28 @@ from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_po
                               retrieval_metrics, threshold_for_precision)
 from mtl.eval.search import search
 from mtl.io import atomic_write_text, write_csv
+from mtl.params import section_config
 
 SPLITS = ("val", "test")
 DECISION_METHODS = ("gate", "fusion")
 METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold",
                "threshold", "bytes_per_vector")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The `eval` section of params.yaml: how every method is embedded and scored."""
+
+    image_size: int            # the models' input size
+    larger_image_size: int     # the best model is also evaluated at this size
+    batch_size: int
+    top_k: int                 # neighbours searched per query
+    target_precision: float    # the operating threshold is chosen on val for this precision
+    device: str                # "auto" = CUDA when present, else CPU
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> "EvalConfig":
+        return section_config(cls, section, "eval")
 
 
 # --------------------------------------------------------------------------- eval set
@@ -362,21 +379,22 @@ def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str,
                              test_split=splits["test"], fusion_grid=fusion_grid)
 
 
-def checkpoint_scores(checkpoint: str | Path, eval_dir: str | Path, split: str = "val", image_size: int = 112,
-                      batch_size: int = 128, device: str = "auto", k: int = 10,
-                      target_precision: float = 0.9) -> dict[str, dict[str, float]]:
+def checkpoint_scores(checkpoint: str | Path, eval_dir: str | Path, split: str, cfg: EvalConfig,
+                      image_size: int | None = None) -> dict[str, dict[str, float]]:
     """μAP, R@P90 and acc@1 (all queries, and the held-out ones) of a checkpoint's MTL
-    embedding and of its backbone's 1280-d output on one eval split: how diagnostics and
-    recipe choices are scored (on val, never on test)."""
+    embedding and of its backbone's 1280-d output on one eval split, embedded at
+    `image_size` (default: the evaluation's): how diagnostics and recipe choices are
+    scored (on val, never on test)."""
     from mtl.eval.embed import embed_many, images_in_evalset
 
     eval_split = EvalSplit.load(eval_dir, split)
-    many = embed_many(checkpoint, images_in_evalset(Path(eval_dir) / split), image_size, batch_size, device)
+    many = embed_many(checkpoint, images_in_evalset(Path(eval_dir) / split), image_size or cfg.image_size,
+                      cfg.batch_size, cfg.device)
     scores = {}
     for kind in ("mtl", "gap1280"):
-        predictions = _search_split(many[kind], eval_split, k).predictions
-        metrics = retrieval_metrics(predictions, eval_split.queries, target_precision)
-        held_out = held_out_metrics(predictions, eval_split.queries, target_precision)
+        predictions = _search_split(many[kind], eval_split, cfg.top_k).predictions
+        metrics = retrieval_metrics(predictions, eval_split.queries, cfg.target_precision)
+        held_out = held_out_metrics(predictions, eval_split.queries, cfg.target_precision)
         scores[kind] = {"muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90, "acc_at_1": metrics.acc_at_1,
                         "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1}
     return scores

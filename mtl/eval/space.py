@@ -10,10 +10,26 @@ cluster with it.  We show t-SNE and UMAP and measure the same thing:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
 from mtl.eval.baselines import unit_rows
+from mtl.params import section_config
+
+
+@dataclass(frozen=True)
+class EmbeddingsConfig:
+    """The `embeddings` section of params.yaml: the anchors and views that are projected."""
+
+    anchors: int            # test images shown
+    views_per_anchor: int   # eval-family transformations of each
+    image_size: int         # the models' input size
+    seed: int
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> "EmbeddingsConfig":
+        return section_config(cls, section, "embeddings")
 
 
 @dataclass(frozen=True)

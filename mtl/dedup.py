@@ -53,7 +53,7 @@ import pandas as pd
 DEFAULT_OPERATING_POINTS = Path("models/operating_points.json")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtl" / "dedup"
 DEFAULT_OUT = Path("dedup")
-DEFAULT_IMAGE_SIZE = 112
+DEFAULT_IMAGE_SIZE = 112  # the untrained ImageNet backbone's input, when no operating point names one
 # imagededup's default max_distance_threshold: the radius its users already trust.
 DEFAULT_HAMMING_RADIUS = 10
 DESCRIPTORS = ("mtl", "gap1280", "phash", "dhash")
@@ -165,7 +165,7 @@ def resolve_method(method: str = "best", operating_points: str | Path = DEFAULT_
                 raise DedupSetupError(f"no operating point in {operating_points} for {checkpoint} "
                                       f"(digest {digest}): pass --threshold")
             return DedupMethod(method, "mtl", threshold, "--threshold", gate, checkpoint, digest,
-                               image_size or DEFAULT_IMAGE_SIZE)
+                               image_size or _trained_image_size(checkpoint))
         entry, name = OperatingPoint(**{**asdict(entry), "checkpoint": str(checkpoint)}), method
     return _from_entry(name, entry, operating_points, threshold, gate, image_size)
 
@@ -206,9 +206,19 @@ def _from_entry(name: str, entry: OperatingPoint, path, threshold: float | None,
         digest = _checked_digest(checkpoint, entry, threshold)
     source = "--threshold" if threshold is not None else \
         f"{Path(path).name} ({entry.split} split, precision {entry.target_precision:g})"
+    if image_size is None:  # the size the threshold was chosen at, else the checkpoint's own
+        image_size = entry.image_size or (_trained_image_size(checkpoint) if checkpoint else DEFAULT_IMAGE_SIZE)
     return DedupMethod(name, entry.descriptor, entry.threshold if threshold is None else threshold, source,
-                       gate and entry.descriptor == "mtl", checkpoint, digest,
-                       image_size or entry.image_size or DEFAULT_IMAGE_SIZE)
+                       gate and entry.descriptor == "mtl", checkpoint, digest, image_size)
+
+
+def _trained_image_size(checkpoint: Path) -> int:
+    from mtl.model import load_checkpoint, trained_image_size
+
+    size = trained_image_size(load_checkpoint(checkpoint))
+    if size is None:
+        raise DedupSetupError(f"{checkpoint} records no training image size: pass --image-size")
+    return size
 
 
 def _find_checkpoint(entry: OperatingPoint, points_path: Path) -> Path:
@@ -545,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-score-report", type=float,
                         help="also list pairs down to this score (not grouped): near misses to review")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"embedding cache (default {DEFAULT_CACHE})")
-    parser.add_argument("--image-size", type=int, help="network input size (default: the operating point's, else 112)")
+    parser.add_argument("--image-size", type=int, help="network input size (default: the operating point's, else "
+                        f"the size the checkpoint was trained at; {DEFAULT_IMAGE_SIZE} for imagenet)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     parser.add_argument("--num-workers", type=int, default=1, help="decoding workers")

@@ -265,7 +265,7 @@ class StageRun:
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), loss_state=self.criterion.contrastive.state_dict(),
             rng=rng_states(), finished=self.epoch >= self.cfg.epochs, git_revision=git_revision(),
-            run_fingerprint=self.fingerprint, world_size=self.world)
+            run_fingerprint=self.fingerprint, world_size=self.world, image_size=self.cfg.image_size)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         differences = config_differences(checkpoint["stage_config"], self.cfg)

@@ -26,6 +26,7 @@ from mtl.data.corpus import unique_ids
 from mtl.eval.embed import EmbeddingResult, Provenance, load_npz, save_npz
 from mtl.io import UserError
 from mtl.study import prepare_run_dir
+from tests.configs import study_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def photos(tmp_path, small_real_photos) -> Path:
 
 def params_file(tmp_path: Path, **data) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"data": {"max_side": 64, "workers": 1, **data}}))
+    path.write_text(yaml.safe_dump({"data": {**study_params()["data"], "max_side": 64, "workers": 1, **data}}))
     return path
 
 

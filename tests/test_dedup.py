@@ -175,6 +175,21 @@ def test_operating_points_entries(tmp_path, imagenet_branches_checkpoint):
         resolve_method("best", moved)
 
 
+def test_a_checkpoint_without_an_entry_runs_at_its_training_size(tmp_path, imagenet_branches_checkpoint):
+    from mtl.model import MTLNet
+
+    missing = tmp_path / "none.json"
+    assert resolve_method(str(imagenet_branches_checkpoint), missing, threshold=0.8).image_size == 112
+    assert resolve_method(str(imagenet_branches_checkpoint), missing, threshold=0.8, image_size=96).image_size == 96
+    other = tmp_path / "other.pt"
+    MTLNet.from_checkpoint(imagenet_branches_checkpoint).save_checkpoint(other, image_size=64)
+    assert resolve_method(str(other), missing, threshold=0.8).image_size == 64
+    bare = tmp_path / "bare.pt"
+    MTLNet.from_checkpoint(imagenet_branches_checkpoint).save_checkpoint(bare)
+    with pytest.raises(DedupSetupError, match="records no training image size"):
+        resolve_method(str(bare), missing, threshold=0.8)
+
+
 # --------------------------------------------------------------------------- moving aside, and back
 
 def dedup_cli(folder: Path, tmp_path: Path, *extra: str) -> int:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from mtl.model import MTLNet, ModelConfig, load_checkpoint
+from mtl.model import MTLNet, ModelConfig, load_checkpoint, trained_image_size
 from mtl.train import LOG_COLUMNS, StageConfig, train_stage
 from tests import configs
 
@@ -142,6 +142,9 @@ def test_checkpoint_holds_everything_needed_to_continue(frozen_run):
     assert checkpoint["epoch"] == 2 and checkpoint["finished"]
     assert int(checkpoint["loss_state"]["filled"]) > 0  # the cross-batch memory is saved
     assert MTLNet.from_checkpoint(final).config == ModelConfig(pretrained=False)
+    assert checkpoint["image_size"] == trained_image_size(checkpoint) == IMAGE_SIZE  # what `mtl embed` uses
+    del checkpoint["image_size"]  # a checkpoint of an earlier version: its stage config tells
+    assert trained_image_size(checkpoint) == IMAGE_SIZE
 
 
 def test_finished_run_returns_at_once(frozen_run):

@@ -2,7 +2,7 @@
 
     mtl embed --method CKPT|backbone_gap1280:CKPT|phash|dhash
               (--folder DIR | --list FILE | --evalset data/eval/test)
-              --out x.npz [--image-size 112] [--gap-out gap.npz] [--shard i/n]
+              --out x.npz [--image-size S] [--gap-out gap.npz] [--shard i/n]
     mtl embed --merge --out x.npz                   (join the parts written with --shard)
     torchrun --nproc-per-node N -m mtl.cli embed ...  (N processes: a part each, rank 0 joins them)
 
@@ -14,7 +14,8 @@ Methods
     phash, dhash            64-bit perceptual hashes as ±1/8 vectors (mtl.eval.baselines)
 
 One backbone pass gives both the MTL embedding and the 1280-d descriptor, so
-`embed_many(checkpoint, ...)` returns both (`--gap-out` on the command line).
+`embed_many(checkpoint, ...)` returns both (`--gap-out` on the command line).  A
+checkpoint embeds at the input size it was trained at unless `--image-size` says otherwise.
 
 Images are decoded by a DataLoader worker while the network runs; unreadable
 files are listed in `failed` with a reason and skipped, never a crash.
@@ -417,14 +418,19 @@ def _result(images: ImageList, kept: list[int], bad: list[tuple[int, str]], embe
         provenance=replace(provenance, dim=int(embeddings.shape[1])))
 
 
-def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112, batch_size: int = 128,
+def embed_many(checkpoint: str | Path, images: ImageList, image_size: int | None = None, batch_size: int = 128,
                device: str = "auto", num_workers: int = 1, allow_empty: bool = False) -> dict[str, EmbeddingResult]:
-    """{"mtl": embedding + class probs, "gap1280": the backbone's 1280-d} from one pass.
-    No readable image is an error unless `allow_empty` (a part of a sharded list)."""
-    from mtl.model import MTLNet
+    """{"mtl": embedding + class probs, "gap1280": the backbone's 1280-d} from one pass, at
+    `image_size` (default: the size the checkpoint was trained at).  No readable image is
+    an error unless `allow_empty` (a part of a sharded list)."""
+    from mtl.model import MTLNet, load_checkpoint, trained_image_size
     from mtl.runtime import resolve_device
 
     dev = resolve_device(device)
+    if image_size is None:
+        image_size = trained_image_size(load_checkpoint(checkpoint))
+        if image_size is None:
+            raise UserError(f"{checkpoint} records no training image size: give the input size (--image-size)")
     model = MTLNet.from_checkpoint(checkpoint, map_location=dev)
     many = describe_images(model, images, str(checkpoint), image_size, batch_size, dev, num_workers,
                            checkpoint_digest=file_digest(checkpoint))
@@ -434,7 +440,7 @@ def embed_many(checkpoint: str | Path, images: ImageList, image_size: int = 112,
     return many
 
 
-def describe_images(model, images: ImageList, name: str, image_size: int = 112, batch_size: int = 128,
+def describe_images(model, images: ImageList, name: str, image_size: int, batch_size: int = 128,
                     device=None, num_workers: int = 1, checkpoint_digest: str | None = None
                     ) -> dict[str, EmbeddingResult]:
     """embed_many's loop for a model already in memory (a checkpoint, or the untrained
@@ -482,9 +488,10 @@ def describe_images(model, images: ImageList, name: str, image_size: int = 112, 
 
 
 def embed(method: str, image_paths: Sequence[str | Path], ids: Sequence[str] | None = None,
-          image_size: int = 112, batch_size: int = 128, device: str = "auto", num_workers: int = 1,
+          image_size: int | None = None, batch_size: int = 128, device: str = "auto", num_workers: int = 1,
           roles: Sequence[str] | None = None) -> EmbeddingResult:
-    """Embed images with one method (see the module docstring); ids default to the paths."""
+    """Embed images with one method (see the module docstring); ids default to the paths;
+    a checkpoint's input size defaults to the size it was trained at."""
     paths = [Path(p) for p in image_paths]
     ids = [str(p) for p in image_paths] if ids is None else [str(i) for i in ids]
     if len(ids) != len(paths):
@@ -535,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output .npz")
     parser.add_argument("--gap-out", type=Path, help="with a checkpoint: also write its 1280-d backbone "
                         "descriptors here (same pass)")
-    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="network input size (default: the size the checkpoint was trained at)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, ...")
     parser.add_argument("--num-workers", type=int, default=1, help="decoding workers")

@@ -124,10 +124,11 @@ class CheckpointPass:
 
 
 def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, passes: Sequence[CheckpointPass],
-                  corpus_dir: str | Path | None = None, pca_images: int = 2000, pca_dim: int = 320,
-                  image_size: int = 112, batch_size: int = 128, device: str = "auto", num_workers: int = 1,
+                  image_size: int, corpus_dir: str | Path | None = None, pca_images: int = 2000,
+                  pca_dim: int = 320, batch_size: int = 128, device: str = "auto", num_workers: int = 1,
                   seed: int = 0, overwrite: bool = False) -> dict[str, dict[str, Path]]:
-    """Embed both eval splits with the hashes and every pass; {method: {split: npz path}}.
+    """Embed both eval splits with the hashes and every pass, each pass at its own input
+    size or else `image_size`; {method: {split: npz path}}.
 
     A PCA method is fit on `pca_images` train-split images of `corpus_dir`.  Existing
     files are reused unless `overwrite`.

@@ -92,7 +92,7 @@ def time_trainer(run: StageRun, batch, steps: int) -> float:
     fill_memory(run.criterion.contrastive)
     synchronize(run.device)
     start = clock()
-    run.train_epoch([batch] * steps, progress=lambda batches: batches)
+    run.train_epoch([batch] * steps)
     synchronize(run.device)
     return (clock() - start) / steps
 

@@ -16,7 +16,7 @@ from mtl.runtime import tune_malloc
 COMMANDS = {
     "corpus": ("mtl.data.corpus", "build the image corpus (Debian packages or your own folder)"),
     "evalset": ("mtl.data.evalset", "build the fixed evaluation set (references, queries, ground truth)"),
-    "gallery": ("mtl.data.transforms", "render every copy transformation on one image"),
+    "gallery": ("mtl.data.gallery", "render every copy transformation on one image"),
     "train": ("mtl.train", "train one stage (frozen backbone, or full fine-tuning)"),
     "embed": ("mtl.eval.embed", "write embeddings + class probabilities of images to .npz"),
     "index": ("mtl.eval.index", "an on-disk index of references (flat or IVF-PQ): build, add, info"),

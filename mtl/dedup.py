@@ -45,10 +45,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
+
+from mtl.io import atomic_path, atomic_write_text, file_digest, write_csv
+from mtl.runtime import progress
 
 DEFAULT_OPERATING_POINTS = Path("models/operating_points.json")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtl" / "dedup"
@@ -77,7 +79,7 @@ class OperatingPoint:
     target_precision: float = 0.9
     split: str = "val"
     checkpoint: str | None = None
-    checkpoint_digest: str | None = None  # mtl.study.file_digest of the checkpoint
+    checkpoint_digest: str | None = None  # mtl.io.file_digest of the checkpoint
     image_size: int | None = None
     gate: bool = False
 
@@ -145,8 +147,6 @@ def resolve_method(method: str = "best", operating_points: str | Path = DEFAULT_
                    threshold: float | None = None, gate: bool = True,
                    image_size: int | None = None) -> DedupMethod:
     """The method, threshold and gate a run uses; DedupSetupError says what is missing."""
-    from mtl.study import file_digest
-
     points = _operating_points_or_none(operating_points)
     if method in NAMED_METHODS:
         entry = (points or {}).get(method)
@@ -235,8 +235,6 @@ def _find_checkpoint(entry: OperatingPoint, points_path: Path) -> Path:
 
 def _checked_digest(checkpoint: Path, entry: OperatingPoint, threshold: float | None) -> str:
     """A threshold belongs to the weights it was chosen for: refuse a changed checkpoint."""
-    from mtl.study import file_digest
-
     digest = file_digest(checkpoint)
     if entry.checkpoint_digest and digest != entry.checkpoint_digest and threshold is None:
         raise DedupSetupError(f"{checkpoint} changed since its threshold was chosen (digest {digest}, "
@@ -304,31 +302,14 @@ class EmbeddingCache:
                   "failed_digests": result.failed, "failed_reasons": result.failed_reasons}
         if result.class_probs is not None:
             arrays |= {"class_probs": result.class_probs, "class_names": result.class_names}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(shard, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
-
-
-def write_atomically(path: Path, write: Callable[[Path], object], suffix: str = "") -> Path:
-    """Write through a temporary file in the same folder, then rename: readers see the
-    old file or the whole new one, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        with atomic_path(shard) as tmp:
+            np.savez(tmp, **arrays)
 
 
 def digest_files(paths: list[Path]) -> list[str | None]:
     """sha256 (16 hex) of each file's bytes; None when it cannot be read."""
-    from tqdm.auto import tqdm
-
-    from mtl.runtime import is_interactive
-    from mtl.study import file_digest
-
     digests = []
-    for path in tqdm(paths, desc="digest", unit="file", disable=not is_interactive()):
+    for path in progress(paths, len(paths), "digest", unit="file", lines=0):
         try:
             digests.append(file_digest(path))
         except OSError:
@@ -499,8 +480,8 @@ class DedupResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = {"pairs": out_dir / "pairs.csv", "groups": out_dir / "groups.json",
                    "report": out_dir / "report.html"}
-        self.pairs.to_csv(written["pairs"], index=False, columns=list(PAIR_COLUMNS))
-        written["groups"].write_text(json.dumps(self.groups_json(), indent=2) + "\n")
+        write_csv(self.pairs, written["pairs"], columns=list(PAIR_COLUMNS))
+        atomic_write_text(written["groups"], json.dumps(self.groups_json(), indent=2) + "\n")
         write_report(self, written["report"])
         return written
 

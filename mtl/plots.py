@@ -89,24 +89,6 @@ def bar_chart(frame: pd.DataFrame, x: str, y: str, hue: str | None, path: str | 
     return _save(fig, path)
 
 
-def image_grid(paths: Sequence[str | Path], path: str | Path, columns: int = 8, size: int = 96,
-               captions: Sequence[str] | None = None, title: str = "") -> Path:
-    """Thumbnails in a grid, optionally captioned."""
-    rows = max(1, int(np.ceil(len(paths) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * size / 64, rows * size / 58), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, image_path in enumerate(paths):
-        ax = axes.ravel()[i]
-        with Image.open(image_path) as img:
-            ax.imshow(img.convert("RGB"))
-        if captions:
-            ax.set_title(captions[i], fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
-
-
 def image_pairs(pairs: Sequence[tuple[str | Path, str | Path, str]], path: str | Path, title: str = "") -> Path:
     """Query / reference pairs side by side.  Each row has its caption (e.g. score and
     transformation) on a line of its own above the pair, and short "query" / "reference"

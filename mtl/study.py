@@ -48,18 +48,13 @@ def corpus_stage(params: dict, results_dir: str | Path = RESULTS / "corpus") -> 
     from PIL import Image
 
     from mtl.data.corpus import build_corpus
+    from mtl.data.sheets import side_by_side
 
     results_dir = Path(results_dir)
     with stopwatch() as timing:
         report = build_corpus(params["data"])
     corpus_dir = Path(params["data"]["corpus_dir"])
-    sheets = [Image.open(corpus_dir / name) for name in report["contact_sheets"].values()]
-    combined = Image.new("RGB", (sum(s.width for s in sheets) + 16 * (len(sheets) - 1),
-                                 max(s.height for s in sheets)), "white")
-    x = 0
-    for sheet in sheets:
-        combined.paste(sheet, (x, 0))
-        x += sheet.width + 16
+    combined = side_by_side([Image.open(corpus_dir / name) for name in report["contact_sheets"].values()])
     with atomic_path(results_dir / "contact_sheets.png") as tmp:
         combined.save(tmp, optimize=True)
     with atomic_path(results_dir / "near_blank.png") as tmp:

@@ -56,7 +56,7 @@ from mtl.io import atomic_path, file_digest
 from mtl.loss import CrossBatchContrastiveLoss, LossParts, MultiTaskLoss
 from mtl.model import MTLNet, ModelConfig, load_checkpoint
 from mtl.params import section_config
-from mtl.runtime import git_revision, is_interactive, resolve_device, seed_everything
+from mtl.runtime import git_revision, progress, resolve_device, seed_everything
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 STAGES = ("frozen", "finetune")
@@ -209,8 +209,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int, final_fraction: float) ->
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * done))
 
     return factor
 
@@ -320,10 +320,11 @@ class StageRun:
         self.scheduler.step()
         return parts, counts
 
-    def train_epoch(self, batches: Iterable[Batch], progress: Callable[[Iterable], Iterable]) -> tuple[EpochMeans, float]:
+    def train_epoch(self, batches: Iterable[Batch], with_progress: Callable[[Iterable], Iterable] = lambda b: b
+                    ) -> tuple[EpochMeans, float]:
         self.model.train()
         sums, start = EpochMeans(), time.perf_counter()
-        for step, batch in enumerate(progress(batches)):
+        for step, batch in enumerate(with_progress(batches)):
             if self.cfg.max_steps_per_epoch is not None and step >= self.cfg.max_steps_per_epoch:
                 break
             parts, counts = self.train_step(batch, step)
@@ -386,14 +387,12 @@ def epoch_line(stage: str, epochs: int, row: dict[str, float]) -> str:
             f"lr {row['lr']:.2e}  {row['images_per_second']:.1f} img/s  {row['wall_seconds']:.1f} s")
 
 
-def progress_bar(batches: Iterable[Batch], cfg: StageConfig, epoch: int) -> Iterable[Batch]:
-    """A live bar over one epoch's batches (interactive sessions only)."""
-    from tqdm.auto import tqdm
-
+def epoch_progress(batches: Iterable[Batch], cfg: StageConfig, epoch: int) -> Iterable[Batch]:
+    """A live bar over one epoch's batches for a person watching (the epoch line says the rest)."""
     total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
     if cfg.max_steps_per_epoch is not None and total is not None:
         total = min(total, cfg.max_steps_per_epoch)
-    return tqdm(batches, total=total, desc=f"{cfg.stage} {epoch}/{cfg.epochs}", leave=False)
+    return progress(batches, total, f"{cfg.stage} {epoch}/{cfg.epochs}", unit="step", lines=0, leave=False)
 
 
 def _initial_model(model_or_init: MTLNet | str | Path) -> MTLNet:
@@ -447,15 +446,14 @@ def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
     if main_rank:
         print_header(cfg, run.model, out_dir, run.device, run.epoch)
 
-    interactive = is_interactive() and main_rank
     while run.epoch < cfg.epochs:
         started = time.perf_counter()
         epoch = run.epoch + 1
 
-        def progress(batches: Iterable[Batch]) -> Iterable[Batch]:
-            return progress_bar(batches, cfg, epoch) if interactive else batches
+        def with_progress(batches: Iterable[Batch]) -> Iterable[Batch]:
+            return epoch_progress(batches, cfg, epoch) if main_rank else batches
 
-        train, train_seconds = run.train_epoch(make_train_batches(epoch), progress)
+        train, train_seconds = run.train_epoch(make_train_batches(epoch), with_progress)
         val = run.validate(make_val_batches()) if make_val_batches is not None else None
         run.epoch = epoch
         run.step_rows = [plain_row(r) for r in run.step_rows]

@@ -121,7 +121,9 @@ def test_meme_caption_adds_a_band_above_the_unchanged_picture() -> None:
 
 
 def test_gallery_shows_every_transformation(tmp_path) -> None:
-    out = T.main(["--image", str(_save(IMAGES["colour"], tmp_path / "cat.png")), "--out", str(tmp_path / "g.png")])
+    from mtl.data.gallery import main
+
+    out = main(["--image", str(_save(IMAGES["colour"], tmp_path / "cat.png")), "--out", str(tmp_path / "g.png")])
     assert out == 0
     sheet = Image.open(tmp_path / "g.png")
     tiles = len(T.REGISTRY) + 1

@@ -44,13 +44,14 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from PIL import Image
 
 from mtl.data.decode import (REJECTED_DIR, CorpusImage, SourceImage, decode_all, folder_megabytes, rank_key,
                              remove_unkept, restore_files, slug, unique_ids)
 from mtl.data.packages import PACKAGE_SETS
+from mtl.data.sheets import contact_sheet
 from mtl.data.splits import SPLITS, Deduplication, assign_splits, cap_per_class, drop_duplicates
 from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
 from mtl.params import load_params, section_config
@@ -200,21 +201,6 @@ def save_image(image: Image.Image, path: Path, **options) -> None:
     """Whole or absent, like every output (mtl.io.atomic_path); format from the name."""
     with atomic_path(path) as tmp:
         image.save(tmp, **options)
-
-
-def contact_sheet(paths: Sequence[Path], columns: int = 8, thumb: int = 96, pad: int = 4) -> Image.Image:
-    """A grid of thumbnails (aspect kept, centred in square cells) on light grey."""
-    rows = max(1, math.ceil(len(paths) / columns))
-    cell = thumb + pad
-    sheet = Image.new("RGB", (columns * cell + pad, rows * cell + pad), (235, 235, 235))
-    for index, path in enumerate(paths):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
-        x = pad + (index % columns) * cell + (thumb - im.width) // 2
-        y = pad + (index // columns) * cell + (thumb - im.height) // 2
-        sheet.paste(im, (x, y))
-    return sheet
 
 
 def write_contact_sheets(images: list[CorpusImage], cfg: CorpusConfig) -> dict[str, str]:

@@ -32,7 +32,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from mtl.data.imageio import LoadResult, composite_on, fit_within, load_image
+from mtl.data.imageio import VECTOR_SUFFIXES, LoadResult, composite_on, fit_within, load_image
 from mtl.io import atomic_path
 
 RECORD = "decoded.jsonl"
@@ -43,7 +43,6 @@ DECODE_KEYS = {
     "tiled": ("max_side", "tile_size", "max_tiles_per_picture", "min_tile_std", "min_tile_edges",
               "min_content_share", "max_source_pixels", "jpeg_quality", "seed"),
 }
-VECTOR_SUFFIXES = (".svg", ".svgz")
 VECTOR_SIDE = 256  # rendering size of a vector drawing's longer side (px)
 # Edge pixel: neighbouring grey levels differ by at least this much (of 255).
 EDGE_STEP = 8.0

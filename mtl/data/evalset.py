@@ -45,10 +45,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from mtl.data.batches import Original, load_original, split_originals
-from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out, render_gallery
+from mtl.data.gallery import render_gallery
+from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out
 from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps
 from mtl.params import load_params, section_config
-from mtl.runtime import is_interactive
+from mtl.runtime import progress
 
 EVAL_SPLITS = ("test", "val")
 QUERY_JPEG_QUALITY = 90  # queries are shared as JPEGs, as DISC21's are
@@ -177,21 +178,13 @@ def copy_reference(original: Original, dest: Path) -> None:
             load_original(original.path).save(tmp, quality=95)
 
 
-def _progress(items: Iterable, total: int, desc: str) -> Iterable:
-    if is_interactive():
-        from tqdm import tqdm
-
-        return tqdm(items, total=total, desc=desc)
-    return items
-
-
 def render_queries(jobs: list[QueryJob], workers: int, desc: str) -> None:
     if workers > 1 and len(jobs) > 50:
         with Pool(workers) as pool:
-            for _ in _progress(pool.imap_unordered(render_query, jobs, chunksize=16), len(jobs), desc):
+            for _ in progress(pool.imap_unordered(render_query, jobs, chunksize=16), len(jobs), desc, unit="query"):
                 pass
     else:
-        for job in _progress(jobs, len(jobs), desc):
+        for job in progress(jobs, len(jobs), desc, unit="query"):
             render_query(job)
 
 
@@ -214,7 +207,7 @@ def build_split(originals: list[Original], counts: SplitCounts, seed: int, split
     (split_dir / "references").mkdir(parents=True)
     (split_dir / "queries").mkdir()
 
-    for ref in _progress(references, len(references), f"{split} references"):
+    for ref in progress(references, len(references), f"{split} references", unit="image", lines=0):
         copy_reference(ref, split_dir / "references" / f"{ref.id}.jpg")
     _write_csv(split_dir / "references.csv", REFERENCE_COLUMNS,
                ({"reference_id": r.id, "path": f"references/{r.id}.jpg", "class": r.class_name} for r in references))

@@ -23,7 +23,6 @@ per-item determinism inside DataLoader workers.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,8 +31,6 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from mtl.io import atomic_path
 
 Transform = Callable[[Image.Image, np.random.Generator], Image.Image]
 
@@ -382,47 +379,3 @@ def apply_chain(family: str, img: Image.Image, rng_or_seed: np.random.Generator 
     for name in chosen:
         img = apply(name, img, rng)
     return img
-
-
-# --------------------------------------------------------------------------- gallery
-
-def render_gallery(img: Image.Image, path: str | Path, seed: int = 0, tile: int = 192,
-                   columns: int = 6) -> Path:
-    """A PNG grid: the original, then every transformation applied to it, each labelled
-    (held-out ones marked '[held out]')."""
-    img = _rgb(img)
-    items = [("original", img)] + [(name + (" [held out]" if t.held_out else ""), t.fn(img, as_generator(seed)))
-                                   for name, t in REGISTRY.items()]
-    label_h = 18
-    rows = math.ceil(len(items) / columns)
-    sheet = Image.new("RGB", (columns * tile, rows * (tile + label_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=12)
-    for i, (label, out) in enumerate(items):
-        x, y = (i % columns) * tile, (i // columns) * (tile + label_h)
-        thumb = out.copy()
-        thumb.thumbnail((tile - 8, tile - 8))
-        sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + label_h + (tile - thumb.height) // 2))
-        draw.text((x + 4, y + 3), label, fill=(200, 0, 0) if "held out" in label else (0, 0, 0), font=font)
-    with atomic_path(path) as tmp:
-        sheet.save(tmp)
-    return Path(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtl gallery", description="render every copy transformation on one image")
-    parser.add_argument("--image", required=True, help="an image file")
-    parser.add_argument("--out", required=True, help="the PNG to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-side", type=int, default=384, help="downscale the image to this longest side first")
-    args = parser.parse_args(argv)
-    with Image.open(args.image) as im:
-        img = im.convert("RGB")  # loads the pixels before the file closes
-    img.thumbnail((args.max_side, args.max_side))
-    out = render_gallery(img, args.out, seed=args.seed)
-    print(f"wrote {out} ({len(REGISTRY)} transformations)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

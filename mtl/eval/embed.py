@@ -49,10 +49,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mtl.eval.baselines import HASH_BITS, HASH_METHODS, hash_vector
+from mtl.data.imageio import IMAGE_SUFFIXES
 from mtl.io import UserError, atomic_path, file_digest, overlaps
 
 GAP_PREFIX = "backbone_gap1280:"
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ROLES = ("reference", "query")
 
 
@@ -209,9 +209,9 @@ def images_in_folder(folder: str | Path) -> ImageList:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     if not paths:
-        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {folder}")
+        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     return ImageList(paths, [p.relative_to(folder).as_posix() for p in paths])
 
 
@@ -350,24 +350,14 @@ def _collate(items):
 
 def _batches(paths: Sequence[Path], prepare: Callable, batch_size: int, num_workers: int, desc: str,
              pin_memory: bool = False):
-    """Yield (indices, batch, failures) with a progress bar (tqdm) or sparse log lines."""
+    """Yield (indices, batch, failures) of each batch, with progress reports."""
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
-    from mtl.runtime import is_interactive
+    from mtl.runtime import progress
 
     loader = DataLoader(_ImageDataset(paths, prepare), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory)
-    interactive = is_interactive()
-    done, next_report = 0, 0.1
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=not interactive) as bar:
-        for indices, batch, bad in loader:
-            yield indices, batch, bad
-            bar.update(len(indices) + len(bad))
-            done += len(indices) + len(bad)
-            if not interactive and done >= next_report * len(paths):
-                print(f"{desc}: {done}/{len(paths)} images", file=sys.stderr, flush=True)
-                next_report += 0.1
+    yield from progress(loader, len(loader), desc, unit="batch")
 
 
 def _failures(image_list: ImageList, bad: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:

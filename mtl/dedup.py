@@ -320,7 +320,7 @@ def digest_files(paths: list[Path]) -> list[str | None]:
 def embed_folder(folder: str | Path, method: DedupMethod, cache_dir: str | Path = DEFAULT_CACHE,
                  batch_size: int = 128, device: str = "auto", num_workers: int = 1) -> FolderEmbeddings:
     """Every image under `folder`, embedded once per distinct content and model."""
-    from mtl.eval.embed import ImageList, images_in_folder
+    from mtl.eval.images import ImageList, images_in_folder
 
     listing = images_in_folder(folder)
     digests = digest_files(listing.paths)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl.eval.methods import EvalConfig, checkpoint_scores
+from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.train import (StageConfig, StageRun, corpus_batches, feature_batches, stage_model, train_stage)
 
 RESULTS = Path("results") / "diagnose"

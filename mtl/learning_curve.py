@@ -61,7 +61,7 @@ def count_train_pictures(params: dict) -> int:
 
 
 def score(checkpoint: Path, params: dict, split: str) -> dict[str, dict[str, float]]:
-    from mtl.eval.methods import EvalConfig, checkpoint_scores
+    from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 
     return checkpoint_scores(checkpoint, params["evalset"]["dir"], split, EvalConfig.from_params(params["eval"]))
 

@@ -231,29 +231,13 @@ def anchor_views(params: dict) -> tuple[list, np.ndarray, np.ndarray, list[str]]
     return images, np.array(group), np.array(is_anchor), names
 
 
-def embed_pil(model, images: list, image_size: int, batch_size: int = 64) -> np.ndarray:
-    """Embeddings of in-memory images (eval preprocessing), on the model's device."""
-    import torch
-
-    from mtl.data.batches import to_model_input
-
-    mean, std = model.normalization
-    device = next(model.parameters()).device
-    model.eval()
-    rows = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([to_model_input(im, image_size, mean, std) for im in images[start:start + batch_size]])
-            rows.append(model(batch.to(device)).embedding.float().cpu().numpy())
-    return np.concatenate(rows)
-
-
 def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/best/finetune/final.pt",
                      results_dir: str | Path = RESULTS / "embeddings") -> dict:
     """t-SNE and UMAP of anchors + views before training (pretrained backbone,
     untrained branches) and after stage 2, with the numbers behind the pictures."""
     from mtl import plots
-    from mtl.eval.methods import EvalConfig
+    from mtl.eval.embed import embed_pictures
+    from mtl.eval.evaluation import EvalConfig
     from mtl.eval.space import EmbeddingsConfig, project_tsne, project_umap, score_space
     from mtl.model import MTLNet
     from mtl.runtime import resolve_device, seed_everything
@@ -266,8 +250,8 @@ def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/best/f
         after = MTLNet.from_checkpoint(after_checkpoint).to(device)
         seed_everything(cfg.seed)
         before = MTLNet(after.config).to(device)  # same backbone weights source, fresh branches
-        vectors = {"before": embed_pil(before, images, cfg.image_size),
-                   "after": embed_pil(after, images, cfg.image_size)}
+        vectors = {"before": embed_pictures(before, images, cfg.image_size),
+                   "after": embed_pictures(after, images, cfg.image_size)}
         scores = {when: score_space(v, group, is_anchor).as_dict() for when, v in vectors.items()}
         panels = {}
         for when, v in vectors.items():
@@ -298,7 +282,8 @@ def checkpoint_path(recipe: str, stage: str) -> Path:
 
 def evaluation_passes(params: dict) -> list:
     """Which checkpoints the evaluation embeds, and the methods each pass yields."""
-    from mtl.eval.methods import CheckpointPass, EvalConfig
+    from mtl.eval.evaluation import EvalConfig
+    from mtl.eval.methods import CheckpointPass
 
     larger = EvalConfig.from_params(params["eval"]).larger_image_size
     passes = []
@@ -339,7 +324,8 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
     """Every method on the same eval files, one table; PR curves, recall per
     transformation, the worst errors as image pairs, and the operating points."""
     from mtl import plots
-    from mtl.eval.methods import EvalConfig, embed_methods, evaluate_methods, image_pairs
+    from mtl.eval.evaluation import EvalConfig, evaluate_methods, image_pairs
+    from mtl.eval.methods import embed_methods
 
     results_dir = Path(results_dir)
     cfg = EvalConfig.from_params(params["eval"])
@@ -375,7 +361,7 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
 def write_operating_points(table: pd.DataFrame, params: dict, path: Path) -> Path:
     """The val-chosen thresholds `mtl dedup` decides with: the trained model (best recipe,
     class gate on), the ImageNet backbone's 1280-d output, and the two hashes."""
-    from mtl.eval.methods import EvalConfig
+    from mtl.eval.evaluation import EvalConfig
 
     rows = table.set_index("method")
     cfg = EvalConfig.from_params(params["eval"])

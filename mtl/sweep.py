@@ -101,7 +101,7 @@ def sweep_out_dir(out: str | Path) -> Path:
 
 def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: str, out_root: Path) -> dict:
     """Train the sweep's stages for one variant and score the last one on val."""
-    from mtl.eval.methods import EvalConfig, checkpoint_scores
+    from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 
     overrides = [*common, *variant.overrides]
     params = recipe_params(load_params(params_path), sweep.recipe)

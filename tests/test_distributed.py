@@ -269,7 +269,8 @@ def test_torchrun_trains_stage_one_from_the_feature_cache_like_one_process(tmp_p
 
 def test_torchrun_embeds_a_part_per_process_and_joins_them_like_one_process(folder_with_copies, tmp_path):
     """`torchrun --nproc-per-node 2 -m mtl.cli embed`: one .npz, equal to one process's."""
-    from mtl.eval.embed import load_npz, main
+    from mtl.eval.embed import main
+    from mtl.eval.embeddings import load_npz
     from tests.test_embed import assert_same_embeddings
 
     folder, _ = folder_with_copies

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from mtl.eval.baselines import hamming_from_score
-from mtl.eval.embed import images_in_folder, load_npz, main, parse_method
+from mtl.eval.embed import main, parse_method
+from mtl.eval.embeddings import load_npz
+from mtl.eval.images import images_in_folder
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,8 @@ def _tiny_evalset(root, rng):
 
 
 def test_every_method_embeds_both_splits_and_lands_in_one_table(tmp_path, checkpoint):
-    from mtl.eval.methods import embed_methods, evaluate_methods
+    from mtl.eval.evaluation import evaluate_methods
+    from mtl.eval.methods import embed_methods
 
     _tiny_evalset(tmp_path, np.random.default_rng(4))
     from mtl.eval.methods import CheckpointPass

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mtl.eval.baselines import unit_rows
+from mtl.eval.embeddings import unit_rows
 from mtl.params import section_config
 
 

@@ -30,7 +30,8 @@ from mtl.loss import CrossBatchContrastiveLoss
 from mtl.model import MTLNet, ModelConfig
 from mtl.params import load_params
 from mtl.runtime import resolve_device
-from mtl.train import StageConfig, StageRun
+from mtl.training.config import StageConfig
+from mtl.training.loop import StageRun
 
 
 # time.perf_counter (wall) by default; time.process_time (CPU seconds of this process)

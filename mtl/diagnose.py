@@ -28,7 +28,9 @@ import pandas as pd
 import torch
 
 from mtl.eval.evaluation import EvalConfig, checkpoint_scores
-from mtl.train import (StageConfig, StageRun, corpus_batches, feature_batches, stage_model, train_stage)
+from mtl.training.config import StageConfig
+from mtl.training.loop import StageRun, train_stage
+from mtl.training.stage import corpus_batches, feature_batches, stage_model
 
 RESULTS = Path("results") / "diagnose"
 

@@ -247,34 +247,3 @@ def split_caches(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str 
                                        CacheSpec(split, counts[split], image_size, view_recipe, seed),
                                        model, **build_options)
             for split in splits}
-
-
-# --------------------------------------------------------------------------- speed
-
-def step_rates(params: dict, steps: int = 20, rounds: int = 3) -> dict[str, float]:
-    """Stage-1 optimizer steps per second from images and from the cache, measured side
-    by side: `rounds` alternating rounds of `steps` steps each (the first batch of a
-    round is not timed: it starts the loader), median of the rounds.  Everything is the
-    real trainer (StageRun.train_step); only the batch source differs."""
-    from dataclasses import replace
-
-    from mtl.train import StageConfig, StageRun, corpus_batches, stage_model
-
-    base = StageConfig.from_params(params, "frozen")
-    rates: dict[str, list[float]] = {"images": [], "features": []}
-    for round_ in range(rounds):
-        for source in rates:
-            cfg = replace(base, source=source, epochs=1)
-            model = stage_model(params, cfg)
-            make_train, _ = corpus_batches(params, cfg, model)
-            run = StageRun(model, cfg, Path("."), steps + 1)
-            run.model.train()
-            batches = iter(make_train(round_ + 1))
-            run.train_step(next(batches), 0)
-            started = time.perf_counter()
-            for step in range(steps):
-                run.train_step(next(batches), step + 1)
-            rates[source].append(steps / (time.perf_counter() - started))
-    images, features = float(np.median(rates["images"])), float(np.median(rates["features"]))
-    return {"steps_per_second_images": images, "steps_per_second_features": features, "speedup": features / images,
-            "benchmark_steps": steps, "benchmark_rounds": rounds}

@@ -112,7 +112,7 @@ RECIPE_SETTINGS = [
 def recipes_table(params: dict) -> str:
     """The settings of both recipes, per stage, read from the parameters themselves."""
     from mtl.params import recipe_params
-    from mtl.train import StageConfig
+    from mtl.training.config import StageConfig
 
     rows = []
     for recipe in RECIPES:

@@ -20,18 +20,12 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from mtl.io import UserError, atomic_path, atomic_write_text, file_digest, is_temp_of, some_names, write_csv
+from mtl.io import atomic_path, file_digest, write_csv, write_json
 
 RESULTS = Path("results")
-# What a training run writes in its folder (besides temporary files of these).
-RUN_FILES = ("run.json", "last.pt", "final.pt", "log.csv", "steps.csv")
 
 
 # --------------------------------------------------------------------------- helpers
-
-def write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-
 
 @contextmanager
 def stopwatch() -> Iterator[dict]:
@@ -93,8 +87,8 @@ def evalset_stage(params: dict, results_dir: str | Path = RESULTS / "evalset") -
 def features_stage(params: dict, results_dir: str | Path = RESULTS / "features") -> dict:
     """Build the train and val feature caches the frozen stages learn from (mtl.features),
     and measure stage-1 steps/s from the cache against the image path."""
-    from mtl.features import step_rates
-    from mtl.train import StageConfig, feature_batches, stage_model
+    from mtl.training.config import StageConfig
+    from mtl.training.stage import feature_batches, stage_model, step_rates
 
     cfg = StageConfig.from_params(params, "frozen")
     with stopwatch() as timing:
@@ -114,80 +108,12 @@ def features_stage(params: dict, results_dir: str | Path = RESULTS / "features")
 
 # --------------------------------------------------------------------------- training
 
-def is_run_file(path: Path) -> bool:
-    return path.is_file() and any(path.name == name or is_temp_of(path.name, name) for name in RUN_FILES)
-
-
-def read_run_marker(marker: Path) -> Any:
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def prepare_run_dir(out_dir: Path, fingerprint: dict) -> None:
-    """Keep a run folder only for the same settings and starting point.
-
-    DVC re-runs a stage when its parameters or inputs change; checkpoints are
-    `persist`ed so that an *interrupted* run resumes.  A folder left by other
-    settings, another corpus, other code or another stage-1 checkpoint must not
-    be resumed: its run files are removed.  A folder is a run's when its
-    `run.json` (written here, before training starts) is there and it holds
-    nothing but RUN_FILES; any other folder is refused, untouched."""
-    marker = out_dir / "run.json"
-    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back: lists, not tuples
-    if marker.is_file() and read_run_marker(marker) == fingerprint:
-        return
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        foreign = [p.name for p in sorted(out_dir.iterdir()) if not is_run_file(p)]
-        if foreign or not marker.is_file():
-            raise UserError(f"{out_dir} holds files a training run did not make "
-                            f"({some_names(out_dir, foreign or None)}): choose a new or empty folder as out_dir")
-        print(f"{out_dir}: settings changed since the last run; starting this stage over")
-        for path in out_dir.iterdir():
-            path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(marker, fingerprint)
-
-
-def train_run(params: dict, stage: str, out_dir: str | Path, init: str | Path | None = None) -> Path:
-    """Train one stage (§III-A) from params (a recipe already applied); resumes an
-    interrupted run; returns final.pt."""
-    from dataclasses import asdict
-
-    from mtl.train import StageConfig, corpus_batches, run_fingerprint, stage_model, train_stage
-
-    out_dir = Path(out_dir)
-    cfg = StageConfig.from_params(params, stage)
-    model = stage_model(params, cfg, init)
-    fingerprint = run_fingerprint(params, cfg, model, init)
-    prepare_run_dir(out_dir, {"stage_config": asdict(cfg), **fingerprint})
-    return train_stage(model, cfg, *corpus_batches(params, cfg, model), out_dir, fingerprint=fingerprint)
-
-
-def summarize_log(log: pd.DataFrame) -> dict:
-    """Headline numbers of a training log (mtl.train.LOG_COLUMNS): its last epoch, the
-    first epoch's losses, the mean throughput and the share of active negatives."""
-    last, first = log.iloc[-1], log.iloc[0]
-    summary = {"epochs": int(last["epoch"]), "steps": int(log["train_steps"].sum()),
-               "images_per_second": float(log["images_per_second"].mean()),
-               "wall_seconds": float(log["wall_seconds"].sum())}
-    for column in ("train_total", "val_total", "train_contrastive", "val_contrastive", "train_cross_entropy",
-                   "val_cross_entropy", "val_class_accuracy"):
-        summary[f"final_{column}"] = float(last[column])
-    for column in ("train_total", "train_contrastive"):
-        summary[f"first_{column}"] = float(first[column])
-    for column in ("train_negatives_compared", "train_active_negatives", "train_positive_pairs"):
-        summary[f"mean_{column}"] = float(log[column].mean())
-    summary["active_share_first_epoch"] = float(first["train_active_negatives"] / max(first["train_negatives_compared"], 1))
-    summary["active_share_last_epoch"] = float(last["train_active_negatives"] / max(last["train_negatives_compared"], 1))
-    return summary
-
-
 def train_stage_report(params: dict, run_name: str, stage: str, out_dir: str | Path,
                        init: str | Path | None = None, results_dir: str | Path | None = None) -> dict:
     """Train, then write the log, the loss curves (Fig. 3 / Fig. 4) and the metrics."""
     from mtl import plots
+    from mtl.training.outputs import summarize_log
+    from mtl.training.stage import train_run
 
     results_dir = Path(results_dir or RESULTS / run_name)
     with stopwatch() as timing:

@@ -9,7 +9,7 @@ from pathlib import Path
 from mtl.data.corpus import CorpusConfig
 from mtl.data.evalset import EvalsetConfig
 from mtl.params import load_params
-from mtl.train import StageConfig
+from mtl.training.config import StageConfig
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 

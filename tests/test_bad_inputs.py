@@ -25,7 +25,7 @@ from mtl.cli import main as mtl
 from mtl.data.corpus import unique_ids
 from mtl.eval.embeddings import EmbeddingResult, Provenance, load_npz, save_npz
 from mtl.io import UserError
-from mtl.study import prepare_run_dir
+from mtl.training.outputs import prepare_run_dir
 from tests.configs import study_params
 
 REPO = Path(__file__).resolve().parents[1]

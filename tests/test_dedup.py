@@ -13,7 +13,7 @@ import pytest
 
 from mtl.dedup import (DedupSetupError, FolderEmbeddings, find_duplicates, load_operating_points, main,
                        resolve_method, score_pairs)
-from mtl.study import file_digest
+from mtl.io import file_digest
 
 
 def kept_pairs(result) -> set[frozenset[str]]:

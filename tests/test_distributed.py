@@ -26,7 +26,8 @@ import torch.multiprocessing as mp
 
 from mtl import distributed
 from mtl.model import MTLNet, ModelConfig, load_checkpoint
-from mtl.train import StageConfig, StageRun, train_stage
+from mtl.training.config import StageConfig
+from mtl.training.loop import StageRun, train_stage
 from tests import configs
 
 WORLD = 2

@@ -118,7 +118,7 @@ def tiny_study(tmp_path, small_real_photos):
 def test_learning_curve_table_baseline_and_figure(tiny_study, monkeypatch):
     from mtl import learning_curve
     from mtl.params import load_params, recipe_params, set_dotted
-    from mtl.study import train_run
+    from mtl.training.stage import train_run
 
     tmp_path, overrides = tiny_study
     trained = []

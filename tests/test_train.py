@@ -14,7 +14,9 @@ import torch
 from torchvision.transforms import v2
 
 from mtl.model import MTLNet, ModelConfig, load_checkpoint, trained_image_size
-from mtl.train import LOG_COLUMNS, StageConfig, train_stage
+from mtl.training.config import StageConfig
+from mtl.training.loop import train_stage
+from mtl.training.outputs import LOG_COLUMNS
 from tests import configs
 
 IMAGE_SIZE = 48
@@ -298,7 +300,7 @@ def test_lr_zero_moves_no_weight_only_batchnorm_statistics(photos, frozen_run, t
 
 
 def test_warmup_then_cosine_schedule():
-    from mtl.train import warmup_cosine
+    from mtl.training.loop import warmup_cosine
 
     factor = warmup_cosine(total_steps=110, warmup_steps=10, final_fraction=0.01)
     assert [factor(t) for t in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

@@ -21,7 +21,7 @@ COMMANDS = {
     "embed": ("mtl.eval.embed", "write embeddings + class probabilities of images to .npz"),
     "index": ("mtl.eval.index", "an on-disk index of references (flat or IVF-PQ): build, add, info"),
     "search": ("mtl.eval.search", "find the nearest references of query embeddings (or in an index)"),
-    "dedup": ("mtl.dedup", "find the duplicates in a folder; review them; move them aside safely"),
+    "dedup": ("mtl.dedup.cli", "find the duplicates in a folder; review them; move them aside safely"),
 }
 # What a user can cause and fix: a bad path, file, setting or parameter.
 USER_ERRORS = (ValueError, OSError, KeyError)

@@ -252,6 +252,7 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
     from mtl import plots
     from mtl.eval.evaluation import EvalConfig, evaluate_methods, image_pairs
     from mtl.eval.methods import embed_methods
+    from mtl.eval.operating_points import write_operating_points
 
     results_dir = Path(results_dir)
     cfg = EvalConfig.from_params(params["eval"])
@@ -264,7 +265,7 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
                                       target_precision=cfg.target_precision,
                                       decisions_from=[f"{r}_finetune" for r in RECIPES if f"{r}_finetune" in paths])
     evaluation.save(results_dir)
-    write_operating_points(evaluation.table, params, MODELS / "operating_points.json")
+    write_operating_points(evaluation.table, cfg, checkpoint_path("best", "finetune"), MODELS / "operating_points.json")
     plots.pr_curves(evaluation.pr_curve_arrays(), results_dir / "pr_curves.png")
     per_t = evaluation.per_transformation
     shown = per_t[per_t["method"].isin(["phash", "backbone_gap1280", "paper_finetune", "best_finetune"])]
@@ -282,29 +283,3 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
     metrics["wall_seconds"] = timing["seconds"]
     write_json(metrics_path, metrics)
     return evaluation
-
-
-def write_operating_points(table: pd.DataFrame, params: dict, path: Path) -> Path:
-    """The val-chosen thresholds `mtl dedup` decides with: the trained model (best recipe,
-    class gate on), the ImageNet backbone's 1280-d output, and the two hashes."""
-    from mtl.eval.evaluation import EvalConfig
-
-    rows = table.set_index("method")
-    cfg = EvalConfig.from_params(params["eval"])
-    best = checkpoint_path("best", "finetune")
-    entries = {
-        "best": ("best_finetune_gate", "mtl", best, True),
-        "imagenet": ("backbone_gap1280", "gap1280", None, False),
-        "phash": ("phash", "phash", None, False),
-        "dhash": ("dhash", "dhash", None, False),
-    }
-    points = {}
-    for name, (method, descriptor, checkpoint, gate) in entries.items():
-        if method not in rows.index:
-            continue
-        points[name] = {"descriptor": descriptor, "threshold": float(rows.loc[method, "threshold"]),
-                        "target_precision": float(cfg.target_precision), "split": "val",
-                        "checkpoint": str(checkpoint) if checkpoint else None,
-                        "checkpoint_digest": file_digest(checkpoint) if checkpoint else None,
-                        "image_size": cfg.image_size if descriptor in ("mtl", "gap1280") else None, "gate": gate}
-    return write_json(path, points)

@@ -11,8 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtl.dedup import (DedupSetupError, FolderEmbeddings, find_duplicates, load_operating_points, main,
-                       resolve_method, score_pairs)
+from mtl.dedup import find_duplicates
+from mtl.dedup.cache import FolderEmbeddings
+from mtl.dedup.cli import main
+from mtl.dedup.groups import score_pairs
+from mtl.dedup.thresholds import DedupSetupError, resolve_method
+from mtl.eval.operating_points import load_operating_points
 from mtl.io import file_digest
 
 

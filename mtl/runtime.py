@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
@@ -77,6 +78,14 @@ def git_revision(cwd: str | Path | None = None) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict]:
+    """`with stopwatch() as t: ...` then t["seconds"] (and t["started"], a perf_counter)."""
+    timing = {"started": time.perf_counter()}
+    yield timing
+    timing["seconds"] = round(time.perf_counter() - timing["started"], 2)
 
 
 def is_interactive() -> bool:

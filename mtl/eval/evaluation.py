@@ -1,6 +1,6 @@
 """All methods on the same evaluation set, one table.
 
-The `evaluate` stage (mtl.study.evaluate_stage) embeds every method of the comparison
+The `evaluate` stage (mtl.study.evaluation_stages.evaluate_stage) embeds every method of the comparison
 (mtl.eval.methods.embed_methods), then
 
     evaluation = evaluate_methods("data/eval", paths, decisions_from=("best_finetune", "paper_finetune"))

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl.loss import CrossBatchContrastiveLoss, MultiTaskLoss
+from mtl.loss import CrossBatchContrastiveLoss
+from mtl.objective import MultiTaskLoss, koleo_loss
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 
@@ -233,8 +234,6 @@ def test_multitask_loss_is_contrastive_plus_weighted_cross_entropy():
 # ---------------------------------------------------------------------------- the entropy regularizer (beyond the paper)
 
 def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_instance():
-    from mtl.loss import koleo_loss
-
     generator = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(12, 8, generator=generator), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
@@ -246,8 +245,6 @@ def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_instance():
 
 
 def test_koleo_pushes_bunched_embeddings_apart():
-    from mtl.loss import koleo_loss
-
     generator = torch.Generator().manual_seed(1)
     bunched = F.normalize(torch.ones(16, 8) + 0.05 * torch.randn(16, 8, generator=generator), dim=1)
     bunched.requires_grad_(True)
@@ -259,8 +256,6 @@ def test_koleo_pushes_bunched_embeddings_apart():
 
 
 def test_multitask_loss_adds_the_weighted_regularizer():
-    from mtl.loss import koleo_loss
-
     generator = torch.Generator().manual_seed(2)
     embeddings = F.normalize(torch.randn(8, 16, generator=generator), dim=1)
     labels, logits, classes = torch.arange(8) // 2, torch.randn(8, 2, generator=generator), torch.arange(8) % 2

@@ -4,7 +4,7 @@
   weights and running statistics stay bit-identical); only the two branches learn.
 - ``finetune``: the whole network learns, starting from the ``frozen`` checkpoint.
 
-Both minimize the multi-task objective of :mod:`mtl.loss` (cross-batch contrastive
+Both minimize the multi-task objective of :mod:`mtl.objective` (cross-batch contrastive
 + lambda * cross-entropy).  :func:`train_stage` logs one CSV row per epoch, writes an
 atomic checkpoint after every epoch (model, optimizer, scheduler, loss memory, RNG
 states, configs, log history) and resumes from it when rerun with the same ``out_dir``.
@@ -49,7 +49,8 @@ import torch
 from mtl import distributed
 from mtl.data.batches import Batch
 from mtl.io import atomic_path
-from mtl.loss import CrossBatchContrastiveLoss, LossParts, MultiTaskLoss
+from mtl.loss import CrossBatchContrastiveLoss
+from mtl.objective import LossParts, MultiTaskLoss
 from mtl.model import MTLNet, load_checkpoint
 from mtl.runtime import git_revision, progress, resolve_device, seed_everything
 from mtl.training.config import StageConfig, config_differences

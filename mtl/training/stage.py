@@ -92,7 +92,7 @@ def feature_batches(params: dict, cfg: StageConfig, model: MTLNet
 
 # The code that decides what a stage learns (part of the run fingerprint): the training
 # package and these modules.
-STAGE_CODE = ("loss.py", "distributed.py", "model.py", "backbones.py", "features.py", "data/batches.py",
+STAGE_CODE = ("loss.py", "objective.py", "distributed.py", "model.py", "backbones.py", "features.py", "data/batches.py",
               "data/transforms.py")
 
 

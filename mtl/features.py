@@ -10,7 +10,7 @@ Layout of a split's cache, ``<dir>/<split>/``:
     meta.json   ids, corpus-wide instance labels, class ids, V, and the fingerprint
 
 The fingerprint covers everything that determines the taps: the split's image bytes, the
-view recipe and the code that draws views, the backbone's weights and normalization, the
+view recipe and the code that lists originals and draws views, the backbone's weights and normalization, the
 input size and the seed.  Opening a cache whose fingerprint differs rebuilds it.
 
 Which views are stored: view v of instance i is exactly the image path's view
@@ -36,10 +36,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import mtl.data.batches as batches_module
+import mtl.data.manifest as manifest_module
 import mtl.data.transforms as transforms_module
 from mtl.backbones import forward_tap
-from mtl.data.batches import (Batch, InstanceBatchSampler, InstanceViews, ViewKey, corpus_labels,
-                              split_originals)
+from mtl.data.batches import Batch, InstanceBatchSampler, InstanceViews, ViewKey, corpus_labels
+from mtl.data.manifest import split_originals
 from mtl.model import MTLNet
 from mtl.runtime import progress, resolve_device
 
@@ -110,7 +111,7 @@ def cache_fingerprint(manifest_csv: str | Path, corpus_dir: str | Path, spec: Ca
                 "normalization": model.normalization, "class_names": list(model.config.class_names),
                 "torch": torch.__version__}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for module in (transforms_module, batches_module):
+    for module in (transforms_module, batches_module, manifest_module):  # the code that makes the views
         digest.update(Path(module.__file__).read_bytes())
     for original in split_originals(manifest_csv, corpus_dir, spec.split):
         digest.update(original.id.encode())

@@ -54,7 +54,7 @@ def load_spec(path: str | Path) -> dict:
 
 
 def count_train_pictures(params: dict) -> int:
-    from mtl.data.batches import read_manifest
+    from mtl.data.manifest import read_manifest
     from mtl.training.stage import training_manifest
 
     return sum(row["split"] == "train" for row in read_manifest(training_manifest(params)))

@@ -21,8 +21,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from mtl.data.batches import read_manifest
-from mtl.data.decode import rank_key
+from mtl.data.manifest import rank_key, read_manifest
 from mtl.data.sheets import side_by_side, thumbnail_grid
 from mtl.report import RETRIEVAL_COLUMNS, fmt, markdown_table
 

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 
 from mtl.cli import main as mtl
-from mtl.data.corpus import unique_ids
+from mtl.data.manifest import unique_ids
 from mtl.eval.embeddings import EmbeddingResult, Provenance, load_npz, save_npz
 from mtl.io import UserError
 from mtl.training.outputs import prepare_run_dir

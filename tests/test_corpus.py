@@ -18,9 +18,9 @@ import yaml
 from PIL import Image
 
 from mtl.data import corpus, debian, decode
-from mtl.data.batches import read_manifest
-from mtl.data.corpus import MANIFEST_COLUMNS, CorpusConfig, build_corpus
+from mtl.data.corpus import CorpusConfig, build_corpus
 from mtl.data.decode import CorpusImage, content_share, tile_content
+from mtl.data.manifest import MANIFEST_COLUMNS, read_manifest
 from mtl.data.packages import PACKAGES, PackageSource, clipart_family, scene_picture
 from mtl.data.splits import SPLITS, assign_splits, drop_duplicates, near_duplicate_pairs
 from tests import configs
@@ -380,7 +380,7 @@ def test_real_default_corpus_from_debian_packages(tmp_path):
 def assert_eval_planning_keeps_pictures_apart(corpus_dir: Path, tmp_path: Path) -> None:
     """The default eval-set counts fit the real corpus, with one reference per wallpaper
     and no distractor cut from a reference's wallpaper (many tiles per group here)."""
-    from mtl.data.batches import split_originals
+    from mtl.data.manifest import split_originals
     from mtl.data.evalset import EVAL_SPLITS, EvalsetConfig, plan_split
 
     cfg = EvalsetConfig.from_params(yaml.safe_load((REPO / "params.yaml").read_text())["evalset"])

@@ -98,7 +98,7 @@ def test_references_are_unchanged_copies_of_the_originals(evalset: Path, corpus:
 def test_distractor_sources_are_not_references(corpus: Path, tmp_path: Path) -> None:
     """Distractors are rendered from non-references: rebuild with a recorder to see the sources."""
     from mtl.data import evalset as E
-    from mtl.data.batches import split_originals
+    from mtl.data.manifest import split_originals
 
     originals = split_originals(corpus, corpus.parent, "test")
     references, jobs = E.plan_split(originals, COUNTS["test"], 3, 0, tmp_path, "test")
@@ -159,7 +159,7 @@ def test_no_distractor_is_a_piece_of_a_reference_picture(tmp_path, small_real_ph
 
 def test_transformations_cycle_evenly_over_the_eval_family(corpus: Path, tmp_path: Path) -> None:
     from mtl.data import evalset as E
-    from mtl.data.batches import split_originals
+    from mtl.data.manifest import split_originals
 
     originals = split_originals(corpus, corpus.parent, "test")
     many = [replace(o, id=f"{o.id}-{k}", group=f"{o.group}-{k}") for k in range(5) for o in originals]  # 70 pictures

@@ -22,9 +22,9 @@ Sources (`data.source` in params.yaml):
 Every kept image is decoded once (`mtl.data.decode`, in ``workers`` processes, resumable
 after a kill), shrunk to ``max_side`` and written as ``<corpus_dir>/images/<class>/<id>.jpg``.
 Then exact and near duplicates are dropped across the whole corpus and splits are
-assigned per group (`mtl.data.splits`).  Outputs: ``manifest.csv``, ``report.json``
-(counts, rejections, MB and minutes per phase), ``contact_<class>.png`` and one contact
-sheet per package (``contact_packages/``).  The build refuses (and touches nothing)
+assigned per group (`mtl.data.splits`).  Outputs: ``manifest.csv`` (`mtl.data.manifest`),
+``report.json`` (counts, rejections, MB and minutes per phase), ``contact_<class>.png`` and
+one contact sheet per package (``contact_packages/``) (`mtl.data.corpus_report`).  The build refuses (and touches nothing)
 when ``corpus_dir`` overlaps the folder it reads, or holds files no build made (a build
 marks the folder as its own).
 
@@ -42,21 +42,20 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from PIL import Image
-
-from mtl.data.decode import (REJECTED_DIR, CorpusImage, SourceImage, decode_all, folder_megabytes, rank_key,
-                             remove_unkept, restore_files, slug, unique_ids)
+from mtl.data.corpus_report import (disk_report, make_report, per_package, summary, write_contact_sheets,
+                                    write_package_sheets, write_rejected_sheet)
+from mtl.data.debian import debian_sources
+from mtl.data.decode import SourceImage, decode_all, remove_unkept, restore_files
+from mtl.data.manifest import MANIFEST_COLUMNS, SPLITS, rank_key, slug, unique_ids, write_manifest
 from mtl.data.packages import PACKAGE_SETS
-from mtl.data.sheets import contact_sheet
-from mtl.data.splits import SPLITS, Deduplication, assign_splits, cap_per_class, drop_duplicates
-from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
+from mtl.data.splits import assign_splits, cap_per_class, drop_duplicates
+from mtl.io import UserError, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
 from mtl.params import load_params, section_config
 
-MANIFEST_COLUMNS = ("id", "path", "class", "source", "group", "split", "hash", "width", "height")
 # Decode files for this many times `max_per_class` images at most: enough that
 # rejections and duplicates still leave a full class (about a quarter of the
 # clip art is too small or a duplicate), and no more: decoding is the cost.
@@ -184,75 +183,6 @@ def subsample_before_decoding(items: list[SourceImage], cfg: CorpusConfig, skipp
     return chosen
 
 
-# ---------------------------------------------------------------------------
-# Outputs
-
-
-def write_manifest(images: list[CorpusImage], path: Path) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
-        for im in sorted(images, key=lambda im: (im.class_name, im.image_id)):
-            writer.writerow([im.image_id, im.path, im.class_name, im.source, im.group, im.split, im.hash,
-                             im.width, im.height])
-
-
-def save_image(image: Image.Image, path: Path, **options) -> None:
-    """Whole or absent, like every output (mtl.io.atomic_path); format from the name."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, **options)
-
-
-def write_contact_sheets(images: list[CorpusImage], cfg: CorpusConfig) -> dict[str, str]:
-    corpus_dir = Path(cfg.corpus_dir)
-    sheets = {}
-    for class_name in sorted({im.class_name for im in images}):
-        members = sorted((im for im in images if im.class_name == class_name),
-                         key=lambda im: rank_key(cfg.seed + 1, im.image_id))[:cfg.contact_sheet_images]
-        name = f"contact_{slug(class_name)}.png"
-        save_image(contact_sheet([corpus_dir / im.path for im in members]), corpus_dir / name)
-        sheets[class_name] = name
-    return sheets
-
-
-def write_rejected_sheet(cfg: CorpusConfig) -> str:
-    """A contact sheet of the images rejected as near blank (up to contact_sheet_images,
-    seeded choice; an empty sheet when there were none)."""
-    corpus_dir = Path(cfg.corpus_dir)
-    thumbs = sorted((corpus_dir / REJECTED_DIR).glob("*.jpg"), key=lambda p: rank_key(cfg.seed + 1, p.stem))
-    name = "contact_near_blank.png"
-    save_image(contact_sheet(thumbs[:cfg.contact_sheet_images]), corpus_dir / name)
-    return name
-
-
-def count_table(images: list[CorpusImage], key) -> dict[str, dict[str, int]]:
-    """{class: {train, val, test, total}} of key(image) counts (images or distinct groups)."""
-    table: dict[str, dict[str, int]] = {}
-    for class_name in sorted({im.class_name for im in images}):
-        members = [im for im in images if im.class_name == class_name]
-        row = {s: len({key(im) for im in members if im.split == s}) for s in SPLITS}
-        row["total"] = len({key(im) for im in members})
-        table[class_name] = row
-    return table
-
-
-def write_package_sheets(images: list[CorpusImage], cfg: CorpusConfig, per_sheet: int = 40) -> dict[str, str]:
-    """One contact sheet per (package, class) of kept images: the check by eye that the
-    package table's class is right."""
-    corpus_dir = Path(cfg.corpus_dir)
-    members: dict[tuple[str, str], list[CorpusImage]] = defaultdict(list)
-    for image in images:
-        members[(image.source.removeprefix("debian:"), image.class_name)].append(image)
-    (corpus_dir / "contact_packages").mkdir(exist_ok=True)
-    sheets = {}
-    for (package, class_name), group in sorted(members.items()):
-        shown = sorted(group, key=lambda im: rank_key(cfg.seed + 1, im.image_id))[:per_sheet]
-        name = f"contact_packages/{slug(package)}-{class_name}.png"
-        save_image(contact_sheet([corpus_dir / im.path for im in shown], columns=10, thumb=72), corpus_dir / name)
-        sheets[f"{package}:{class_name}"] = name
-    return sheets
-
-
 def made_before_the_marker(corpus_dir: Path) -> bool:
     """A corpus built before folders were marked: its manifest has our header."""
     manifest = corpus_dir / "manifest.csv"
@@ -300,8 +230,6 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     timings: dict[str, float] = {}
     packages: dict[str, dict] = {}
     if cfg.source == "debian":
-        from mtl.data.debian import debian_sources
-
         items, packages = debian_sources(cfg.packages, Path(cfg.raw_dir), cfg.seed, skipped, timings)
     else:
         items = folder_sources(Path(cfg.folder), skipped)
@@ -338,63 +266,6 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
                   disk=disk_report(cfg, kept, packages), per_package=per_package(kept, items))
     atomic_write_text(corpus_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return report
-
-
-def disk_report(cfg: CorpusConfig, kept: list[CorpusImage], packages: dict) -> dict:
-    """MB downloaded (.deb files used), unpacked, and stored (the kept images)."""
-    raw = Path(cfg.raw_dir) / "unpacked"
-    return {"download_mb": round(sum(p["deb_mb"] for p in packages.values()), 1),
-            "unpacked_mb": round(sum(folder_megabytes(raw / name) for name in packages), 1),
-            "decoded_mb": round(sum((Path(cfg.corpus_dir) / im.path).stat().st_size for im in kept) / 2**20, 1)}
-
-
-def per_package(kept: list[CorpusImage], items: list[SourceImage]) -> dict[str, dict]:
-    """Per source package and class: files decoded, images kept, pictures (groups) kept."""
-    table: dict[str, dict] = defaultdict(lambda: {"files": 0, "images": 0, "groups": set()})
-    for item in items:
-        table[f"{item.source.removeprefix('debian:')}:{item.class_name}"]["files"] += 1
-    for image in kept:
-        row = table[f"{image.source.removeprefix('debian:')}:{image.class_name}"]
-        row["images"] += 1
-        row["groups"].add(image.group)
-    return {key: {**row, "groups": len(row["groups"])} for key, row in sorted(table.items())}
-
-
-SUBSAMPLING_REASONS = ("family_variant", "not_decoded_over_cap", "over_class_cap", "over_tile_cap",
-                       "other_version", "symlink")
-
-
-def make_report(cfg: CorpusConfig, kept: list[CorpusImage], dedup: Deduplication, skipped: Counter,
-                timings: dict, packages: dict, sheets: dict) -> dict:
-    by_split = Counter(im.split for im in kept)
-    return {
-        "source": cfg.source,
-        "images": len(kept),
-        "splits": {s: by_split[s] for s in SPLITS},
-        "counts": count_table(kept, key=lambda im: im.image_id),
-        "groups": count_table(kept, key=lambda im: im.group),
-        "rejections": {k: v for k, v in sorted(skipped.items()) if k not in SUBSAMPLING_REASONS},
-        "subsampling": {k: skipped[k] for k in SUBSAMPLING_REASONS if skipped[k]},
-        "duplicates": {"exact": len(dedup.exact), "near": len(dedup.near),
-                       "near_across_groups": dedup.near_across_groups},
-        "build_seconds": timings["build_s"],
-        "timings": timings,
-        "packages": packages,
-        "contact_sheets": sheets,
-        "config": asdict(cfg),
-    }
-
-
-def summary(report: dict) -> str:
-    lines = [f"corpus: {report['images']} images ({report['build_seconds']:.0f} s)"]
-    for class_name, row in report["counts"].items():
-        lines.append(f"  {class_name:<12} " + "  ".join(f"{s} {row[s]:>5}" for s in (*SPLITS, "total")))
-    lines.append(f"  duplicates dropped: {report['duplicates']}")
-    if "disk" in report:
-        lines.append(f"  disk MB: {report['disk']}; sources decoded now / from the record: "
-                     f"{report['decode']['decoded_now']} / {report['decode']['from_record']}")
-    lines.append(f"  rejections: {report['rejections']}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

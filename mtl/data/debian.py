@@ -23,8 +23,9 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
-from mtl.data.decode import SourceImage, rank_key, slug, unique_ids
+from mtl.data.decode import SourceImage
 from mtl.data.imageio import IMAGE_SUFFIXES, VECTOR_SUFFIXES
+from mtl.data.manifest import rank_key, slug, unique_ids
 from mtl.data.packages import PackageSource, package_names, package_rows, picture_of, refuse_reserved
 
 

@@ -44,8 +44,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from mtl.data.batches import Original, load_original, split_originals
+from mtl.data.batches import load_original
 from mtl.data.gallery import render_gallery
+from mtl.data.manifest import Original, split_originals
 from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out
 from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps
 from mtl.params import load_params, section_config

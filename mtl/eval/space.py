@@ -19,7 +19,8 @@ from PIL import Image
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from mtl.data.batches import load_original, split_originals
+from mtl.data.batches import load_original
+from mtl.data.manifest import split_originals
 from mtl.data.transforms import EVAL_FAMILY, apply
 from mtl.eval.embeddings import unit_rows
 from mtl.params import section_config

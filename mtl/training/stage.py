@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from mtl import distributed
-from mtl.data.batches import (Batch, class_names_from_manifest, make_stage_batches, read_manifest,
-                              split_originals)
+from mtl.data.batches import Batch, make_stage_batches
+from mtl.data.manifest import class_names_from_manifest, read_manifest, split_originals
 from mtl.data.splits import write_train_subset
 from mtl.features import cache_batches, split_caches
 from mtl.io import file_digest

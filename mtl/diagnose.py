@@ -27,7 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mtl import plots
 from mtl.eval.evaluation import EvalConfig, checkpoint_scores
+from mtl.params import load_params, recipe_params
 from mtl.training.config import StageConfig
 from mtl.training.loop import StageRun, train_stage
 from mtl.training.stage import corpus_batches, feature_batches, stage_model
@@ -157,8 +159,6 @@ def _active_columns(run: StageRun, batch, filled: int) -> np.ndarray:
 def diagnose(params: dict, init: Path, results_dir: Path = RESULTS, work_dir: Path = Path("models") / "diagnose",
              ) -> dict[str, pd.DataFrame]:
     """All three measurements with the settings of params ``diagnose``; CSVs and a figure."""
-    from mtl import plots
-
     cfg = params["diagnose"]
     results_dir.mkdir(parents=True, exist_ok=True)
     tables = {"batchnorm": batchnorm_drift(params, init, cfg["bn_steps"], work_dir)}
@@ -172,8 +172,6 @@ def diagnose(params: dict, init: Path, results_dir: Path = RESULTS, work_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl.params import load_params, recipe_params
-
     parser = argparse.ArgumentParser(prog="mtl diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--recipe", default="best", help="the recipe whose settings the short runs use")

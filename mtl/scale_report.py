@@ -22,8 +22,9 @@ import pandas as pd
 from PIL import Image
 
 from mtl.data.manifest import rank_key, read_manifest
+from mtl.data.packages import PACKAGES
 from mtl.data.sheets import side_by_side, thumbnail_grid
-from mtl.report import RETRIEVAL_COLUMNS, fmt, markdown_table
+from mtl.tables import RETRIEVAL_COLUMNS, fmt, markdown_table
 
 RESULTS = Path("results")
 PROFILE_FILES = ("corpus/metrics.json", "corpus/contact_sheets.png", "corpus/packages.png", "evaluate/methods.csv",
@@ -83,8 +84,6 @@ def save_profile(name: str, results_dir: Path = RESULTS) -> Path:
 
 def packages_table(corpus: dict) -> str:
     """Per package and class: the table's reason, files decoded, images and pictures kept."""
-    from mtl.data.packages import PACKAGES
-
     reasons = defaultdict(list)
     for row in PACKAGES:
         reasons[f"{row.package}:{row.class_name}"].append(row.reason)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mtl import plots
+from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.io import UserError, is_inside, write_csv
 from mtl.params import load_params, read_yaml, recipe_params, set_dotted
 
@@ -101,8 +103,6 @@ def sweep_out_dir(out: str | Path) -> Path:
 
 def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: str, out_root: Path) -> dict:
     """Train the sweep's stages for one variant and score the last one on val."""
-    from mtl.eval.evaluation import EvalConfig, checkpoint_scores
-
     overrides = [*common, *variant.overrides]
     params = recipe_params(load_params(params_path), sweep.recipe)
     for assignment in overrides:  # fails early on a mistyped key
@@ -128,8 +128,6 @@ def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: 
 
 
 def plot_sweep(table: pd.DataFrame, path: Path) -> Path:
-    from mtl import plots
-
     return plots.bar_chart(table, x="variant", y="val_muap", hue="parameter", path=path,
                            title="μAP per sweep variant (val split)")
 

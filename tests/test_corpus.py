@@ -19,8 +19,8 @@ from PIL import Image
 
 from mtl.data import corpus, debian, decode
 from mtl.data.corpus import CorpusConfig, build_corpus
-from mtl.data.decode import CorpusImage, content_share, tile_content
-from mtl.data.manifest import MANIFEST_COLUMNS, read_manifest
+from mtl.data.decode import content_share, tile_content
+from mtl.data.manifest import MANIFEST_COLUMNS, CorpusImage, read_manifest
 from mtl.data.packages import PACKAGES, PackageSource, clipart_family, scene_picture
 from mtl.data.splits import SPLITS, assign_splits, drop_duplicates, near_duplicate_pairs
 from tests import configs

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from mtl.data.decode import REJECTED_DIR, CorpusImage, SourceImage
-from mtl.data.manifest import SPLITS, rank_key, slug
+from mtl.data.decode import REJECTED_DIR, SourceImage
+from mtl.data.manifest import SPLITS, CorpusImage, rank_key, slug
 from mtl.data.sheets import contact_sheet
 from mtl.data.splits import Deduplication
 from mtl.io import atomic_path

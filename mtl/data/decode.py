@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from mtl.data.imageio import VECTOR_SUFFIXES, LoadResult, composite_on, fit_within, load_image
-from mtl.data.manifest import rank_key
+from mtl.data.manifest import CorpusImage, rank_key
 from mtl.io import atomic_path
 from mtl.runtime import progress
 
@@ -68,20 +68,6 @@ class SourceImage:
     group: str       # images of one group always share a split
     image_id: str    # the corpus id (tiles append their row and column)
     tiled: bool
-
-
-@dataclass
-class CorpusImage:
-    image_id: str
-    class_name: str
-    source: str
-    group: str
-    path: str        # relative to corpus_dir
-    hash: str        # of the stored image's decoded pixels, before JPEG encoding
-    phash: int       # 64-bit perceptual hash
-    width: int
-    height: int
-    split: str = ""
 
 
 # ---------------------------------------------------------------------------

@@ -11,12 +11,9 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from mtl.io import atomic_path
-
-if TYPE_CHECKING:  # the rows the corpus build writes (mtl.data.decode imports this module)
-    from mtl.data.decode import CorpusImage
 
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ("id", "path", "class", "source", "group", "split", "hash", "width", "height")
@@ -55,6 +52,22 @@ def unique_ids(ids: Iterable[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- manifest.csv
+
+@dataclass
+class CorpusImage:
+    """One stored image as the corpus build knows it: a manifest row, plus its pHash."""
+
+    image_id: str
+    class_name: str
+    source: str
+    group: str
+    path: str        # relative to corpus_dir
+    hash: str        # of the stored image's decoded pixels, before JPEG encoding
+    phash: int       # 64-bit perceptual hash
+    width: int
+    height: int
+    split: str = ""
+
 
 @dataclass(frozen=True)
 class Original:

@@ -19,8 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mtl.data.decode import CorpusImage
-from mtl.data.manifest import SPLITS, rank_key, read_manifest
+from mtl.data.manifest import SPLITS, CorpusImage, rank_key, read_manifest
 
 
 def near_duplicate_pairs(phashes: np.ndarray, radius: int, block: int = 512) -> np.ndarray:

@@ -185,8 +185,15 @@ def test_another_seed_gives_another_set(evalset: Path, corpus: Path, tmp_path: P
     assert _digest(tmp_path) != _digest(evalset)
 
 
-def test_gallery_is_written(evalset: Path) -> None:
-    assert Image.open(evalset / "gallery.png").width > 0
+def test_gallery_shows_the_first_test_reference_transformed_with_the_sets_seed(evalset: Path, tmp_path: Path) -> None:
+    from mtl.data.batches import load_original
+    from mtl.data.gallery import render_gallery
+
+    first_reference = sorted((evalset / "test" / "references").glob("*.jpg"))[0]
+    expected = render_gallery(load_original(first_reference), tmp_path / "expected.png", seed=3)
+    assert np.array_equal(np.asarray(Image.open(evalset / "gallery.png")), np.asarray(Image.open(expected)))
+    other_seed = render_gallery(load_original(first_reference), tmp_path / "other.png", seed=4)
+    assert not np.array_equal(np.asarray(Image.open(other_seed)), np.asarray(Image.open(expected)))
 
 
 def test_too_small_split_fails_clearly(corpus: Path, tmp_path: Path) -> None:

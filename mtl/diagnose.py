@@ -12,7 +12,7 @@
    the stored entries are when they are compared, and how far they have drifted from
    what the current model makes of the same stored view (1 − cosine).
 
-`mtl diagnose` (and the `diagnose` pipeline stage) runs all three and writes
+`python -m mtl.diagnose` (and the `diagnose` pipeline stage) runs all three and writes
 results/diagnose/{batchnorm,active_negatives,active_summary,staleness}.csv and a figure.
 """
 
@@ -172,7 +172,7 @@ def diagnose(params: dict, init: Path, results_dir: Path = RESULTS, work_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtl diagnose", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mtl.diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--recipe", default="best", help="the recipe whose settings the short runs use")
     parser.add_argument("--init", default="models/paper/frozen/final.pt",

@@ -3,7 +3,7 @@
 The `evaluate` stage (mtl.study.evaluation_stages.evaluate_stage) embeds every method of the comparison
 (mtl.eval.methods.embed_methods), then
 
-    evaluation = evaluate_methods("data/eval", paths, decisions_from=("best_finetune", "paper_finetune"))
+    evaluation = evaluate_methods("data/eval", paths, decisions_from=("paper_finetune", "best_finetune"))
     evaluation.save("results/evaluate")          # methods.csv, per_transformation.csv,
                                                  # pr_curves.csv, fusion_beta.csv, metrics.json
 

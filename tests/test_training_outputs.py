@@ -1,4 +1,4 @@
-"""Stage glue: resumable run folders and training-log summaries."""
+"""What a training run leaves: resumable run folders and training-log summaries."""
 
 import json
 

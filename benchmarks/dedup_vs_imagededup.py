@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _needs_threshold(method: str, operating_points: Path) -> bool:
     """True when the operating points hold no threshold for this method."""
-    from mtl.dedup import DedupSetupError, resolve_method
+    from mtl.dedup.thresholds import DedupSetupError, resolve_method
 
     try:
         resolve_method(method, operating_points)
@@ -182,7 +182,7 @@ def _needs_threshold(method: str, operating_points: Path) -> bool:
 
 
 def _has_entry(path: Path, name: str) -> bool:
-    from mtl.dedup import load_operating_points
+    from mtl.eval.operating_points import load_operating_points
 
     try:
         return name in load_operating_points(path)

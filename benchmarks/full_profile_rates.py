@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from mtl.data.splits import write_train_subset
     from mtl.features import CacheSpec, build_feature_cache, cache_batches
     from mtl.params import load_params, recipe_params
-    from mtl.train import StageConfig, StageRun, corpus_batches, stage_model
+    from mtl.training.config import StageConfig
+    from mtl.training.loop import StageRun
+    from mtl.training.stage import corpus_batches, stage_model
 
     load_before = os.getloadavg()[0]
     params = recipe_params(load_params(args.params, profile=args.profile), "best")

@@ -70,7 +70,7 @@ def load_queries(npz: str | None, dim: int, n_queries: int, seed: int) -> tuple[
     if npz is None:
         return next(random_unit_chunks(n_queries, dim, seed + 1)), "random"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mtl.eval.embed import load_npz
+    from mtl.eval.embeddings import load_npz
 
     result = load_npz(npz)
     if result.dim != dim:

@@ -21,14 +21,17 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mtl.loss import CrossBatchContrastiveLoss
 from mtl.model import MTLNet, ModelConfig
+from mtl.params import load_params
 from mtl.runtime import resolve_device
-from mtl.train import StageConfig, StageRun
+from mtl.training.config import StageConfig
+from mtl.training.loop import StageRun
 
 
 # time.perf_counter (wall) by default; time.process_time (CPU seconds of this process)
@@ -53,10 +56,11 @@ def fill_memory(loss: CrossBatchContrastiveLoss, bunched: bool = False) -> None:
     """Start from a full memory: the steady state of a long run (10,240 negatives).
     ``bunched``: all entries near one direction, so every negative is inside the margin
     (the worst case, as with a fresh embedding branch)."""
-    with torch.no_grad():
-        loss.memory_embeddings.copy_(unit_rows(loss.memory_size, loss.embed_dim, bunched, loss.memory_embeddings.device))
-        loss.memory_labels.copy_(torch.arange(loss.memory_size) + 1_000_000)  # never a positive by accident
-        loss.filled.fill_(loss.memory_size)
+    device = loss.memory_embeddings.device
+    loss.load_state_dict({"memory_embeddings": unit_rows(loss.memory_size, loss.embed_dim, bunched, device),
+                          "memory_labels": torch.arange(loss.memory_size, device=device) + 1_000_000,  # never positives
+                          "write_pointer": torch.zeros((), dtype=torch.long, device=device),
+                          "filled": torch.tensor(loss.memory_size, device=device)})
 
 
 def unit_rows(rows: int, dim: int, bunched: bool, device: torch.device) -> torch.Tensor:
@@ -89,7 +93,7 @@ def time_trainer(run: StageRun, batch, steps: int) -> float:
     fill_memory(run.criterion.contrastive)
     synchronize(run.device)
     start = clock()
-    run.train_epoch([batch] * steps, progress=lambda batches: batches)
+    run.train_epoch([batch] * steps)
     synchronize(run.device)
     return (clock() - start) / steps
 
@@ -109,12 +113,12 @@ def time_loss(run: StageRun, bunched: bool = False) -> float:
 
 
 def benchmark_stage(stage: str, args: argparse.Namespace) -> dict[str, float]:
-    cfg = StageConfig(stage=stage, epochs=1, instances_per_batch=args.instances, views_per_instance=args.views,
-                      image_size=args.image_size, device=args.device, memory_size=args.memory_size,
-                      channels_last=not args.no_channels_last)
+    cfg = replace(StageConfig.from_params(load_params(args.params), stage), epochs=1, source="images",
+                  instances_per_batch=args.instances, views_per_instance=args.views, image_size=args.image_size,
+                  device=args.device, memory_size=args.memory_size, channels_last=not args.no_channels_last)
     torch.manual_seed(0)
     model = MTLNet(ModelConfig(backbone=args.backbone, pretrained=False))
-    run = StageRun(model, cfg, Path(tempfile.mkdtemp()))
+    run = StageRun(model, cfg, Path(tempfile.mkdtemp()), steps_per_epoch=args.reps * args.steps + 10)
     batch = synthetic_batch(cfg, model.config.num_classes)
     for _ in range(2):  # warm-up: allocator, kernels, autotuning
         time_bare(run, batch, 1), time_trainer(run, batch, 1), time_loss(run), time_loss(run, bunched=True)
@@ -141,6 +145,7 @@ def benchmark_stage(stage: str, args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="the stage settings not given here")
     parser.add_argument("--stages", nargs="+", default=["frozen", "finetune"], choices=["frozen", "finetune"])
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--instances", type=int, default=16)

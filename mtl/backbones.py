@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
@@ -66,8 +67,6 @@ def create_backbone(name: str, pretrained: bool = True, weights_path: str | Path
     Lite0, else from timm's hub for MobileNetV2 (internet required; a clear error otherwise).
     Weights always load with strict key matching.
     """
-    import timm
-
     spec = backbone_spec(name)
     model = timm.create_model(name, pretrained=False, num_classes=1000)
     _check_tap_channels(model, spec)
@@ -141,8 +140,6 @@ def _lite0_package_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _download_timm_weights(name: str) -> nn.Module:
-    import timm
-
     try:
         return timm.create_model(name, pretrained=True, num_classes=1000)
     except Exception as err:  # any hub/network failure: urllib, requests, huggingface_hub

@@ -16,12 +16,12 @@ from mtl.runtime import tune_malloc
 COMMANDS = {
     "corpus": ("mtl.data.corpus", "build the image corpus (Debian packages or your own folder)"),
     "evalset": ("mtl.data.evalset", "build the fixed evaluation set (references, queries, ground truth)"),
-    "gallery": ("mtl.data.transforms", "render every copy transformation on one image"),
+    "gallery": ("mtl.data.gallery", "render every copy transformation on one image"),
     "train": ("mtl.train", "train one stage (frozen backbone, or full fine-tuning)"),
     "embed": ("mtl.eval.embed", "write embeddings + class probabilities of images to .npz"),
     "index": ("mtl.eval.index", "an on-disk index of references (flat or IVF-PQ): build, add, info"),
     "search": ("mtl.eval.search", "find the nearest references of query embeddings (or in an index)"),
-    "dedup": ("mtl.dedup", "find the duplicates in a folder; review them; move them aside safely"),
+    "dedup": ("mtl.dedup.cli", "find the duplicates in a folder; review them; move them aside safely"),
 }
 # What a user can cause and fix: a bad path, file, setting or parameter.
 USER_ERRORS = (ValueError, OSError, KeyError)

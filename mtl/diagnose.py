@@ -12,7 +12,7 @@
    the stored entries are when they are compared, and how far they have drifted from
    what the current model makes of the same stored view (1 − cosine).
 
-`mtl diagnose` (and the `diagnose` pipeline stage) runs all three and writes
+`python -m mtl.diagnose` (and the `diagnose` pipeline stage) runs all three and writes
 results/diagnose/{batchnorm,active_negatives,active_summary,staleness}.csv and a figure.
 """
 
@@ -27,16 +27,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtl.eval.methods import checkpoint_scores
-from mtl.train import (StageConfig, StageRun, corpus_batches, feature_batches, stage_model, train_stage)
+from mtl import plots
+from mtl.eval.evaluation import EvalConfig, checkpoint_scores
+from mtl.params import load_params, recipe_params
+from mtl.training.config import StageConfig
+from mtl.training.loop import StageRun, train_stage
+from mtl.training.stage import corpus_batches, feature_batches, stage_model
 
 RESULTS = Path("results") / "diagnose"
 
 
 def _val_scores(checkpoint: Path, params: dict) -> dict[str, float]:
-    cfg = params["eval"]
-    scores = checkpoint_scores(checkpoint, params["evalset"]["dir"], "val", cfg["image_size"], cfg["batch_size"],
-                               cfg.get("device", "auto"))
+    scores = checkpoint_scores(checkpoint, params["evalset"]["dir"], "val", EvalConfig.from_params(params["eval"]))
     return {f"{kind}_{key}": value for kind, values in scores.items() for key, value in values.items()}
 
 
@@ -157,8 +159,6 @@ def _active_columns(run: StageRun, batch, filled: int) -> np.ndarray:
 def diagnose(params: dict, init: Path, results_dir: Path = RESULTS, work_dir: Path = Path("models") / "diagnose",
              ) -> dict[str, pd.DataFrame]:
     """All three measurements with the settings of params ``diagnose``; CSVs and a figure."""
-    from mtl import plots
-
     cfg = params["diagnose"]
     results_dir.mkdir(parents=True, exist_ok=True)
     tables = {"batchnorm": batchnorm_drift(params, init, cfg["bn_steps"], work_dir)}
@@ -172,9 +172,7 @@ def diagnose(params: dict, init: Path, results_dir: Path = RESULTS, work_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl.params import load_params, recipe_params
-
-    parser = argparse.ArgumentParser(prog="mtl diagnose", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mtl.diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--recipe", default="best", help="the recipe whose settings the short runs use")
     parser.add_argument("--init", default="models/paper/frozen/final.pt",

@@ -10,7 +10,7 @@ Layout of a split's cache, ``<dir>/<split>/``:
     meta.json   ids, corpus-wide instance labels, class ids, V, and the fingerprint
 
 The fingerprint covers everything that determines the taps: the split's image bytes, the
-view recipe and the code that draws views, the backbone's weights and normalization, the
+view recipe and the code that lists originals and draws views, the backbone's weights and normalization, the
 input size and the seed.  Opening a cache whose fingerprint differs rebuilds it.
 
 Which views are stored: view v of instance i is exactly the image path's view
@@ -36,10 +36,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import mtl.data.batches as batches_module
+import mtl.data.manifest as manifest_module
 import mtl.data.transforms as transforms_module
 from mtl.backbones import forward_tap
-from mtl.data.batches import (Batch, InstanceBatchSampler, InstanceViews, ViewKey, corpus_labels,
-                              split_originals)
+from mtl.data.batches import Batch, InstanceBatchSampler, InstanceViews, ViewKey, corpus_labels
+from mtl.data.manifest import split_originals
 from mtl.model import MTLNet
 from mtl.runtime import progress, resolve_device
 
@@ -110,7 +111,7 @@ def cache_fingerprint(manifest_csv: str | Path, corpus_dir: str | Path, spec: Ca
                 "normalization": model.normalization, "class_names": list(model.config.class_names),
                 "torch": torch.__version__}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for module in (transforms_module, batches_module):
+    for module in (transforms_module, batches_module, manifest_module):  # the code that makes the views
         digest.update(Path(module.__file__).read_bytes())
     for original in split_originals(manifest_csv, corpus_dir, spec.split):
         digest.update(original.id.encode())
@@ -247,34 +248,3 @@ def split_caches(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str 
                                        CacheSpec(split, counts[split], image_size, view_recipe, seed),
                                        model, **build_options)
             for split in splits}
-
-
-# --------------------------------------------------------------------------- speed
-
-def step_rates(params: dict, steps: int = 20, rounds: int = 3) -> dict[str, float]:
-    """Stage-1 optimizer steps per second from images and from the cache, measured side
-    by side: `rounds` alternating rounds of `steps` steps each (the first batch of a
-    round is not timed: it starts the loader), median of the rounds.  Everything is the
-    real trainer (StageRun.train_step); only the batch source differs."""
-    from dataclasses import replace
-
-    from mtl.train import StageConfig, StageRun, corpus_batches, stage_model
-
-    base = StageConfig.from_params(params, "frozen")
-    rates: dict[str, list[float]] = {"images": [], "features": []}
-    for round_ in range(rounds):
-        for source in rates:
-            cfg = replace(base, source=source, epochs=1)
-            model = stage_model(params, cfg)
-            make_train, _ = corpus_batches(params, cfg, model)
-            run = StageRun(model, cfg, Path("."), steps + 1)
-            run.model.train()
-            batches = iter(make_train(round_ + 1))
-            run.train_step(next(batches), 0)
-            started = time.perf_counter()
-            for step in range(steps):
-                run.train_step(next(batches), step + 1)
-            rates[source].append(steps / (time.perf_counter() - started))
-    images, features = float(np.median(rates["images"])), float(np.median(rates["features"]))
-    return {"steps_per_second_images": images, "steps_per_second_features": features, "speedup": features / images,
-            "benchmark_steps": steps, "benchmark_rounds": rounds}

@@ -16,12 +16,13 @@ touched.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 # Left in every folder the tool builds and may later empty (corpus, eval set).
 OWNER_MARKER = ".made-by-mtl"
@@ -72,6 +73,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Indented, keys sorted, numpy numbers as floats, atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def write_csv(table, path: str | Path, **options) -> Path:

@@ -26,7 +26,12 @@ from typing import Callable, Sequence
 import pandas as pd
 import yaml
 
+from mtl import plots
+from mtl.data.manifest import read_manifest
+from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.params import load_params, read_yaml, recipe_params, set_dotted
+from mtl.sweep import run_notebook
+from mtl.training.stage import training_manifest
 
 COLUMNS = ("train_pictures", "muap_val", "muap_test", "acc1_test", "recall_at_p90_test", "wall_seconds")
 OUT = Path("results") / "learning_curve"
@@ -39,8 +44,6 @@ Runner = Callable[[str, str, str, Path, Path | None, list[str], str], None]
 def papermill_runner(recipe: str, run_name: str, stage: str, out_dir: Path, init: Path | None,
                      overrides: list[str], params_path: str) -> None:
     """Train one stage by executing notebooks/train.ipynb (as the pipeline does)."""
-    from mtl.sweep import run_notebook
-
     run_notebook(recipe, run_name, stage, out_dir, init, overrides, params_path,
                  Path("results") / "notebooks" / "learning_curve")
 
@@ -54,18 +57,11 @@ def load_spec(path: str | Path) -> dict:
 
 
 def count_train_pictures(params: dict) -> int:
-    from mtl.data.batches import read_manifest
-    from mtl.train import training_manifest
-
     return sum(row["split"] == "train" for row in read_manifest(training_manifest(params)))
 
 
 def score(checkpoint: Path, params: dict, split: str) -> dict[str, dict[str, float]]:
-    from mtl.eval.methods import checkpoint_scores
-
-    cfg = params["eval"]
-    return checkpoint_scores(checkpoint, params["evalset"]["dir"], split, cfg["image_size"], cfg["batch_size"],
-                             cfg.get("device", "auto"), target_precision=cfg["target_precision"])
+    return checkpoint_scores(checkpoint, params["evalset"]["dir"], split, EvalConfig.from_params(params["eval"]))
 
 
 def run_point(points: int | None, recipe: str, params_path: str, common: Sequence[str], runner: Runner,
@@ -96,30 +92,6 @@ def imagenet_baseline(frozen_checkpoint: Path, params: dict) -> dict[str, float]
             "recall_at_p90_test": test["recall_at_p90"]}
 
 
-def plot_curve(table: pd.DataFrame, baseline: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for split, colour in (("val", "tab:blue"), ("test", "tab:orange")):
-        ax.plot(table["train_pictures"], table[f"muap_{split}"], "o-", color=colour, label=f"best recipe, {split}")
-        ax.axhline(baseline[f"muap_{split}"], color=colour, linestyle="--", linewidth=1,
-                   label=f"ImageNet 1280-d, {split}")
-    ax.set_xscale("log")
-    ax.set_xlabel("training pictures")
-    ax.set_ylabel("μAP")
-    ax.set_title("Learning curve: same epochs per picture, same evaluation sets")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def run_learning_curve(spec_file: str | Path, params_path: str = "params.yaml", profile: str | None = None,
                        common: Sequence[str] = (), out_dir: str | Path = OUT, models: str | Path = MODELS,
                        runner: Runner = papermill_runner) -> pd.DataFrame:
@@ -141,7 +113,7 @@ def run_learning_curve(spec_file: str | Path, params_path: str = "params.yaml", 
             params = load_params(str(merged_path), list(common))
             baseline = imagenet_baseline(frozen, params)
             (out_dir / "baseline.json").write_text(json.dumps(baseline, indent=1) + "\n")
-    plot_curve(table, baseline, out_dir / "learning_curve.png")
+    plots.learning_curve(table, baseline, out_dir / "learning_curve.png")
     return table
 
 

@@ -1,8 +1,8 @@
-"""The training objective of §II-C and Fig. 2: a contrastive loss whose negatives
-come from the current batch *and* a FIFO memory of earlier batches, plus the
-cross-entropy of the content-type branch.
+"""The contrastive loss of §II-C and Fig. 2, whose negatives come from the current batch
+*and* a FIFO memory of earlier batches (the multi-task objective that adds the content
+type's cross-entropy is mtl.objective).
 
-Semantics follow pytorch-metric-learning 2.x
+The definition follows pytorch-metric-learning 2.x
 ``CrossBatchMemory(ContrastiveLoss(pos_margin=0, neg_margin=margin), D, memory_size)``
 exactly (the test suite checks this against PML as an oracle):
 
@@ -26,11 +26,10 @@ within-batch loss.  The non-zero means are global: the sums of terms and their c
 are summed over ranks, so the loss value is the single-process value on every rank, and
 the ranks' gradients add up to the single-process gradient.
 
-How it stays cheap with 64 x 10,240 pairs: a negative only counts inside the margin,
-so one low-precision matmul (no graph) finds the reference columns that can matter.
-When they are few (the usual case once training is under way) the exact fp32
-distances, and the gradients, are computed for the selected pairs only; when many
-negatives are inside the margin (a fresh embedding branch) one dense fp32 pass is used.
+Reading order: the definition (:func:`dense_pair_terms`, :func:`mean_of_nonzero`), the
+loss with its memory (:class:`CrossBatchContrastiveLoss`), then the optimization that
+makes 64 x 10,240 pairs cheap (the last section): the same terms from the few pairs that
+can contribute, about 4x faster than the dense definition at 10,240 negatives.
 """
 
 from __future__ import annotations
@@ -46,26 +45,6 @@ from mtl import distributed
 # Squared distances at or below this are treated as exactly zero: sqrt has an
 # infinite slope at 0 (NaN gradients for identical views).
 _SQ_DIST_EPS = 1e-12
-# Slack on the cosine pre-selection of negatives.  The pre-selection matmul may run in
-# bfloat16 (or TF32 on GPUs).  bfloat16 keeps 8 significant bits, so rounding changes
-# each factor by at most 2^-8 of itself and each product a_i r_i by < 2^-7 of itself;
-# as sum |a_i r_i| <= |a| |r| = 1 for unit vectors, a cosine is off by < 2^-7 (plus a
-# negligible fp32 accumulation error).  1/64 is twice that bound: no pair that the
-# exact fp32 distance puts inside the margin is ever missed, at the price of a few
-# extra candidates that the exact check then drops.
-_COSINE_SLACK = 1.0 / 64
-
-
-def fast_selection_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where matmuls in it are native (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu":
-        cpu = torch.cpu
-        native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-            getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16 if native else torch.float32
-    return torch.float32
 
 
 class PairTerms(NamedTuple):
@@ -78,71 +57,13 @@ class PairTerms(NamedTuple):
     negatives_compared: torch.Tensor
 
 
-class LossParts(NamedTuple):
-    total: torch.Tensor
-    contrastive: torch.Tensor
-    cross_entropy: torch.Tensor
-    koleo: torch.Tensor  # the entropy regularizer's value (0 when its weight is 0)
-
-
-# Sparse or dense: when more than this share of the reference columns has a negative
-# inside the margin (as early in training, when embeddings are still bunched), one
-# dense pass over all B x R pairs is cheaper than gathering pairs of rows.
-_DENSE_COLUMN_SHARE = 0.05
-
-
-def _root(squared: torch.Tensor) -> torch.Tensor:
-    """sqrt that is exactly 0, with zero gradient, for (near-)coincident vectors."""
-    distance = squared.clamp_min(_SQ_DIST_EPS).sqrt()
-    return torch.where(squared > _SQ_DIST_EPS, distance, torch.zeros_like(distance))
-
-
-@torch.no_grad()
-def near_columns(selection_anchors: torch.Tensor, selection_references: torch.Tensor, margin: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Cosines (low precision, no graph) and the reference columns with some anchor
-    closer than the margin.  Unit vectors: d < margin  <=>  cos > 1 - margin^2 / 2."""
-    threshold = 1.0 - margin * margin / 2.0 - _COSINE_SLACK
-    cosine = selection_anchors @ selection_references.T
-    return cosine, (cosine.amax(dim=0) > threshold).nonzero().squeeze(1), threshold
-
-
-def sparse_pair_terms(anchors: torch.Tensor, labels: torch.Tensor, references: torch.Tensor,
-                      ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float,
-                      cosine: torch.Tensor, columns: torch.Tensor, threshold: float) -> PairTerms:
-    """Terms of the few pairs that matter, computed exactly from gathered rows.
-
-    Positives: only references whose label occurs in the batch (a handful of columns
-    out of 10,240).  Negatives: only the pre-selected near ones.  The dense work is the
-    low-precision matmul and a column-wise max, done by :func:`near_columns`.
-    """
-    with torch.no_grad():
-        candidate_columns = torch.isin(ref_labels, labels).nonzero().squeeze(1)
-        same = labels[:, None] == ref_labels[candidate_columns][None, :]
-        positive_anchor, candidate = same.nonzero(as_tuple=True)
-        positive_reference = candidate_columns[candidate]
-        not_self = positive_reference != self_columns[positive_anchor]
-        positive_anchor, positive_reference = positive_anchor[not_self], positive_reference[not_self]
-
-        near_anchor, near = (cosine[:, columns] > threshold).nonzero(as_tuple=True)
-        near_reference = columns[near]
-        different = labels[near_anchor] != ref_labels[near_reference]
-        near_anchor, near_reference = near_anchor[different], near_reference[different]
-
-    anchor_index = torch.cat([positive_anchor, near_anchor])
-    reference_index = torch.cat([positive_reference, near_reference])
-    # Differences, not 2 - 2cos: exact also for the tiny distances of good positives.
-    distance = _root((anchors[anchor_index] - references[reference_index]).pow(2).sum(dim=1))
-    positive, negative = distance.split([len(positive_anchor), len(near_anchor)])
-    return PairTerms(positive, F.relu(margin - negative),
-                     torch.as_tensor(len(positive_anchor), device=anchors.device),
-                     labels.numel() * ref_labels.numel() - torch.count_nonzero(same))
-
+# --------------------------------------------------------------------------- the definition
 
 def dense_pair_terms(anchors: torch.Tensor, labels: torch.Tensor, references: torch.Tensor,
                      ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float) -> PairTerms:
-    """Terms of all B x R pairs at once, from one fp32 matmul (|a - r|^2 = 2 - 2 a.r,
-    as PML's cdist computes it too)."""
+    """The terms of all B x R pairs (steps 2 and 3 above).  ``self_columns[i]`` is anchor
+    i's own copy among the references, never its positive.  |a - r|^2 = 2 - 2 a.r for
+    unit vectors, from one fp32 matmul, as PML's cdist computes it too."""
     two = torch.full((1, 1), 2.0, device=anchors.device)
     distance = _root(torch.addmm(two, anchors, references.T, alpha=-2.0).clamp_min(0.0))
     same = labels[:, None] == ref_labels[None, :]
@@ -153,13 +74,21 @@ def dense_pair_terms(anchors: torch.Tensor, labels: torch.Tensor, references: to
 
 
 def mean_of_nonzero(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of the strictly positive terms (0 when there are none) and their count:
+    """Mean of the strictly positive terms (0 when there are none) and their count (step 4):
     PML's AvgNonZeroReducer, which lets the few hard pairs speak instead of being
     drowned by thousands of satisfied ones.  Terms are >= 0 (distances, hinges), so
     the plain sum already is the sum of the non-zero ones."""
     count = torch.count_nonzero(terms > 0)  # no int64 copy of a bool matrix
     return terms.sum() / count.clamp_min(1), count
 
+
+def _root(squared: torch.Tensor) -> torch.Tensor:
+    """sqrt that is exactly 0, with zero gradient, for (near-)coincident vectors."""
+    distance = squared.clamp_min(_SQ_DIST_EPS).sqrt()
+    return torch.where(squared > _SQ_DIST_EPS, distance, torch.zeros_like(distance))
+
+
+# --------------------------------------------------------------------------- the loss and its memory
 
 class CrossBatchContrastiveLoss(nn.Module):
     """Contrastive loss with cross-batch negatives from a FIFO memory (§II-C).
@@ -179,7 +108,7 @@ class CrossBatchContrastiveLoss(nn.Module):
     ``state_dict()`` into checkpoints and with ``.to(device)``.
     """
 
-    def __init__(self, margin: float = 0.45, memory_size: int = 10240, embed_dim: int = 320):
+    def __init__(self, margin: float, memory_size: int, embed_dim: int):
         super().__init__()
         if margin <= 0:
             raise ValueError(f"margin must be > 0, got {margin}")
@@ -196,10 +125,11 @@ class CrossBatchContrastiveLoss(nn.Module):
         # from 0 upwards, so the valid entries are always memory[:filled].
         self.register_buffer("write_pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
-        # A low-precision copy of the memory for the pair pre-selection only; never saved,
-        # rebuilt whenever the memory changed behind its back (load_state_dict, .to(), ...).
-        self._selection_memory: torch.Tensor | None = None
-        self._selection_key: tuple | None = None
+        # The optimization's low-precision copy of memory_embeddings (see the last section):
+        # never saved, moved by .to(device) with the memory, written with it on every enqueue,
+        # and dropped (rebuilt on first use) when a state dict is loaded or the memory reset.
+        self.register_buffer("selection_memory", None, persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module._drop_selection_memory())
         self._last_counts: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
@@ -213,6 +143,7 @@ class CrossBatchContrastiveLoss(nn.Module):
         self.memory_labels.zero_()
         self.write_pointer.zero_()
         self.filled.zero_()
+        self._drop_selection_memory()
 
     @property
     def stored(self) -> int:
@@ -223,31 +154,13 @@ class CrossBatchContrastiveLoss(nn.Module):
         """Write the batch over the oldest entries; returns the slots it took."""
         batch = embeddings.shape[0]
         slots = (int(self.write_pointer) + torch.arange(batch, device=labels.device)) % self.memory_size
-        selection_in_sync = self._selection_key == self._memory_key()
         self.memory_embeddings[slots] = embeddings.detach().to(self.memory_embeddings.dtype)
-        if selection_in_sync:  # keep the copy in step instead of rebuilding all of it
-            self._selection_memory[slots] = embeddings.detach().to(self._selection_memory.dtype)
-            self._selection_key = self._memory_key()
+        if self.selection_memory is not None:  # the copy stays in step with the memory
+            self.selection_memory[slots] = embeddings.detach().to(self.selection_memory.dtype)
         self.memory_labels[slots] = labels.detach()
         self.write_pointer.fill_((int(self.write_pointer) + batch) % self.memory_size)
         self.filled.fill_(min(int(self.filled) + batch, self.memory_size))
         return slots
-
-    def _memory_key(self) -> tuple:
-        """Changes whenever memory_embeddings is written or replaced."""
-        memory = self.memory_embeddings
-        return memory.data_ptr(), memory._version, memory.device
-
-    def _selection_references(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """memory[:n] in the pre-selection dtype, from the kept copy when it is current."""
-        if dtype == self.memory_embeddings.dtype:
-            return self.memory_embeddings[:n]
-        if self._selection_key != self._memory_key() or self._selection_memory.dtype != dtype:
-            self._selection_memory = self.memory_embeddings.to(dtype)
-            self._selection_key = self._memory_key()
-        return self._selection_memory[:n]
-
-    # -- pairs ------------------------------------------------------------------
 
     def _references(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool,
                     selection_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,63 +268,93 @@ class CrossBatchContrastiveLoss(nn.Module):
         """The same counts as device tensors (no host sync; sum them over steps)."""
         return dict(self._last_counts)
 
+    # -- the optimization's copy of the memory --------------------------------------
 
-def koleo_loss(embeddings: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Differential-entropy (KoLeo) regularizer, as SSCD adds it: minus the mean log
-    distance from each embedding to its nearest embedding of *another* instance in the
-    batch.  It spreads the descriptors over the sphere, so a distance threshold means the
-    same thing everywhere; SSCD's largest single gain (DISC21 muAP 33.0 -> 50.4)."""
-    x = F.normalize(embeddings.float(), dim=1)
-    squared = (2.0 - 2.0 * x @ x.T).clamp_min(0.0)
-    squared = squared.masked_fill(labels[:, None] == labels[None, :], float("inf"))
-    nearest = squared.min(dim=1).values
-    finite = torch.isfinite(nearest)  # an instance alone in the batch has no other
-    return -0.5 * torch.log(nearest[finite] + eps).mean() if finite.any() else x.sum() * 0.0
+    def _selection_references(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """memory[:n] in the pre-selection dtype: the memory itself in fp32, else the
+        low-precision copy, built on first use and kept in step by `_enqueue`."""
+        if dtype == self.memory_embeddings.dtype:
+            return self.memory_embeddings[:n]
+        if self.selection_memory is None or self.selection_memory.dtype != dtype:
+            self.selection_memory = self.memory_embeddings.to(dtype)
+        return self.selection_memory[:n]
+
+    def _drop_selection_memory(self) -> None:
+        self.selection_memory = None
 
 
-class MultiTaskLoss(nn.Module):
-    """The multi-task objective: contrastive + lambda_cls * cross-entropy(class logits),
-    plus lambda_koleo * the entropy regularizer (a measured variant beyond the paper)."""
+# --------------------------------------------------------------------------- optimization: only the pairs that matter
+#
+# A negative only counts inside the margin, so one low-precision matmul (no graph) finds
+# the reference columns that can matter.  When they are few (the usual case once training
+# is under way) the exact fp32 distances, and the gradients, are computed for the selected
+# pairs only; when many negatives are inside the margin (a fresh embedding branch) the
+# dense definition is used.  The result equals the definition's (the tests run both).
 
-    def __init__(self, contrastive: CrossBatchContrastiveLoss, lambda_cls: float = 1.0, lambda_koleo: float = 0.0):
-        super().__init__()
-        if lambda_cls < 0 or lambda_koleo < 0:
-            raise ValueError(f"lambda_cls and lambda_koleo must be >= 0, got {lambda_cls}, {lambda_koleo}")
-        self.contrastive = contrastive
-        self.lambda_cls = float(lambda_cls)
-        self.lambda_koleo = float(lambda_koleo)
+# Slack on the cosine pre-selection of negatives.  The pre-selection matmul may run in
+# bfloat16 (or TF32 on GPUs).  bfloat16 keeps 8 significant bits, so rounding changes
+# each factor by at most 2^-8 of itself and each product a_i r_i by < 2^-7 of itself;
+# as sum |a_i r_i| <= |a| |r| = 1 for unit vectors, a cosine is off by < 2^-7 (plus a
+# negligible fp32 accumulation error).  1/64 is twice that bound: no pair that the
+# exact fp32 distance puts inside the margin is ever missed, at the price of a few
+# extra candidates that the exact check then drops.
+_COSINE_SLACK = 1.0 / 64
+# Sparse or dense: when more than this share of the reference columns has a negative
+# inside the margin (as early in training, when embeddings are still bunched), one
+# dense pass over all B x R pairs is cheaper than gathering pairs of rows.
+_DENSE_COLUMN_SHARE = 0.05
 
-    def forward(self, embeddings: torch.Tensor, logits: torch.Tensor, instance_ids: torch.Tensor,
-                class_ids: torch.Tensor, update_memory: bool = True, across_ranks: bool = False) -> LossParts:
-        """``across_ranks``: the inputs are this rank's rows of a global batch; every part
-        is then its value over the global batch, with this rank's share of its gradient."""
-        across_ranks = across_ranks and distributed.is_active()
-        contrastive = self.contrastive(embeddings, instance_ids, update_memory=update_memory,
-                                       across_ranks=across_ranks)
-        class_ids = class_ids.to(logits.device)
-        if across_ranks:  # the mean over the global batch: summed, divided by the global count
-            local = F.cross_entropy(logits.float(), class_ids, reduction="sum")
-            total_loss, rows = distributed.all_reduce_sum(torch.stack([local.detach(), torch.tensor(
-                float(len(class_ids)), device=local.device)]).double())
-            cross_entropy = distributed.global_share(local, total_loss.float()) / rows.float()
-        else:
-            cross_entropy = F.cross_entropy(logits.float(), class_ids)
-        total = contrastive + self.lambda_cls * cross_entropy
-        koleo = torch.zeros((), device=embeddings.device)
-        if self.lambda_koleo:
-            if across_ranks:
-                koleo = self._global_koleo(embeddings, instance_ids.to(embeddings.device))
-            else:
-                koleo = koleo_loss(embeddings, instance_ids.to(embeddings.device))
-            total = total + self.lambda_koleo * koleo
-        return LossParts(total, contrastive, cross_entropy, koleo)
 
-    @staticmethod
-    def _global_koleo(embeddings: torch.Tensor, instance_ids: torch.Tensor) -> torch.Tensor:
-        """KoLeo of the global batch (nearest neighbours may sit on another rank).  Every
-        rank computes the same value; the gathered rows carry gradient and each rank
-        back-propagates 1/N of it, so the gathers' backward sums to the full gradient."""
-        everything = distributed.gather_rows_with_grad(embeddings.float())
-        value = koleo_loss(everything, distributed.gather_rows(instance_ids))
-        share = value / distributed.world_size()
-        return distributed.global_share(share, value)
+def fast_selection_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matmuls in it are native (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        cpu = torch.cpu
+        native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if native else torch.float32
+    return torch.float32
+
+
+@torch.no_grad()
+def near_columns(selection_anchors: torch.Tensor, selection_references: torch.Tensor, margin: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Cosines (low precision, no graph) and the reference columns with some anchor
+    closer than the margin.  Unit vectors: d < margin  <=>  cos > 1 - margin^2 / 2."""
+    threshold = 1.0 - margin * margin / 2.0 - _COSINE_SLACK
+    cosine = selection_anchors @ selection_references.T
+    return cosine, (cosine.amax(dim=0) > threshold).nonzero().squeeze(1), threshold
+
+
+def sparse_pair_terms(anchors: torch.Tensor, labels: torch.Tensor, references: torch.Tensor,
+                      ref_labels: torch.Tensor, self_columns: torch.Tensor, margin: float,
+                      cosine: torch.Tensor, columns: torch.Tensor, threshold: float) -> PairTerms:
+    """The terms of :func:`dense_pair_terms` for the few pairs that matter, computed
+    exactly from gathered rows.
+
+    Positives: only references whose label occurs in the batch (a handful of columns
+    out of 10,240).  Negatives: only the pre-selected near ones.  The dense work is the
+    low-precision matmul and a column-wise max, done by :func:`near_columns`.
+    """
+    with torch.no_grad():
+        candidate_columns = torch.isin(ref_labels, labels).nonzero().squeeze(1)
+        same = labels[:, None] == ref_labels[candidate_columns][None, :]
+        positive_anchor, candidate = same.nonzero(as_tuple=True)
+        positive_reference = candidate_columns[candidate]
+        not_self = positive_reference != self_columns[positive_anchor]
+        positive_anchor, positive_reference = positive_anchor[not_self], positive_reference[not_self]
+
+        near_anchor, near = (cosine[:, columns] > threshold).nonzero(as_tuple=True)
+        near_reference = columns[near]
+        different = labels[near_anchor] != ref_labels[near_reference]
+        near_anchor, near_reference = near_anchor[different], near_reference[different]
+
+    anchor_index = torch.cat([positive_anchor, near_anchor])
+    reference_index = torch.cat([positive_reference, near_reference])
+    # Differences, not 2 - 2cos: exact also for the tiny distances of good positives.
+    distance = _root((anchors[anchor_index] - references[reference_index]).pow(2).sum(dim=1))
+    positive, negative = distance.split([len(positive_anchor), len(near_anchor)])
+    return PairTerms(positive, F.relu(margin - negative),
+                     torch.as_tensor(len(positive_anchor), device=anchors.device),
+                     labels.numel() * ref_labels.numel() - torch.count_nonzero(same))

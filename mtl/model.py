@@ -10,7 +10,7 @@ The 1280-d head is kept (same weights) as the paper's baseline descriptor, so a 
 backbone pass yields both the baseline and the MTL outputs (:meth:`MTLNet.describe`).
 
 Checkpoints are plain dicts {"model_config": dict, "model_state": state_dict, **extra}
-that ``torch.load(weights_only=True)`` reads: every value must be a tensor, a number, a
+(a trained one records the ``image_size`` it was trained at) that ``torch.load(weights_only=True)`` reads: every value must be a tensor, a number, a
 string, a bool, None, or a dict/list/tuple of those (no numpy arrays, no custom classes).
 """
 
@@ -272,6 +272,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise UserError(f"{path} is not an MTLNet checkpoint (missing {sorted(missing)})")
     return checkpoint
+
+
+def trained_image_size(checkpoint: dict[str, Any]) -> int | None:
+    """The input size a checkpoint was trained at: its ``image_size`` (``mtl train`` writes
+    it), for older checkpoints their stage config's; None for a model saved by hand."""
+    size = checkpoint.get("image_size", (checkpoint.get("stage_config") or {}).get("image_size"))
+    return None if size is None else int(size)
 
 
 def unreadable_checkpoint(path: Path, error: Exception) -> UserError:

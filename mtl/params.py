@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import copy
 import shlex
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
 from mtl.io import atomic_write_text
+
+Config = TypeVar("Config")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -75,6 +78,24 @@ def load_params(path: str | Path = "params.yaml", overrides: Iterable[str] = (),
     for assignment in overrides:
         set_dotted(params, assignment)
     return params
+
+
+def section_config(cls: type[Config], section: Mapping[str, Any] | None, name: str, **given: Any) -> Config:
+    """Dataclass `cls` made from the parameters' section `name`.  Every field without a
+    default in code comes from the section (params.yaml holds the study's values; code
+    holds none), no other key may be there, and `given` fills the fields the section
+    does not hold."""
+    section = dict(section or {})
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(section) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) in the {name} section: {', '.join(unknown)}; "
+                         f"known: {', '.join(sorted(names - set(given)))}")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - set(section) - set(given))
+    if missing:
+        raise ValueError(f"the {name} section lacks {', '.join(missing)} (params.yaml names every one)")
+    return cls(**section, **given)
 
 
 # Where each key of a recipe lands in the parameters.

@@ -89,24 +89,6 @@ def bar_chart(frame: pd.DataFrame, x: str, y: str, hue: str | None, path: str | 
     return _save(fig, path)
 
 
-def image_grid(paths: Sequence[str | Path], path: str | Path, columns: int = 8, size: int = 96,
-               captions: Sequence[str] | None = None, title: str = "") -> Path:
-    """Thumbnails in a grid, optionally captioned."""
-    rows = max(1, int(np.ceil(len(paths) / columns)))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * size / 64, rows * size / 58), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i, image_path in enumerate(paths):
-        ax = axes.ravel()[i]
-        with Image.open(image_path) as img:
-            ax.imshow(img.convert("RGB"))
-        if captions:
-            ax.set_title(captions[i], fontsize=7)
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
-
-
 def image_pairs(pairs: Sequence[tuple[str | Path, str | Path, str]], path: str | Path, title: str = "") -> Path:
     """Query / reference pairs side by side.  Each row has its caption (e.g. score and
     transformation) on a line of its own above the pair, and short "query" / "reference"
@@ -153,3 +135,26 @@ def diagnosis(active: pd.DataFrame, staleness: pd.DataFrame, path: str | Path) -
     lines = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     right.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="upper left")
     return _save(fig, path)
+
+
+def learning_curve(table: pd.DataFrame, baseline: dict, path: str | Path) -> Path:
+    """μAP against the number of training pictures (log scale), val and test, with the
+    ImageNet backbone's 1280-d output as a dashed line of each (matplotlib's own style)."""
+    with plt.style.context("default"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for split, colour in (("val", "tab:blue"), ("test", "tab:orange")):
+            ax.plot(table["train_pictures"], table[f"muap_{split}"], "o-", color=colour,
+                    label=f"best recipe, {split}")
+            ax.axhline(baseline[f"muap_{split}"], color=colour, linestyle="--", linewidth=1,
+                       label=f"ImageNet 1280-d, {split}")
+        ax.set_xscale("log")
+        ax.set_xlabel("training pictures")
+        ax.set_ylabel("μAP")
+        ax.set_title("Learning curve: same epochs per picture, same evaluation sets")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return Path(path)

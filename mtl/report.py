@@ -16,6 +16,10 @@ from pathlib import Path
 import pandas as pd
 
 from mtl.io import atomic_write_text
+from mtl.params import load_params, recipe_params
+from mtl.scale_report import scale_tables
+from mtl.tables import RETRIEVAL_COLUMNS, fmt, markdown_table
+from mtl.training.config import StageConfig
 
 RESULTS = Path("results")
 RECIPES = ("paper", "best")
@@ -39,40 +43,6 @@ def gather_metrics(results_dir: Path = RESULTS) -> dict:
         if path.is_file():
             gathered[key] = json.loads(path.read_text())
     return gathered
-
-
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        if abs(value) >= 100:
-            return f"{value:,.0f}"
-        if abs(value) >= 10:
-            return f"{value:.1f}"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """rows of dicts → a Markdown table; columns are (key, header)."""
-    head = "| " + " | ".join(h for _, h in columns) + " |"
-    rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
-    return "\n".join([head, rule, *body])
-
-
-RETRIEVAL_COLUMNS = [
-    ("method", "method"), ("muap", "μAP"), ("recall_at_p90", "R@P90"), ("acc_at_1", "acc@1"),
-    ("muap_held_out", "μAP held-out"), ("acc_at_1_held_out", "acc@1 held-out"),
-    ("fp_at_threshold", "FP @ val thr."), ("bytes_per_vector", "bytes/vector"),
-    ("images_per_second", "embed img/s"), ("search_ms_per_query", "search ms/query"),
-]
 
 
 def retrieval_table(methods_csv: Path) -> str:
@@ -113,9 +83,6 @@ RECIPE_SETTINGS = [
 
 def recipes_table(params: dict) -> str:
     """The settings of both recipes, per stage, read from the parameters themselves."""
-    from mtl.params import recipe_params
-    from mtl.train import StageConfig
-
     rows = []
     for recipe in RECIPES:
         resolved = recipe_params(params, recipe)
@@ -360,8 +327,6 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     dedup_csv = results_dir / "dedup" / "benchmark.csv"
     if dedup_csv.is_file():
         tables["dedup"] = dedup_table(dedup_csv)
-    from mtl.scale_report import scale_tables  # (imports this module)
-
     tables.update(scale_tables(results_dir))
     index_csv = results_dir / "scale" / "index.csv"
     if index_csv.is_file():
@@ -375,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", default=None, help="README to update between table markers")
     parser.add_argument("--params", default="params.yaml", help="the parameters (for the recipes table)")
     args = parser.parse_args(argv)
-    from mtl.params import load_params
-
     results_dir = Path(args.results)
     metrics = gather_metrics(results_dir)
     atomic_write_text(results_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -1,5 +1,8 @@
 """Process-level plumbing shared by every entry point: device choice, seeding,
-in-process malloc tuning, the Jupyter kernel, and the git revision."""
+in-process malloc tuning, progress reports, the Jupyter kernel, and the git revision.
+
+torch and Jupyter are imported by the functions that need them, so that the corpus
+build and `mtl --help` never load them."""
 
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ import random
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
+from tqdm import tqdm
 
 from mtl.io import atomic_write_text
 
@@ -75,6 +80,14 @@ def git_revision(cwd: str | Path | None = None) -> str:
         return "unknown"
 
 
+@contextmanager
+def stopwatch() -> Iterator[dict]:
+    """`with stopwatch() as t: ...` then t["seconds"] (and t["started"], a perf_counter)."""
+    timing = {"started": time.perf_counter()}
+    yield timing
+    timing["seconds"] = round(time.perf_counter() - timing["started"], 2)
+
+
 def is_interactive() -> bool:
     """True for a terminal session; False under papermill, CI or a pipe, where
     progress is printed as one line per epoch instead of a live bar."""
@@ -83,16 +96,15 @@ def is_interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(items: Iterable[T], total: int, desc: str, unit: str = "it", lines: int = 4) -> Iterator[T]:
-    """Progress over a long loop: a live tqdm bar when a person watches; otherwise `lines`
-    lines (at 25, 50, 75 and 100 % by default) with the elapsed time and the rate
-    (papermill, CI, pipes)."""
+def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "it", lines: int = 4,
+             leave: bool = True) -> Iterator[T]:
+    """Progress over a long loop, the one way the package reports it: a live tqdm bar when
+    a person watches; otherwise `lines` lines (at 25, 50, 75 and 100 % by default; none
+    with 0) with the elapsed time and the rate (papermill, CI, pipes)."""
     if is_interactive():
-        from tqdm import tqdm
-
-        yield from tqdm(items, total=total, desc=desc, unit=unit)
+        yield from tqdm(items, total=total, desc=desc, unit=unit, leave=leave)
         return
-    marks = {max(1, -(-total * q // lines)) for q in range(1, lines + 1)}
+    marks = {max(1, -(-total * q // lines)) for q in range(1, lines + 1)} if lines and total else set()
     started = time.perf_counter()
     for done, item in enumerate(items, 1):
         yield item

@@ -19,8 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
-from mtl.report import RETRIEVAL_COLUMNS, fmt, markdown_table
+from mtl.data.manifest import rank_key, read_manifest
+from mtl.data.packages import PACKAGES
+from mtl.data.sheets import side_by_side, thumbnail_grid
+from mtl.tables import RETRIEVAL_COLUMNS, fmt, markdown_table
 
 RESULTS = Path("results")
 PROFILE_FILES = ("corpus/metrics.json", "corpus/contact_sheets.png", "corpus/packages.png", "evaluate/methods.csv",
@@ -38,25 +42,18 @@ def corpus_metrics(report: dict) -> dict:
 
 def package_overview(corpus_dir: Path, out_png: Path, per_row: int = 12, thumb: int = 44) -> Path:
     """One small sheet: a row of seeded thumbnails per (package, class), labelled."""
-    from PIL import Image, ImageDraw
-
-    from mtl.data.batches import read_manifest
-    from mtl.data.decode import rank_key
-
-    rows = defaultdict(list)
+    members = defaultdict(list)
     for row in read_manifest(corpus_dir / "manifest.csv"):
-        rows[(row["source"].removeprefix("debian:"), row["class"])].append(row)
+        members[(row["source"].removeprefix("debian:"), row["class"])].append(row)
+    ordered = sorted(members.items(), key=lambda kv: (kv[0][1], kv[0][0]))
     label, pad = 230, 2
-    sheet = Image.new("RGB", (label + per_row * (thumb + pad), len(rows) * (thumb + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, ((package, class_name), members) in enumerate(sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0]))):
-        y = pad + r * (thumb + pad)
-        draw.text((4, y + thumb // 2 - 6), f"{class_name}: {package} ({len(members):,})", fill="black")
-        for c, row in enumerate(sorted(members, key=lambda m: rank_key(1, m["id"]))[:per_row]):
-            with Image.open(corpus_dir / row["path"]) as im:
-                im = im.convert("RGB")
-                im.thumbnail((thumb, thumb))
-            sheet.paste(im, (label + c * (thumb + pad) + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+    labels = [((4, pad + r * (thumb + pad) + thumb // 2 - 6), f"{class_name}: {package} ({len(rows):,})", "black")
+              for r, ((package, class_name), rows) in enumerate(ordered)]
+    shown = [[corpus_dir / row["path"] for row in sorted(rows, key=lambda m: rank_key(1, m["id"]))[:per_row]]
+             for _, rows in ordered]
+    sheet = thumbnail_grid(shown, thumb, (thumb + pad, thumb + pad), (label, pad),
+                           (label + per_row * (thumb + pad), len(ordered) * (thumb + pad) + pad), "white",
+                           labels=labels)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     sheet.quantize(256).save(out_png, optimize=True)
     return out_png
@@ -68,15 +65,7 @@ def save_corpus(corpus_dir: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(corpus_metrics(report), indent=2, sort_keys=True) + "\n")
     package_overview(corpus_dir, out_dir / "packages.png")
-    from PIL import Image
-
-    sheets = [Image.open(corpus_dir / name) for name in report["contact_sheets"].values()]
-    combined = Image.new("RGB", (sum(s.width for s in sheets) + 16 * (len(sheets) - 1), max(s.height for s in sheets)),
-                         "white")
-    x = 0
-    for sheet in sheets:
-        combined.paste(sheet, (x, 0))
-        x += sheet.width + 16
+    combined = side_by_side([Image.open(corpus_dir / name) for name in report["contact_sheets"].values()])
     combined.quantize(256).save(out_dir / "contact_sheets.png", optimize=True)
     return out_dir
 
@@ -95,8 +84,6 @@ def save_profile(name: str, results_dir: Path = RESULTS) -> Path:
 
 def packages_table(corpus: dict) -> str:
     """Per package and class: the table's reason, files decoded, images and pictures kept."""
-    from mtl.data.packages import PACKAGES
-
     reasons = defaultdict(list)
     for row in PACKAGES:
         reasons[f"{row.package}:{row.class_name}"].append(row.reason)

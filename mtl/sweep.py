@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mtl import plots
+from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.io import UserError, is_inside, write_csv
 from mtl.params import load_params, read_yaml, recipe_params, set_dotted
 
@@ -101,8 +103,6 @@ def sweep_out_dir(out: str | Path) -> Path:
 
 def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: str, out_root: Path) -> dict:
     """Train the sweep's stages for one variant and score the last one on val."""
-    from mtl.eval.methods import checkpoint_scores
-
     overrides = [*common, *variant.overrides]
     params = recipe_params(load_params(params_path), sweep.recipe)
     for assignment in overrides:  # fails early on a mistyped key
@@ -116,21 +116,18 @@ def run_variant(sweep: Sweep, variant: Variant, common: list[str], params_path: 
         run_notebook(sweep.recipe, f"{run_root}/{variant.name}/{stage}", stage, models / stage, init,
                      overrides, params_path, notebooks_out)
         init = models / stage / "final.pt"
-    cfg = params["eval"]
+    cfg = EvalConfig.from_params(params["eval"])
     row = {"variant": variant.name, "parameter": variant.parameter, "value": variant.value,
            "overrides": " ".join(variant.overrides), "stage": STAGE_PLANS[sweep.stages][-1]}
-    for size in [cfg["image_size"], *sweep.image_sizes]:
-        scores = checkpoint_scores(init, params["evalset"]["dir"], "val", size, cfg["batch_size"],
-                                   cfg.get("device", "auto"))
-        suffix = "" if size == cfg["image_size"] else f"_{size}px"
+    for size in [cfg.image_size, *sweep.image_sizes]:
+        scores = checkpoint_scores(init, params["evalset"]["dir"], "val", cfg, size)
+        suffix = "" if size == cfg.image_size else f"_{size}px"
         row.update({f"val_{key}{suffix}": scores["mtl"][key] for key in SCORE_KEYS})
     row["wall_seconds"] = round(time.perf_counter() - started, 1)
     return row
 
 
 def plot_sweep(table: pd.DataFrame, path: Path) -> Path:
-    from mtl import plots
-
     return plots.bar_chart(table, x="variant", y="val_muap", hue="parameter", path=path,
                            title="μAP per sweep variant (val split)")
 

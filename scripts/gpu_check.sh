@@ -114,8 +114,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl.eval.embed import load_npz
-from mtl.eval.search import build_flat_index, faiss_gpu_available
+from mtl.eval.embeddings import load_npz
+from mtl.eval.index import build_flat_index, faiss_gpu_available
 
 out, refs, queries, mode, processes, size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:]
 rng = np.random.default_rng(0)

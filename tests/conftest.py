@@ -186,5 +186,5 @@ def imagenet_branches_checkpoint(tmp_path_factory) -> Path:
         last.weight.zero_()
         last.bias.copy_(torch.tensor([2.0, 0.0]))
     path = tmp_path_factory.mktemp("checkpoint") / "imagenet_branches.pt"
-    model.save_checkpoint(path)
+    model.save_checkpoint(path, image_size=112)  # the input size, as mtl train records it
     return path

@@ -22,10 +22,11 @@ import yaml
 from PIL import Image
 
 from mtl.cli import main as mtl
-from mtl.data.corpus import unique_ids
-from mtl.eval.embed import EmbeddingResult, Provenance, load_npz, save_npz
+from mtl.data.manifest import unique_ids
+from mtl.eval.embeddings import EmbeddingResult, Provenance, load_npz, save_npz
 from mtl.io import UserError
-from mtl.study import prepare_run_dir
+from mtl.training.outputs import prepare_run_dir
+from tests.configs import study_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def photos(tmp_path, small_real_photos) -> Path:
 
 def params_file(tmp_path: Path, **data) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"data": {"max_side": 64, "workers": 1, **data}}))
+    path.write_text(yaml.safe_dump({"data": {**study_params()["data"], "max_side": 64, "workers": 1, **data}}))
     return path
 
 
@@ -168,7 +169,7 @@ def test_same_named_files_give_one_row_and_one_picture_each(tmp_path, photos, sm
 KILLED_WRITER = """
 import os, signal, sys
 import numpy as np
-from mtl.eval.embed import EmbeddingResult, save_npz
+from mtl.eval.embeddings import EmbeddingResult, save_npz
 
 def killed_halfway(file, **arrays):
     file = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
@@ -195,7 +196,7 @@ def test_a_killed_embed_leaves_the_previous_file_intact(tmp_path):
 CONCURRENT_WRITER = """
 import sys
 import numpy as np
-from mtl.eval.embed import EmbeddingResult, save_npz
+from mtl.eval.embeddings import EmbeddingResult, save_npz
 
 n = int(sys.argv[2])
 vectors = np.full((2000, 64), 0.125, np.float32)

@@ -18,11 +18,12 @@ import yaml
 from PIL import Image
 
 from mtl.data import corpus, debian, decode
-from mtl.data.batches import read_manifest
-from mtl.data.corpus import MANIFEST_COLUMNS, CorpusConfig, build_corpus
-from mtl.data.decode import CorpusImage, content_share, tile_content
+from mtl.data.corpus import CorpusConfig, build_corpus
+from mtl.data.decode import content_share, tile_content
+from mtl.data.manifest import MANIFEST_COLUMNS, CorpusImage, read_manifest
 from mtl.data.packages import PACKAGES, PackageSource, clipart_family, scene_picture
 from mtl.data.splits import SPLITS, assign_splits, drop_duplicates, near_duplicate_pairs
+from tests import configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +167,7 @@ def test_tile_content_rejects_flat_and_smooth_tiles(small_real_photos):
     std_flat, edges_flat = tile_content(flat)
     std_ramp, edges_ramp = tile_content(ramp)
     std_photo, edges_photo = tile_content(photo)
-    cfg = CorpusConfig()
+    cfg = configs.corpus_config()
     assert std_flat < cfg.min_tile_std
     assert std_ramp > cfg.min_tile_std and edges_ramp < cfg.min_tile_edges  # a gradient: no content
     assert std_photo > cfg.min_tile_std and edges_photo > cfg.min_tile_edges
@@ -183,9 +184,9 @@ def test_content_share_measures_what_differs_from_the_background(small_real_phot
     assert content_share(Image.new("RGB", (200, 200), "white")) == 0.0
     assert content_share(photo) > 0.5
     tiny = _on_canvas(photo.resize((20, 14)), (300, 300))          # a small drawing on a big page
-    assert content_share(tiny) < CorpusConfig().min_content_share
+    assert content_share(tiny) < configs.corpus_config().min_content_share
     drawing = _on_canvas(photo.resize((90, 60)), (300, 300))       # a drawing that fills some of it
-    assert content_share(drawing) > CorpusConfig().min_content_share
+    assert content_share(drawing) > configs.corpus_config().min_content_share
     # The background is the border's colour, not white: a flag's field is not content.
     flag = _on_canvas(Image.new("RGB", (40, 40), (255, 220, 0)), (300, 200), colour=(200, 20, 30))
     assert abs(content_share(flag) - 40 * 40 / (300 * 200)) < 0.005
@@ -216,8 +217,8 @@ def test_wallpapers_are_cut_into_capped_square_tiles(tmp_path, real_photos):
     wallpaper = real_photos["china"].resize((1280, 854))
     wallpaper.save(tmp_path / "china.jpg", quality=95)
     item = decode.SourceImage(tmp_path / "china.jpg", "scene", "test", "china", "scene-china", tiled=True)
-    cfg = CorpusConfig(corpus_dir=str(tmp_path / "out"), tile_size=256, max_side=128, max_tiles_per_picture=5,
-                       min_tile_std=0, min_tile_edges=0)
+    cfg = configs.corpus_config(corpus_dir=str(tmp_path / "out"), tile_size=256, max_side=128,
+                                max_tiles_per_picture=5, min_tile_std=0, min_tile_edges=0)
     stored, skipped = decode.process_source(item, cfg)
     assert len(stored) == 5 and skipped["over_tile_cap"] == 5 * 3 - 5
     assert all((im.width, im.height) == (128, 128) and im.group == "china" for im in stored)
@@ -231,7 +232,7 @@ def test_files_are_chosen_before_decoding_to_fill_the_class_cap():
                 for i in range(10)]
     drawings = [decode.SourceImage(Path(f"d{i}.png"), "clipart", "t", f"d{i}", f"clipart-d{i}", tiled=False)
                 for i in range(20)]
-    cfg = CorpusConfig(max_per_class=8, max_tiles_per_picture=4)
+    cfg = configs.corpus_config(max_per_class=8, max_tiles_per_picture=4)
     skipped = Counter()
     chosen = corpus.subsample_before_decoding(pictures + drawings, cfg, skipped)
     per_class = Counter(item.class_name for item in chosen)
@@ -242,11 +243,13 @@ def test_files_are_chosen_before_decoding_to_fill_the_class_cap():
 
 def test_config_rejects_unknown_keys_and_bad_fractions():
     with pytest.raises(ValueError, match="unknown key"):
-        CorpusConfig.from_params({"max_sied": 10})
+        configs.corpus_config(max_sied=10)
+    with pytest.raises(ValueError, match="lacks max_side"):
+        CorpusConfig.from_params({k: v for k, v in configs.study_params()["data"].items() if k != "max_side"})
     with pytest.raises(ValueError, match="sum to 1"):
-        CorpusConfig(split_fractions={"train": 0.5, "val": 0.1, "test": 0.1})
+        configs.corpus_config(split_fractions={"train": 0.5, "val": 0.1, "test": 0.1})
     with pytest.raises(ValueError, match="data.folder"):
-        CorpusConfig(source="folder")
+        configs.corpus_config(source="folder")
 
 
 def test_missing_package_lists_say_how_to_fix_them(tmp_path, monkeypatch):
@@ -287,7 +290,7 @@ def photo_folder(tmp_path, small_real_photos, awkward_images) -> Path:
 def _folder_config(folder: Path, out: Path, **overrides) -> CorpusConfig:
     values = dict(source="folder", folder=str(folder), corpus_dir=str(out), max_side=128, workers=1,
                   split_fractions={"train": 0.5, "val": 0.2, "test": 0.3})
-    return CorpusConfig(**{**values, **overrides})
+    return configs.corpus_config(**{**values, **overrides})
 
 
 def test_folder_build_gives_clean_ground_truth(tmp_path, photo_folder, awkward_images):
@@ -327,15 +330,15 @@ def test_folder_with_one_class_is_a_clear_error(tmp_path, small_real_photos):
 
 
 def test_command_line_reads_params_and_overrides(tmp_path, photo_folder, capsys):
-    params = {"data": {"source": "folder", "folder": str(photo_folder), "corpus_dir": str(tmp_path / "c"),
-                       "max_side": 96}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    data = {**configs.study_params()["data"], "source": "folder", "folder": str(photo_folder),
+            "corpus_dir": str(tmp_path / "c"), "max_side": 96}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": data}))
     argv = ["--params", str(tmp_path / "params.yaml"), "--set", "max_side=64", "--set", "data.workers=1"]
     assert corpus.main(argv) == 0
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["config"]["max_side"] == 64 and report["config"]["workers"] == 1
     assert "colour" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="KEY=VALUE"):
+    with pytest.raises(KeyError, match="unknown key 'max_sied'"):  # the dotted overrides of every command
         corpus.main(["--params", str(tmp_path / "params.yaml"), "--set", "max_sied=64"])
 
 
@@ -377,7 +380,7 @@ def test_real_default_corpus_from_debian_packages(tmp_path):
 def assert_eval_planning_keeps_pictures_apart(corpus_dir: Path, tmp_path: Path) -> None:
     """The default eval-set counts fit the real corpus, with one reference per wallpaper
     and no distractor cut from a reference's wallpaper (many tiles per group here)."""
-    from mtl.data.batches import split_originals
+    from mtl.data.manifest import split_originals
     from mtl.data.evalset import EVAL_SPLITS, EvalsetConfig, plan_split
 
     cfg = EvalsetConfig.from_params(yaml.safe_load((REPO / "params.yaml").read_text())["evalset"])

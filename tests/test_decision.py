@@ -68,7 +68,7 @@ def test_unknown_ids_and_negative_beta_are_rejected():
 
 def _write_split(root, split, rng, n_refs=20, n_pos=14, n_distractors=10, dim=16):
     """A synthetic eval split on disk: CSV tables and two methods' embeddings (no pixels needed)."""
-    from mtl.eval.embed import EmbeddingResult, save_npz
+    from mtl.eval.embeddings import EmbeddingResult, save_npz
 
     directory = root / "eval" / split
     directory.mkdir(parents=True)
@@ -102,7 +102,7 @@ def _write_split(root, split, rng, n_refs=20, n_pos=14, n_distractors=10, dim=16
 
 
 def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(tmp_path):
-    from mtl.eval.methods import evaluate_methods
+    from mtl.eval.evaluation import evaluate_methods
 
     rng = np.random.default_rng(0)
     per_split = {split: _write_split(tmp_path, split, rng) for split in ("val", "test")}

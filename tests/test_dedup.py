@@ -11,9 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtl.dedup import (DedupSetupError, FolderEmbeddings, find_duplicates, load_operating_points, main,
-                       resolve_method, score_pairs)
-from mtl.study import file_digest
+from mtl.dedup import find_duplicates
+from mtl.dedup.cache import FolderEmbeddings
+from mtl.dedup.cli import main
+from mtl.dedup.groups import score_pairs
+from mtl.dedup.thresholds import DedupSetupError, resolve_method
+from mtl.eval.operating_points import load_operating_points
+from mtl.io import file_digest
 
 
 def kept_pairs(result) -> set[frozenset[str]]:
@@ -173,6 +177,21 @@ def test_operating_points_entries(tmp_path, imagenet_branches_checkpoint):
     moved = write_operating_points(tmp_path / "moved.json", best=best_entry(tmp_path / "gone.pt"))
     with pytest.raises(DedupSetupError, match="gone.pt .*is missing.*make repro"):
         resolve_method("best", moved)
+
+
+def test_a_checkpoint_without_an_entry_runs_at_its_training_size(tmp_path, imagenet_branches_checkpoint):
+    from mtl.model import MTLNet
+
+    missing = tmp_path / "none.json"
+    assert resolve_method(str(imagenet_branches_checkpoint), missing, threshold=0.8).image_size == 112
+    assert resolve_method(str(imagenet_branches_checkpoint), missing, threshold=0.8, image_size=96).image_size == 96
+    other = tmp_path / "other.pt"
+    MTLNet.from_checkpoint(imagenet_branches_checkpoint).save_checkpoint(other, image_size=64)
+    assert resolve_method(str(other), missing, threshold=0.8).image_size == 64
+    bare = tmp_path / "bare.pt"
+    MTLNet.from_checkpoint(imagenet_branches_checkpoint).save_checkpoint(bare)
+    with pytest.raises(DedupSetupError, match="records no training image size"):
+        resolve_method(str(bare), missing, threshold=0.8)
 
 
 # --------------------------------------------------------------------------- moving aside, and back

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from mtl.eval.baselines import hamming_from_score
-from mtl.eval.embed import images_in_folder, load_npz, main, parse_method
+from mtl.eval.embed import main, parse_method
+from mtl.eval.embeddings import load_npz
+from mtl.eval.images import images_in_folder
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,24 @@ def test_same_image_gives_same_embedding_regardless_of_batch(image_folder, check
     np.testing.assert_allclose(result.embeddings[0], result.embeddings[2], atol=1e-5)
 
 
+def test_a_checkpoint_embeds_at_its_training_size_unless_told(image_folder, checkpoint, tmp_path):
+    from mtl.io import UserError
+    from mtl.model import MTLNet, load_checkpoint
+
+    trained = tmp_path / "trained.pt"
+    MTLNet.from_checkpoint(checkpoint).save_checkpoint(trained, image_size=40)  # as mtl train records it
+    common = ["--method", str(trained), "--folder", str(image_folder), "--batch-size", "4", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "own.npz")]) == 0
+    assert main([*common, "--image-size", "40", "--out", str(tmp_path / "told.npz")]) == 0
+    assert main([*common, "--image-size", "32", "--out", str(tmp_path / "other.npz")]) == 0
+    own, told, other = (load_npz(tmp_path / f"{name}.npz") for name in ("own", "told", "other"))
+    assert own.provenance.image_size == 40 and other.provenance.image_size == 32
+    np.testing.assert_array_equal(own.embeddings, told.embeddings)
+    assert "image_size" not in load_checkpoint(checkpoint)  # saved by hand: the size must be given
+    with pytest.raises(UserError, match="records no training image size"):
+        main(["--method", str(checkpoint), "--folder", str(image_folder), "--out", str(tmp_path / "x.npz")])
+
+
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method"):
         parse_method("sift")
@@ -125,7 +145,8 @@ def _tiny_evalset(root, rng):
 
 
 def test_every_method_embeds_both_splits_and_lands_in_one_table(tmp_path, checkpoint):
-    from mtl.eval.methods import embed_methods, evaluate_methods
+    from mtl.eval.evaluation import evaluate_methods
+    from mtl.eval.methods import embed_methods
 
     _tiny_evalset(tmp_path, np.random.default_rng(4))
     from mtl.eval.methods import CheckpointPass

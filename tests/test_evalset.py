@@ -16,6 +16,7 @@ from skimage import data
 
 from mtl.data.evalset import EvalsetConfig, SplitCounts, build_evalset, main
 from mtl.data.transforms import EVAL_FAMILY, is_held_out
+from tests.configs import evalset_config
 
 COUNTS = {"test": SplitCounts(references=8, positive_queries=6, distractor_queries=8),
           "val": SplitCounts(references=4, positive_queries=3, distractor_queries=3)}
@@ -49,7 +50,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def evalset(corpus: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval")
-    build_evalset(corpus, corpus.parent, out, EvalsetConfig(seed=3, splits=COUNTS, workers=1))
+    build_evalset(corpus, corpus.parent, out, evalset_config(seed=3, splits=COUNTS, workers=1))
     return out
 
 
@@ -97,7 +98,7 @@ def test_references_are_unchanged_copies_of_the_originals(evalset: Path, corpus:
 def test_distractor_sources_are_not_references(corpus: Path, tmp_path: Path) -> None:
     """Distractors are rendered from non-references: rebuild with a recorder to see the sources."""
     from mtl.data import evalset as E
-    from mtl.data.batches import split_originals
+    from mtl.data.manifest import split_originals
 
     originals = split_originals(corpus, corpus.parent, "test")
     references, jobs = E.plan_split(originals, COUNTS["test"], 3, 0, tmp_path, "test")
@@ -140,7 +141,7 @@ def test_no_distractor_is_a_piece_of_a_reference_picture(tmp_path, small_real_ph
     (tmp_path / "corpus").mkdir()
     manifest = write_tiled_corpus(tmp_path / "corpus", small_real_photos)
     counts = {"test": SplitCounts(references=6, positive_queries=5, distractor_queries=6)}
-    build_evalset(manifest, manifest.parent, tmp_path / "eval", EvalsetConfig(seed=seed, splits=counts, workers=1))
+    build_evalset(manifest, manifest.parent, tmp_path / "eval", evalset_config(seed=seed, splits=counts, workers=1))
     group_of = {r["id"]: r["group"] for r in _rows(manifest)}
     references = _rows(tmp_path / "eval" / "test" / "references.csv")
     reference_groups = [group_of[r["reference_id"]] for r in references]
@@ -158,7 +159,7 @@ def test_no_distractor_is_a_piece_of_a_reference_picture(tmp_path, small_real_ph
 
 def test_transformations_cycle_evenly_over_the_eval_family(corpus: Path, tmp_path: Path) -> None:
     from mtl.data import evalset as E
-    from mtl.data.batches import split_originals
+    from mtl.data.manifest import split_originals
 
     originals = split_originals(corpus, corpus.parent, "test")
     many = [replace(o, id=f"{o.id}-{k}", group=f"{o.group}-{k}") for k in range(5) for o in originals]  # 70 pictures
@@ -175,23 +176,30 @@ def _digest(root: Path) -> dict[str, str]:
 
 
 def test_rebuilding_gives_identical_files_with_any_worker_count(evalset: Path, corpus: Path, tmp_path: Path) -> None:
-    build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(seed=3, splits=COUNTS, workers=2))
+    build_evalset(corpus, corpus.parent, tmp_path, evalset_config(seed=3, splits=COUNTS, workers=2))
     assert _digest(tmp_path) == _digest(evalset)
 
 
 def test_another_seed_gives_another_set(evalset: Path, corpus: Path, tmp_path: Path) -> None:
-    build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(seed=4, splits=COUNTS, workers=1))
+    build_evalset(corpus, corpus.parent, tmp_path, evalset_config(seed=4, splits=COUNTS, workers=1))
     assert _digest(tmp_path) != _digest(evalset)
 
 
-def test_gallery_is_written(evalset: Path) -> None:
-    assert Image.open(evalset / "gallery.png").width > 0
+def test_gallery_shows_the_first_test_reference_transformed_with_the_sets_seed(evalset: Path, tmp_path: Path) -> None:
+    from mtl.data.batches import load_original
+    from mtl.data.gallery import render_gallery
+
+    first_reference = sorted((evalset / "test" / "references").glob("*.jpg"))[0]
+    expected = render_gallery(load_original(first_reference), tmp_path / "expected.png", seed=3)
+    assert np.array_equal(np.asarray(Image.open(evalset / "gallery.png")), np.asarray(Image.open(expected)))
+    other_seed = render_gallery(load_original(first_reference), tmp_path / "other.png", seed=4)
+    assert not np.array_equal(np.asarray(Image.open(other_seed)), np.asarray(Image.open(expected)))
 
 
 def test_too_small_split_fails_clearly(corpus: Path, tmp_path: Path) -> None:
     too_many = {"val": SplitCounts(references=6, positive_queries=3, distractor_queries=3)}
     with pytest.raises(ValueError, match=r"split 'val' has 6 images of 6 distinct pictures, too few for 6 references"):
-        build_evalset(corpus, corpus.parent, tmp_path, EvalsetConfig(splits=too_many, workers=1))
+        build_evalset(corpus, corpus.parent, tmp_path, evalset_config(splits=too_many, workers=1))
 
 
 def test_inconsistent_counts_fail_clearly() -> None:
@@ -199,7 +207,7 @@ def test_inconsistent_counts_fail_clearly() -> None:
         SplitCounts(references=2, positive_queries=3, distractor_queries=3)
     with pytest.raises(ValueError, match="at least positive_queries"):
         SplitCounts(references=5, positive_queries=3, distractor_queries=2)
-    with pytest.raises(ValueError, match="unknown evalset parameters"):
+    with pytest.raises(ValueError, match="unknown key.*evalset section: tset"):
         EvalsetConfig.from_params({"seed": 1, "test": {"references": 2, "positive_queries": 1,
                                                          "distractor_queries": 1}, "tset": {}})
 
@@ -207,7 +215,7 @@ def test_inconsistent_counts_fail_clearly() -> None:
 def test_command_line_reads_the_evalset_section(corpus: Path, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text(f"data: {{corpus_dir: {corpus.parent}}}\n"
-                      f"evalset:\n  dir: {tmp_path / 'eval'}\n  seed: 1\n"
+                      f"evalset:\n  dir: {tmp_path / 'eval'}\n  seed: 1\n  workers: 1\n"
                       "  test: {references: 5, positive_queries: 2, distractor_queries: 2}\n"
                       "  val: {references: 2, positive_queries: 1, distractor_queries: 1}\n")
     assert main(["--params", str(params), "--summary", str(tmp_path / "summary.json")]) == 0

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mtl.eval.embed import EmbeddingResult, save_npz
+from mtl.eval.embeddings import EmbeddingResult, save_npz
 from mtl.eval.index import ReferenceIndex, build_index, default_nlist, default_pq_m, main
 from mtl.eval.search import search
 from mtl.io import UserError

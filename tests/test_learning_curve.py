@@ -104,8 +104,8 @@ def tiny_study(tmp_path, small_real_photos):
     (corpus / "manifest.csv").write_text("\n".join(lines) + "\n")
     every = len(EVAL_FAMILY)
     counts = {"references": every, "positive_queries": every, "distractor_queries": every}
-    build_evalset(corpus / "manifest.csv", corpus, tmp_path / "eval", {"seed": 1, "val": counts, "test": counts,
-                                                                        "workers": 1})
+    build_evalset(corpus / "manifest.csv", corpus, tmp_path / "eval", {"dir": str(tmp_path / "eval"), "seed": 1,
+                                                                        "val": counts, "test": counts, "workers": 1})
     overrides = [f"data.corpus_dir={corpus}", f"evalset.dir={tmp_path / 'eval'}", "model.pretrained=false",
                  f"features.dir={tmp_path / 'features'}", "features.views=2", "loss.memory_size=16",
                  "train.instances_per_batch=2", "train.views_per_instance=2", "train.image_size=48",
@@ -118,7 +118,7 @@ def tiny_study(tmp_path, small_real_photos):
 def test_learning_curve_table_baseline_and_figure(tiny_study, monkeypatch):
     from mtl import learning_curve
     from mtl.params import load_params, recipe_params, set_dotted
-    from mtl.study import train_run
+    from mtl.training.stage import train_run
 
     tmp_path, overrides = tiny_study
     trained = []

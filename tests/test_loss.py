@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl.loss import CrossBatchContrastiveLoss, MultiTaskLoss
+from mtl.loss import CrossBatchContrastiveLoss
+from mtl.objective import MultiTaskLoss, koleo_loss
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 
@@ -186,6 +187,26 @@ def test_memory_travels_in_state_dict():
     assert target.stored == 0 and int(target.write_pointer) == 0
 
 
+def test_the_low_precision_copy_follows_the_memory(monkeypatch):
+    """The optimization's bfloat16 copy of the memory is written on every enqueue and
+    rebuilt after a state dict is loaded: the pre-selection never sees stale entries."""
+    monkeypatch.setattr("mtl.loss.fast_selection_dtype", lambda device: torch.bfloat16)
+    generator = torch.Generator().manual_seed(7)
+    loss_fn = CrossBatchContrastiveLoss(MARGIN, memory_size=12, embed_dim=4)
+    for _ in range(4):  # the memory wraps round
+        loss_fn(unit_batch(generator, 4, 4), torch.randint(0, 6, (4,), generator=generator))
+        assert torch.equal(loss_fn.selection_memory, loss_fn.memory_embeddings.to(torch.bfloat16))
+    other = CrossBatchContrastiveLoss(MARGIN, memory_size=12, embed_dim=4)
+    other(unit_batch(generator, 4, 4), torch.arange(4))  # a copy of other entries
+    other.load_state_dict(loss_fn.state_dict())
+    assert "selection_memory" not in loss_fn.state_dict()
+    batch, labels = unit_batch(generator, 4, 4), torch.randint(0, 6, (4,), generator=generator)
+    assert other(batch, labels, update_memory=False) == loss_fn(batch, labels, update_memory=False)
+    assert torch.equal(other.selection_memory, loss_fn.selection_memory)
+    other.reset_memory()
+    assert other.selection_memory is None
+
+
 def test_bad_inputs_are_rejected_with_a_reason():
     loss_fn = CrossBatchContrastiveLoss(MARGIN, memory_size=4, embed_dim=3)
     with pytest.raises(ValueError, match="does not fit"):
@@ -193,7 +214,7 @@ def test_bad_inputs_are_rejected_with_a_reason():
     with pytest.raises(ValueError, match=r"\[B, 3\]"):
         loss_fn(torch.randn(2, 5), torch.arange(2))
     with pytest.raises(ValueError, match="memory_size"):
-        CrossBatchContrastiveLoss(MARGIN, memory_size=-1)
+        CrossBatchContrastiveLoss(MARGIN, memory_size=-1, embed_dim=3)
 
 
 def test_multitask_loss_is_contrastive_plus_weighted_cross_entropy():
@@ -202,7 +223,7 @@ def test_multitask_loss_is_contrastive_plus_weighted_cross_entropy():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     logits = torch.randn(6, 2, generator=generator)
     class_ids = torch.tensor([0, 1, 0, 1, 0, 1])
-    parts = MultiTaskLoss(CrossBatchContrastiveLoss(MARGIN, 0, 3), lambda_cls=0.5)(
+    parts = MultiTaskLoss(CrossBatchContrastiveLoss(MARGIN, 0, 3), lambda_cls=0.5, lambda_koleo=0.0)(
         embeddings, logits, labels, class_ids)
     expected_contrastive = CrossBatchContrastiveLoss(MARGIN, 0, 3)(embeddings, labels)
     torch.testing.assert_close(parts.contrastive, expected_contrastive)
@@ -213,8 +234,6 @@ def test_multitask_loss_is_contrastive_plus_weighted_cross_entropy():
 # ---------------------------------------------------------------------------- the entropy regularizer (beyond the paper)
 
 def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_instance():
-    from mtl.loss import koleo_loss
-
     generator = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(12, 8, generator=generator), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
@@ -226,8 +245,6 @@ def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_other_instance():
 
 
 def test_koleo_pushes_bunched_embeddings_apart():
-    from mtl.loss import koleo_loss
-
     generator = torch.Generator().manual_seed(1)
     bunched = F.normalize(torch.ones(16, 8) + 0.05 * torch.randn(16, 8, generator=generator), dim=1)
     bunched.requires_grad_(True)
@@ -239,12 +256,10 @@ def test_koleo_pushes_bunched_embeddings_apart():
 
 
 def test_multitask_loss_adds_the_weighted_regularizer():
-    from mtl.loss import koleo_loss
-
     generator = torch.Generator().manual_seed(2)
     embeddings = F.normalize(torch.randn(8, 16, generator=generator), dim=1)
     labels, logits, classes = torch.arange(8) // 2, torch.randn(8, 2, generator=generator), torch.arange(8) % 2
-    plain = MultiTaskLoss(CrossBatchContrastiveLoss(MARGIN, 0, 16), 1.0)(embeddings, logits, labels, classes)
+    plain = MultiTaskLoss(CrossBatchContrastiveLoss(MARGIN, 0, 16), 1.0, 0.0)(embeddings, logits, labels, classes)
     regular = MultiTaskLoss(CrossBatchContrastiveLoss(MARGIN, 0, 16), 1.0, 3.0)(embeddings, logits, labels, classes)
     torch.testing.assert_close(regular.koleo, koleo_loss(embeddings, labels))
     torch.testing.assert_close(regular.total, plain.total + 3.0 * regular.koleo)

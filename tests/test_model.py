@@ -9,6 +9,7 @@ from torch import nn
 from mtl import backbones
 from mtl.model import (ClassificationBranch, EmbeddingBranch, ModelConfig, MTLNet, count_parameters,
                        load_checkpoint)
+from tests.configs import study_params
 
 BACKBONES = sorted(backbones.BACKBONES)
 
@@ -293,3 +294,10 @@ def test_count_parameters_splits_backbone_and_branches():
     assert total == count_parameters(model.backbone) + count_parameters(model.embedding) + count_parameters(model.classifier)
     # 320*640 conv + BN, 640*480+480, 480*320+320  (bias-free convs: BN follows)
     assert count_parameters(model.embedding) == 320 * 640 + 2 * 640 + 640 * 480 + 480 + 480 * 320 + 320
+
+
+def test_defaults_of_the_model_section_are_the_parameters():
+    """The branch widths (Fig. 1) are defined in code; what params.yaml's `model` section
+    names must have the same values here, so `ModelConfig()` is the study's model."""
+    section = study_params()["model"]
+    assert {key: getattr(ModelConfig(), key) for key in section} == section

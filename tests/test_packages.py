@@ -106,8 +106,8 @@ def test_one_file_per_group_the_largest_icon_or_a_seeded_frame(tmp_path):
 
 
 def test_svg_icons_are_rendered_where_a_row_says_so(tmp_path):
-    from mtl.data.corpus import CorpusConfig
     from mtl.data.decode import process_source
+    from tests.configs import corpus_config
 
     if debian.shutil.which("rsvg-convert") is None:
         pytest.skip("needs rsvg-convert (Debian librsvg2-bin)")
@@ -123,7 +123,7 @@ def test_svg_icons_are_rendered_where_a_row_says_so(tmp_path):
     skipped = Counter()
     (item,) = debian.whole_sources(row, tmp_path, seed=0, skipped=skipped)
     assert item.path.name == "globe.svg" and not skipped
-    stored, reasons = process_source(item, CorpusConfig(corpus_dir=str(tmp_path / "corpus")))
+    stored, reasons = process_source(item, corpus_config(corpus_dir=str(tmp_path / "corpus")))
     assert not reasons and (stored[0].width, stored[0].height) == (256, 256)
     skipped = Counter()
     assert debian.whole_sources(replace(row, vector=False), tmp_path, 0, skipped) == []

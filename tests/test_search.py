@@ -47,7 +47,7 @@ def test_dimension_mismatch_is_a_clear_error():
 def test_command_line_searches_an_eval_set_file_by_roles(tmp_path):
     import pandas as pd
 
-    from mtl.eval.embed import EmbeddingResult, save_npz
+    from mtl.eval.embeddings import EmbeddingResult, save_npz
     from mtl.eval.search import main
 
     rng = np.random.default_rng(3)
@@ -68,7 +68,7 @@ def test_command_line_searches_an_eval_set_file_by_roles(tmp_path):
 def test_command_line_decides_with_threshold_and_class_gate(tmp_path):
     import pandas as pd
 
-    from mtl.eval.embed import EmbeddingResult, save_npz
+    from mtl.eval.embeddings import EmbeddingResult, save_npz
     from mtl.eval.search import main
 
     # Two references; query q0 copies r0 (same class), q1 copies r1 but is classified

@@ -41,6 +41,11 @@ def test_view_to_anchor_accuracy_counts_each_view():
     assert view_to_anchor_accuracy(x, group, is_anchor) == pytest.approx(2 / 3)
 
 
-def test_tsne_gives_two_coordinates_per_point():
-    x, _, _ = clustered(n_anchors=4, views=3)
-    assert project_tsne(x, seed=0).shape == (len(x), 2)
+def test_tsne_keeps_each_view_beside_its_anchor_and_repeats_for_a_seed():
+    x, group, is_anchor = clustered(n_anchors=4, views=3)
+    xy = project_tsne(x, seed=0)
+    assert xy.shape == (len(x), 2)
+    anchors, views = xy[is_anchor], xy[~is_anchor]
+    nearest = np.argmin(((views[:, None] - anchors[None]) ** 2).sum(axis=2), axis=1)
+    assert np.array_equal(group[is_anchor][nearest], group[~is_anchor])  # the clusters survive in 2-D
+    np.testing.assert_array_equal(project_tsne(x, seed=0), xy)

@@ -13,8 +13,11 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from mtl.model import MTLNet, ModelConfig, load_checkpoint
-from mtl.train import LOG_COLUMNS, StageConfig, train_stage
+from mtl.model import MTLNet, ModelConfig, load_checkpoint, trained_image_size
+from mtl.training.config import StageConfig
+from mtl.training.loop import train_stage
+from mtl.training.outputs import LOG_COLUMNS
+from tests import configs
 
 IMAGE_SIZE = 48
 INSTANCES_PER_BATCH, VIEWS = 3, 3
@@ -60,10 +63,12 @@ def epoch_batches(photos: torch.Tensor, seed: int, epoch: int) -> list[tuple[tor
 
 
 def stage_config(stage: str = "frozen", **overrides) -> StageConfig:
-    settings = dict(stage=stage, epochs=2, lr=1e-3, weight_decay=1e-4, instances_per_batch=INSTANCES_PER_BATCH,
+    """params.yaml's stage, from images, at the tests' sizes, no warm-up."""
+    settings = dict(epochs=2, lr=1e-3, weight_decay=1e-4, instances_per_batch=INSTANCES_PER_BATCH,
                     views_per_instance=VIEWS, image_size=IMAGE_SIZE, seed=0, device="cpu", amp=False,
-                    channels_last=False, num_workers=0, memory_size=4 * INSTANCES_PER_BATCH * VIEWS)
-    return StageConfig(**{**settings, **overrides})
+                    channels_last=False, num_workers=0, memory_size=4 * INSTANCES_PER_BATCH * VIEWS,
+                    warmup_steps=0, source="images", views="single")
+    return configs.stage_config(stage, **{**settings, **overrides})
 
 
 def tiny_model(pretrained: bool = False, seed: int = 0) -> MTLNet:
@@ -139,6 +144,9 @@ def test_checkpoint_holds_everything_needed_to_continue(frozen_run):
     assert checkpoint["epoch"] == 2 and checkpoint["finished"]
     assert int(checkpoint["loss_state"]["filled"]) > 0  # the cross-batch memory is saved
     assert MTLNet.from_checkpoint(final).config == ModelConfig(pretrained=False)
+    assert checkpoint["image_size"] == trained_image_size(checkpoint) == IMAGE_SIZE  # what `mtl embed` uses
+    del checkpoint["image_size"]  # a checkpoint of an earlier version: its stage config tells
+    assert trained_image_size(checkpoint) == IMAGE_SIZE
 
 
 def test_finished_run_returns_at_once(frozen_run):
@@ -292,7 +300,7 @@ def test_lr_zero_moves_no_weight_only_batchnorm_statistics(photos, frozen_run, t
 
 
 def test_warmup_then_cosine_schedule():
-    from mtl.train import warmup_cosine
+    from mtl.training.loop import warmup_cosine
 
     factor = warmup_cosine(total_steps=110, warmup_steps=10, final_fraction=0.01)
     assert [factor(t) for t in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

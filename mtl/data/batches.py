@@ -18,7 +18,6 @@ persistent, so their caches survive from epoch to epoch.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -29,11 +28,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
+from mtl.data.manifest import Original, class_names_from_manifest, read_manifest, split_originals
 from mtl.data.transforms import apply_chain
 
 Normalization = tuple[Sequence[float], Sequence[float]]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-SPLITS = ("train", "val", "test")
 # Originals are cached with their shorter side at this multiple of the input size: enough
 # room for crops and rescales to keep detail, small enough to decode and transform fast.
 CACHE_SCALE = 2
@@ -57,50 +56,6 @@ VIEW_RECIPES = {
     # area.  Held-out edits are never used: only the train family is drawn from.
     "chain": ViewRecipe(edits=(1, 3), crop_area=(0.25, 1.0)),
 }
-
-
-@dataclass(frozen=True)
-class Original:
-    """One manifest row as the batches need it."""
-
-    id: str
-    path: Path     # absolute (corpus dir joined)
-    class_name: str
-    group: str = ""  # the picture it comes from (tiles of one wallpaper share it); "" = its own id
-
-    @property
-    def picture(self) -> str:
-        """The group, or the id for a manifest without groups: what 'the same picture' means."""
-        return self.group or self.id
-
-
-# --------------------------------------------------------------------------- manifest
-
-def read_manifest(manifest_csv: str | Path) -> list[dict[str, str]]:
-    manifest_csv = Path(manifest_csv)
-    if not manifest_csv.is_file():
-        raise FileNotFoundError(f"manifest not found: {manifest_csv} (build the corpus first: mtl corpus)")
-    with manifest_csv.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"id", "path", "class", "split"} - set(rows[0] if rows else {})
-    if rows and missing:
-        raise ValueError(f"{manifest_csv}: missing columns {sorted(missing)}")
-    return rows
-
-
-def class_names_from_manifest(manifest_csv: str | Path) -> list[str]:
-    """The sorted class names: class id i is the i-th name, in every split."""
-    return sorted({row["class"] for row in read_manifest(manifest_csv)})
-
-
-def split_originals(manifest_csv: str | Path, corpus_dir: str | Path, split: str) -> list[Original]:
-    """The originals of one split, sorted by id (a stable order for seeded choices)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    corpus_dir = Path(corpus_dir)
-    rows = [r for r in read_manifest(manifest_csv) if r["split"] == split]
-    return sorted((Original(r["id"], corpus_dir / r["path"], r["class"], r.get("group") or "") for r in rows),
-                  key=lambda o: o.id)
 
 
 # --------------------------------------------------------------------------- pixels

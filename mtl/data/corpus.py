@@ -22,13 +22,14 @@ Sources (`data.source` in params.yaml):
 Every kept image is decoded once (`mtl.data.decode`, in ``workers`` processes, resumable
 after a kill), shrunk to ``max_side`` and written as ``<corpus_dir>/images/<class>/<id>.jpg``.
 Then exact and near duplicates are dropped across the whole corpus and splits are
-assigned per group (`mtl.data.splits`).  Outputs: ``manifest.csv``, ``report.json``
-(counts, rejections, MB and minutes per phase), ``contact_<class>.png`` and one contact
-sheet per package (``contact_packages/``).  The build refuses (and touches nothing)
+assigned per group (`mtl.data.splits`).  Outputs: ``manifest.csv`` (`mtl.data.manifest`),
+``report.json`` (counts, rejections, MB and minutes per phase), ``contact_<class>.png`` and
+one contact sheet per package (``contact_packages/``) (`mtl.data.corpus_report`).  The build refuses (and touches nothing)
 when ``corpus_dir`` overlaps the folder it reads, or holds files no build made (a build
 marks the folder as its own).
 
-Run it as ``mtl corpus --params params.yaml [--profile profiles/full.yaml] [--set max_side=256]``.
+Run it as ``mtl corpus --params params.yaml [--profile profiles/full.yaml] [--set max_side=256]``
+(`--set` takes keys of the data section, with or without the ``data.`` prefix).
 """
 
 from __future__ import annotations
@@ -41,20 +42,20 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from PIL import Image
-
-from mtl.data.decode import (REJECTED_DIR, CorpusImage, SourceImage, decode_all, folder_megabytes, rank_key,
-                             remove_unkept, restore_files, slug, unique_ids)
-from mtl.data.imageio import DEFAULT_MAX_PIXELS
+from mtl.data.corpus_report import (disk_report, make_report, per_package, summary, write_contact_sheets,
+                                    write_package_sheets, write_rejected_sheet)
+from mtl.data.debian import debian_sources
+from mtl.data.decode import SourceImage, decode_all, remove_unkept, restore_files
+from mtl.data.manifest import MANIFEST_COLUMNS, SPLITS, rank_key, slug, unique_ids, write_manifest
 from mtl.data.packages import PACKAGE_SETS
-from mtl.data.splits import SPLITS, Deduplication, assign_splits, cap_per_class, drop_duplicates
-from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
+from mtl.data.splits import assign_splits, cap_per_class, drop_duplicates
+from mtl.io import UserError, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
+from mtl.params import load_params, section_config
 
-MANIFEST_COLUMNS = ("id", "path", "class", "source", "group", "split", "hash", "width", "height")
 # Decode files for this many times `max_per_class` images at most: enough that
 # rejections and duplicates still leave a full class (about a quarter of the
 # clip art is too small or a duplicate), and no more: decoding is the cost.
@@ -65,14 +66,15 @@ DECODE_OVERSAMPLE = 1.5
 class CorpusConfig:
     """The `data` section of params.yaml (paths relative to the working directory)."""
 
-    source: str = "debian"
-    packages: str = "default"     # the package set (mtl.data.packages): default | full
-    folder: str | None = None
-    raw_dir: str = "data/raw"
-    corpus_dir: str = "data/corpus"
-    max_side: int = 384
-    tile_size: int = 640
-    max_tiles_per_picture: int = 24
+    source: str                   # 'debian' (the package table) or 'folder' (a user's ImageFolder tree)
+    packages: str                 # the package set (mtl.data.packages): default | full
+    folder: str | None            # source=folder: one sub-folder per class
+    raw_dir: str                  # .deb cache
+    corpus_dir: str
+    max_side: int                 # longest side of a stored image (px)
+    min_side: int                 # shorter side of a whole (non-tiled) image below this: too small (source px)
+    tile_size: int                # wallpaper tiles are this many source pixels square
+    max_tiles_per_picture: int
     # Content test for wallpaper tiles, measured on the stored (max_side) tile in
     # grey levels 0-255.  A tile is kept only if its grey std is >= min_tile_std
     # AND at least min_tile_edges of its pixels are edge pixels (a step of
@@ -83,8 +85,8 @@ class CorpusConfig:
     # Such tiles carry no picture to recognize and are near-duplicates of each
     # other.  With 12 / 0.02 about 37 % of all tiles pass; kept tiles show shapes,
     # textures or objects (see contact_scene.png).
-    min_tile_std: float = 12.0
-    min_tile_edges: float = 0.02
+    min_tile_std: float
+    min_tile_edges: float
     # Near-blank test for every stored image (tiles and whole drawings): at least this
     # share of the stored canvas must differ from its background colour (see
     # content_share).  Clip art is often a tiny drawing on a large empty page; at the
@@ -92,29 +94,22 @@ class CorpusConfig:
     # indistinguishable, so the eval set would count their match as a false positive.
     # 0.02 rejects ~2 % of the clip art, all visibly near blank
     # (results/corpus/near_blank.png); 0.02-0.04 already holds clear drawings and flags.
-    min_content_share: float = 0.02
-    max_per_class: int = 3000
-    near_dup_hamming: int = 4
-    split_fractions: dict = field(default_factory=lambda: {"train": 0.6, "val": 0.1, "test": 0.3})
-    seed: int = 0
+    min_content_share: float
+    max_per_class: int            # cap per class (seeded subset)
+    near_dup_hamming: int         # pHash distance <= this counts as the same picture
+    split_fractions: dict
+    max_source_pixels: int        # larger files are skipped as decompression bombs
+    jpeg_quality: int
+    contact_sheet_images: int
+    workers: int                  # decode processes; 1 = in this process
+    seed: int
     # Read by training, not by the build: train on a seeded subset of this many training
     # images (whole groups; val and test untouched, mtl.data.splits.train_subset); null = all.
-    train_pictures: int | None = None
-    # Not in params.yaml yet; these defaults apply when absent.
-    min_side: int = 64            # shorter side of a whole (non-tiled) image, source px
-    max_source_pixels: int = DEFAULT_MAX_PIXELS  # larger files are skipped as bombs
-    workers: int = 2              # decode processes; 1 = in this process
-    jpeg_quality: int = 92
-    contact_sheet_images: int = 48
+    train_pictures: int | None
 
     @classmethod
     def from_params(cls, data: Mapping[str, Any]) -> "CorpusConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) in the data section: {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))}")
-        return cls(**dict(data))
+        return section_config(cls, data, "data")
 
     def __post_init__(self) -> None:
         if self.source not in {"debian", "folder"}:
@@ -188,90 +183,6 @@ def subsample_before_decoding(items: list[SourceImage], cfg: CorpusConfig, skipp
     return chosen
 
 
-# ---------------------------------------------------------------------------
-# Outputs
-
-
-def write_manifest(images: list[CorpusImage], path: Path) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
-        for im in sorted(images, key=lambda im: (im.class_name, im.image_id)):
-            writer.writerow([im.image_id, im.path, im.class_name, im.source, im.group, im.split, im.hash,
-                             im.width, im.height])
-
-
-def save_image(image: Image.Image, path: Path, **options) -> None:
-    """Whole or absent, like every output (mtl.io.atomic_path); format from the name."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, **options)
-
-
-def contact_sheet(paths: Sequence[Path], columns: int = 8, thumb: int = 96, pad: int = 4) -> Image.Image:
-    """A grid of thumbnails (aspect kept, centred in square cells) on light grey."""
-    rows = max(1, math.ceil(len(paths) / columns))
-    cell = thumb + pad
-    sheet = Image.new("RGB", (columns * cell + pad, rows * cell + pad), (235, 235, 235))
-    for index, path in enumerate(paths):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
-        x = pad + (index % columns) * cell + (thumb - im.width) // 2
-        y = pad + (index // columns) * cell + (thumb - im.height) // 2
-        sheet.paste(im, (x, y))
-    return sheet
-
-
-def write_contact_sheets(images: list[CorpusImage], cfg: CorpusConfig) -> dict[str, str]:
-    corpus_dir = Path(cfg.corpus_dir)
-    sheets = {}
-    for class_name in sorted({im.class_name for im in images}):
-        members = sorted((im for im in images if im.class_name == class_name),
-                         key=lambda im: rank_key(cfg.seed + 1, im.image_id))[:cfg.contact_sheet_images]
-        name = f"contact_{slug(class_name)}.png"
-        save_image(contact_sheet([corpus_dir / im.path for im in members]), corpus_dir / name)
-        sheets[class_name] = name
-    return sheets
-
-
-def write_rejected_sheet(cfg: CorpusConfig) -> str:
-    """A contact sheet of the images rejected as near blank (up to contact_sheet_images,
-    seeded choice; an empty sheet when there were none)."""
-    corpus_dir = Path(cfg.corpus_dir)
-    thumbs = sorted((corpus_dir / REJECTED_DIR).glob("*.jpg"), key=lambda p: rank_key(cfg.seed + 1, p.stem))
-    name = "contact_near_blank.png"
-    save_image(contact_sheet(thumbs[:cfg.contact_sheet_images]), corpus_dir / name)
-    return name
-
-
-def count_table(images: list[CorpusImage], key) -> dict[str, dict[str, int]]:
-    """{class: {train, val, test, total}} of key(image) counts (images or distinct groups)."""
-    table: dict[str, dict[str, int]] = {}
-    for class_name in sorted({im.class_name for im in images}):
-        members = [im for im in images if im.class_name == class_name]
-        row = {s: len({key(im) for im in members if im.split == s}) for s in SPLITS}
-        row["total"] = len({key(im) for im in members})
-        table[class_name] = row
-    return table
-
-
-def write_package_sheets(images: list[CorpusImage], cfg: CorpusConfig, per_sheet: int = 40) -> dict[str, str]:
-    """One contact sheet per (package, class) of kept images: the check by eye that the
-    package table's class is right."""
-    corpus_dir = Path(cfg.corpus_dir)
-    members: dict[tuple[str, str], list[CorpusImage]] = defaultdict(list)
-    for image in images:
-        members[(image.source.removeprefix("debian:"), image.class_name)].append(image)
-    (corpus_dir / "contact_packages").mkdir(exist_ok=True)
-    sheets = {}
-    for (package, class_name), group in sorted(members.items()):
-        shown = sorted(group, key=lambda im: rank_key(cfg.seed + 1, im.image_id))[:per_sheet]
-        name = f"contact_packages/{slug(package)}-{class_name}.png"
-        save_image(contact_sheet([corpus_dir / im.path for im in shown], columns=10, thumb=72), corpus_dir / name)
-        sheets[f"{package}:{class_name}"] = name
-    return sheets
-
-
 def made_before_the_marker(corpus_dir: Path) -> bool:
     """A corpus built before folders were marked: its manifest has our header."""
     manifest = corpus_dir / "manifest.csv"
@@ -319,8 +230,6 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     timings: dict[str, float] = {}
     packages: dict[str, dict] = {}
     if cfg.source == "debian":
-        from mtl.data.debian import debian_sources
-
         items, packages = debian_sources(cfg.packages, Path(cfg.raw_dir), cfg.seed, skipped, timings)
     else:
         items = folder_sources(Path(cfg.folder), skipped)
@@ -359,93 +268,16 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     return report
 
 
-def disk_report(cfg: CorpusConfig, kept: list[CorpusImage], packages: dict) -> dict:
-    """MB downloaded (.deb files used), unpacked, and stored (the kept images)."""
-    raw = Path(cfg.raw_dir) / "unpacked"
-    return {"download_mb": round(sum(p["deb_mb"] for p in packages.values()), 1),
-            "unpacked_mb": round(sum(folder_megabytes(raw / name) for name in packages), 1),
-            "decoded_mb": round(sum((Path(cfg.corpus_dir) / im.path).stat().st_size for im in kept) / 2**20, 1)}
-
-
-def per_package(kept: list[CorpusImage], items: list[SourceImage]) -> dict[str, dict]:
-    """Per source package and class: files decoded, images kept, pictures (groups) kept."""
-    table: dict[str, dict] = defaultdict(lambda: {"files": 0, "images": 0, "groups": set()})
-    for item in items:
-        table[f"{item.source.removeprefix('debian:')}:{item.class_name}"]["files"] += 1
-    for image in kept:
-        row = table[f"{image.source.removeprefix('debian:')}:{image.class_name}"]
-        row["images"] += 1
-        row["groups"].add(image.group)
-    return {key: {**row, "groups": len(row["groups"])} for key, row in sorted(table.items())}
-
-
-SUBSAMPLING_REASONS = ("family_variant", "not_decoded_over_cap", "over_class_cap", "over_tile_cap",
-                       "other_version", "symlink")
-
-
-def make_report(cfg: CorpusConfig, kept: list[CorpusImage], dedup: Deduplication, skipped: Counter,
-                timings: dict, packages: dict, sheets: dict) -> dict:
-    by_split = Counter(im.split for im in kept)
-    return {
-        "source": cfg.source,
-        "images": len(kept),
-        "splits": {s: by_split[s] for s in SPLITS},
-        "counts": count_table(kept, key=lambda im: im.image_id),
-        "groups": count_table(kept, key=lambda im: im.group),
-        "rejections": {k: v for k, v in sorted(skipped.items()) if k not in SUBSAMPLING_REASONS},
-        "subsampling": {k: skipped[k] for k in SUBSAMPLING_REASONS if skipped[k]},
-        "duplicates": {"exact": len(dedup.exact), "near": len(dedup.near),
-                       "near_across_groups": dedup.near_across_groups},
-        "build_seconds": timings["build_s"],
-        "timings": timings,
-        "packages": packages,
-        "contact_sheets": sheets,
-        "config": asdict(cfg),
-    }
-
-
-def summary(report: dict) -> str:
-    lines = [f"corpus: {report['images']} images ({report['build_seconds']:.0f} s)"]
-    for class_name, row in report["counts"].items():
-        lines.append(f"  {class_name:<12} " + "  ".join(f"{s} {row[s]:>5}" for s in (*SPLITS, "total")))
-    lines.append(f"  duplicates dropped: {report['duplicates']}")
-    if "disk" in report:
-        lines.append(f"  disk MB: {report['disk']}; sources decoded now / from the record: "
-                     f"{report['decode']['decoded_now']} / {report['decode']['from_record']}")
-    lines.append(f"  rejections: {report['rejections']}")
-    return "\n".join(lines)
-
-
-def apply_overrides(data: dict, assignments: Sequence[str]) -> dict:
-    """`key=value` (or `data.key=value`) overrides of the data section, values parsed as YAML.
-
-    Checked against CorpusConfig rather than params.yaml, so keys with a default
-    here (workers, min_side, ...) can be set even where params.yaml omits them.
-    """
-    import yaml
-
-    known = {f.name for f in fields(CorpusConfig)}
-    data = dict(data)
-    for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        key = key.strip().removeprefix("data.")
-        if not sep or key not in known:
-            raise ValueError(f"--set {assignment!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
-        data[key] = yaml.safe_load(raw)
-    return data
-
-
 def main(argv: list[str] | None = None) -> int:
-    from mtl.params import load_params
-
     parser = argparse.ArgumentParser(prog="mtl corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="parameter file (its `data` section)")
     parser.add_argument("--profile", default=None, help="a profile YAML overlaid on the parameters")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a data key, e.g. --set max_side=256 (repeatable)")
+                        help="override a data key, e.g. --set max_side=256 or --set data.max_side=256 (repeatable)")
     args = parser.parse_args(argv)
-    params = load_params(args.params, profile=args.profile)
-    report = build_corpus(CorpusConfig.from_params(apply_overrides(params.get("data") or {}, args.set)))
+    params = load_params(args.params, [key if key.startswith("data.") else f"data.{key}" for key in args.set],
+                         args.profile)
+    report = build_corpus(CorpusConfig.from_params(params["data"]))
     print(summary(report))
     print(f"wrote {Path(report['config']['corpus_dir']) / 'manifest.csv'} and report.json")
     return 0

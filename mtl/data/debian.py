@@ -23,11 +23,11 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
-from mtl.data.decode import SourceImage, rank_key, slug, unique_ids
+from mtl.data.decode import SourceImage
+from mtl.data.imageio import IMAGE_SUFFIXES, VECTOR_SUFFIXES
+from mtl.data.manifest import rank_key, slug, unique_ids
 from mtl.data.packages import PackageSource, package_names, package_rows, picture_of, refuse_reserved
 
-RASTER_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-VECTOR_SUFFIXES = {".svg", ".svgz"}
 
 
 def fetch_packages(packages: Sequence[str], raw_dir: Path) -> dict[str, Path]:
@@ -93,7 +93,7 @@ def row_files(row: PackageSource, package_root: Path, skipped: Counter) -> list[
     files = []
     for path in sorted(root.rglob("*")):
         suffix = path.suffix.lower()
-        if suffix not in RASTER_SUFFIXES | VECTOR_SUFFIXES or not row.matches(path.relative_to(root).as_posix()):
+        if suffix not in IMAGE_SUFFIXES | VECTOR_SUFFIXES or not row.matches(path.relative_to(root).as_posix()):
             continue
         if path.is_symlink():
             skipped["symlink"] += 1

@@ -17,23 +17,28 @@ Vector drawings (SVG icon themes) are rendered with librsvg's ``rsvg-convert`` (
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import multiprocessing as mp
 import os
 import re
 import shutil
+import subprocess
 from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterable
 
+import imagehash
 import numpy as np
 from PIL import Image
 
-from mtl.data.imageio import LoadResult, composite_on, fit_within, load_image
+from mtl.data.imageio import VECTOR_SUFFIXES, LoadResult, composite_on, fit_within, load_image
+from mtl.data.manifest import CorpusImage, rank_key
 from mtl.io import atomic_path
+from mtl.runtime import progress
 
 RECORD = "decoded.jsonl"
 RECORD_FORMAT = 2
@@ -43,7 +48,6 @@ DECODE_KEYS = {
     "tiled": ("max_side", "tile_size", "max_tiles_per_picture", "min_tile_std", "min_tile_edges",
               "min_content_share", "max_source_pixels", "jpeg_quality", "seed"),
 }
-VECTOR_SUFFIXES = (".svg", ".svgz")
 VECTOR_SIDE = 256  # rendering size of a vector drawing's longer side (px)
 # Edge pixel: neighbouring grey levels differ by at least this much (of 255).
 EDGE_STEP = 8.0
@@ -64,50 +68,6 @@ class SourceImage:
     group: str       # images of one group always share a split
     image_id: str    # the corpus id (tiles append their row and column)
     tiled: bool
-
-
-@dataclass
-class CorpusImage:
-    image_id: str
-    class_name: str
-    source: str
-    group: str
-    path: str        # relative to corpus_dir
-    hash: str        # of the stored image's decoded pixels, before JPEG encoding
-    phash: int       # 64-bit perceptual hash
-    width: int
-    height: int
-    split: str = ""
-
-
-def rank_key(seed: int, name: str) -> str:
-    """A seeded, stable pseudo-random order: sorting by this shuffles reproducibly."""
-    return hashlib.sha1(f"{seed}:{name}".encode()).hexdigest()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
-
-
-def unique_ids(ids: Iterable[str]) -> list[str]:
-    """The ids made distinct where slugging made two of them equal: a repeat gets
-    the first suffix -2, -3, ... that is neither among the given ids nor handed
-    out already, so ``a, a, a-2`` becomes ``a, a-3, a-2`` (``x.png``, ``x.jpg`` and
-    ``x-2.png`` are three pictures, each with its own row and file)."""
-    ids = list(ids)
-    taken = set(ids)
-    seen: set[str] = set()
-    out = []
-    for image_id in ids:
-        if image_id in seen:
-            number = 2
-            while f"{image_id}-{number}" in taken:
-                number += 1
-            image_id = f"{image_id}-{number}"
-            taken.add(image_id)
-        seen.add(image_id)
-        out.append(image_id)
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -156,8 +116,6 @@ def tile_positions(width: int, height: int, tile: int, seed: int, picture_id: st
 
 
 def _store(image: Image.Image, item: SourceImage, image_id: str, cfg) -> CorpusImage:
-    import imagehash
-
     relative = Path("images") / item.class_name / f"{image_id}.jpg"
     with atomic_path(Path(cfg.corpus_dir) / relative) as tmp:  # a kill never leaves a truncated file
         image.save(tmp, quality=cfg.jpeg_quality, subsampling=0)  # 4:4:4 keeps clip-art edges clean
@@ -205,9 +163,6 @@ def process_source(item: SourceImage, cfg) -> tuple[list[CorpusImage], Counter]:
 
 def render_vector(path: Path, side: int, min_side: int) -> LoadResult:
     """An SVG drawing rendered (longer side `side` px) as RGB on white, or a reason."""
-    import io
-    import subprocess
-
     if shutil.which("rsvg-convert") is None:
         raise RuntimeError("rendering SVG sources needs rsvg-convert: `sudo apt-get install librsvg2-bin` "
                            "(or `make setup`)")
@@ -298,8 +253,6 @@ def decode_all(items: list[SourceImage], cfg) -> tuple[list[CorpusImage], Counte
     sources were decoded now and taken from the record.  A recorded image's file may be
     gone (an earlier build dropped it as a duplicate); `restore_files` brings back those
     that are kept this time."""
-    from mtl.runtime import progress
-
     done = open_record(cfg)
     keys = {item.image_id: source_key(item, cfg) for item in items}
     todo = [item for item in items if keys[item.image_id] not in done]
@@ -357,14 +310,3 @@ def remove_unkept(kept: list[CorpusImage], cfg) -> int:
             path.unlink()
             removed += 1
     return removed
-
-
-def folder_megabytes(folder: Path) -> float:
-    """Bytes of the regular files under a folder, in MB (2^20)."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                total += os.path.getsize(path)
-    return round(total / 2**20, 1)

@@ -34,21 +34,23 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from mtl.data.batches import Original, load_original, split_originals
-from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out, render_gallery
+from mtl.data.batches import load_original
+from mtl.data.gallery import render_gallery
+from mtl.data.manifest import Original, split_originals
+from mtl.data.transforms import EVAL_FAMILY, apply, is_held_out
 from mtl.io import UserError, atomic_path, atomic_write_text, claim_folder, overlaps
-from mtl.runtime import is_interactive
+from mtl.params import load_params, section_config
+from mtl.runtime import progress
 
 EVAL_SPLITS = ("test", "val")
 QUERY_JPEG_QUALITY = 90  # queries are shared as JPEGs, as DISC21's are
@@ -78,22 +80,18 @@ class SplitCounts:
 class EvalsetConfig:
     """The `evalset` section of params.yaml."""
 
-    dir: str = "data/eval"
-    seed: int = 1
-    splits: Mapping[str, SplitCounts] = field(default_factory=lambda: {
-        "test": SplitCounts(1200, 1000, 1000), "val": SplitCounts(300, 300, 300)})
-    workers: int = min(2, os.cpu_count() or 1)
+    dir: str
+    seed: int
+    splits: Mapping[str, SplitCounts]  # the section's `test` and `val` entries
+    workers: int                       # render processes (the files do not depend on it)
 
     @classmethod
     def from_params(cls, section: Mapping[str, Any]) -> "EvalsetConfig":
-        splits = {s: SplitCounts(**section[s]) for s in EVAL_SPLITS if s in section}
+        section = dict(section)
+        splits = {s: SplitCounts(**section.pop(s)) for s in EVAL_SPLITS if s in section}
         if not splits:
             raise ValueError(f"evalset parameters name none of the splits {EVAL_SPLITS}")
-        extra = set(section) - {"dir", "seed", "workers", *EVAL_SPLITS}
-        if extra:
-            raise ValueError(f"unknown evalset parameters {sorted(extra)}")
-        return cls(dir=section.get("dir", cls.dir), seed=int(section.get("seed", cls.seed)), splits=splits,
-                   workers=int(section.get("workers", cls.workers)))
+        return section_config(cls, section, "evalset", splits=splits)
 
 
 @dataclass(frozen=True)
@@ -181,21 +179,13 @@ def copy_reference(original: Original, dest: Path) -> None:
             load_original(original.path).save(tmp, quality=95)
 
 
-def _progress(items: Iterable, total: int, desc: str) -> Iterable:
-    if is_interactive():
-        from tqdm import tqdm
-
-        return tqdm(items, total=total, desc=desc)
-    return items
-
-
 def render_queries(jobs: list[QueryJob], workers: int, desc: str) -> None:
     if workers > 1 and len(jobs) > 50:
         with Pool(workers) as pool:
-            for _ in _progress(pool.imap_unordered(render_query, jobs, chunksize=16), len(jobs), desc):
+            for _ in progress(pool.imap_unordered(render_query, jobs, chunksize=16), len(jobs), desc, unit="query"):
                 pass
     else:
-        for job in _progress(jobs, len(jobs), desc):
+        for job in progress(jobs, len(jobs), desc, unit="query"):
             render_query(job)
 
 
@@ -218,7 +208,7 @@ def build_split(originals: list[Original], counts: SplitCounts, seed: int, split
     (split_dir / "references").mkdir(parents=True)
     (split_dir / "queries").mkdir()
 
-    for ref in _progress(references, len(references), f"{split} references"):
+    for ref in progress(references, len(references), f"{split} references", unit="image", lines=0):
         copy_reference(ref, split_dir / "references" / f"{ref.id}.jpg")
     _write_csv(split_dir / "references.csv", REFERENCE_COLUMNS,
                ({"reference_id": r.id, "path": f"references/{r.id}.jpg", "class": r.class_name} for r in references))
@@ -279,8 +269,6 @@ def build_evalset(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl.params import load_params
-
     parser = argparse.ArgumentParser(prog="mtl evalset", description="build the fixed evaluation set")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default=None, help="a profiles/*.yaml overlay")

@@ -46,6 +46,10 @@ DEFAULT_MIN_SIDE = 8
 # sqrt(max_pixels * max_aspect), 31,623 px with the defaults.
 DEFAULT_MAX_ASPECT = 20.0
 WHITE = (255, 255, 255)
+# File names the package treats as pictures: raster formats Pillow reads, and vector
+# drawings (rendered with librsvg where a corpus row asks for it, mtl.data.decode).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VECTOR_SUFFIXES = frozenset({".svg", ".svgz"})
 
 _TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}

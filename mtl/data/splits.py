@@ -19,9 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mtl.data.decode import CorpusImage, rank_key
-
-SPLITS = ("train", "val", "test")
+from mtl.data.manifest import SPLITS, CorpusImage, rank_key, read_manifest
 
 
 def near_duplicate_pairs(phashes: np.ndarray, radius: int, block: int = 512) -> np.ndarray:
@@ -144,8 +142,6 @@ def train_subset(rows: Sequence[Mapping[str, str]], pictures: int, seed: int) ->
 
 def write_train_subset(manifest_csv: str | Path, out_csv: str | Path, pictures: int, seed: int) -> Path:
     """`train_subset` of a manifest file, written (atomically) to `out_csv`; returns it."""
-    from mtl.data.batches import read_manifest  # (imports torch: only needed here)
-
     rows = train_subset(read_manifest(manifest_csv), pictures, seed)
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ per-item determinism inside DataLoader workers.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,8 +31,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-
-from mtl.io import atomic_path
+from torchvision.transforms.v2 import functional as F
 
 Transform = Callable[[Image.Image, np.random.Generator], Image.Image]
 
@@ -48,10 +46,16 @@ class Transformation:
 
 # --------------------------------------------------------------------------- assets
 
-def _augly_assets() -> Path:
-    import augly
+@lru_cache(maxsize=None)
+def _augly():
+    """AugLy's image module, imported on first use: a heavy import most processes never need."""
+    import augly.image
 
-    return Path(augly.__file__).parent / "assets"
+    return augly.image
+
+
+def _augly_assets() -> Path:
+    return Path(_augly().__file__).parent.parent / "assets"
 
 
 # Latin fonts shipped in the AugLy wheel (each has the .pkl character list AugLy needs).
@@ -80,16 +84,10 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, size=3))
 
 
-def _shorter(img: Image.Image) -> int:
-    return min(img.size)
-
-
 # --------------------------------------------------------------------------- geometry
 
 def crop_resize(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Keep a random 30-85 % of the area (aspect 3/4..4/3), resize back to the original size."""
-    from torchvision.transforms.v2 import functional as F
-
     w, h = img.size
     area = rng.uniform(0.30, 0.85) * w * h
     aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -102,8 +100,6 @@ def crop_resize(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def scale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Uniform rescale by 0.3-1.5x (DISC21 queries come at any resolution)."""
-    from torchvision.transforms.v2 import functional as F
-
     factor = rng.uniform(0.3, 1.5)
     w, h = img.size
     return F.resize(img, [max(1, round(h * factor)), max(1, round(w * factor))], antialias=True)
@@ -111,8 +107,6 @@ def scale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def aspect(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Stretch one axis: width/height ratio changed by 0.5-2x."""
-    from torchvision.transforms.v2 import functional as F
-
     ratio = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
     w, h = img.size
     return F.resize(img, [h, max(1, round(w * ratio))], antialias=True)
@@ -120,8 +114,6 @@ def aspect(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def pad_border(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A solid border of 5-30 % per side, in a random colour."""
-    from torchvision.transforms.v2 import functional as F
-
     w, h = img.size
     left, right = (int(round(w * f)) for f in rng.uniform(0.05, 0.30, size=2))
     top, bottom = (int(round(h * f)) for f in rng.uniform(0.05, 0.30, size=2))
@@ -130,8 +122,6 @@ def pad_border(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def rotate_small(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Rotate by 5-25 degrees either way, canvas expanded (black corners, as in DISC21)."""
-    from torchvision.transforms.v2 import functional as F
-
     angle = rng.uniform(5, 25) * rng.choice([-1, 1])
     return F.rotate(img, float(angle), interpolation=F.InterpolationMode.BILINEAR, expand=True)
 
@@ -144,15 +134,11 @@ def rotate90(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def hflip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Mirror left-right (no random parameter; the generator is accepted for uniformity)."""
-    from torchvision.transforms.v2 import functional as F
-
     return F.horizontal_flip(img)
 
 
 def perspective(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Move each corner inwards by up to 25 % of the side: a photo of a screen or print."""
-    from torchvision.transforms.v2 import functional as F
-
     w, h = img.size
     start = [[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]
     d = rng.uniform(0.03, 0.25, size=(4, 2)) * np.array([w - 1, h - 1])
@@ -165,8 +151,6 @@ def perspective(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Brightness, contrast, saturation 0.5-1.6x and a hue shift of up to 0.1 turn."""
-    from torchvision.transforms.v2 import functional as F
-
     b, c, s = rng.uniform(0.5, 1.6, size=3)
     hue = rng.uniform(-0.1, 0.1)
     out = F.adjust_brightness(img, float(b))
@@ -177,23 +161,17 @@ def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def grayscale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Drop colour (kept as 3 identical channels)."""
-    from torchvision.transforms.v2 import functional as F
-
     return F.rgb_to_grayscale(img, num_output_channels=3)
 
 
 def blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Gaussian blur, radius 0.5-2.5 % of the shorter side."""
-    import augly.image as imaugs
-
-    return _rgb(imaugs.blur(img, radius=float(rng.uniform(0.005, 0.025) * _shorter(img))))
+    return _rgb(_augly().blur(img, radius=float(rng.uniform(0.005, 0.025) * min(img.size))))
 
 
 def sharpen(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Unsharp enhancement, factor 2-8."""
-    import augly.image as imaugs
-
-    return _rgb(imaugs.sharpen(img, factor=float(rng.uniform(2.0, 8.0))))
+    return _rgb(_augly().sharpen(img, factor=float(rng.uniform(2.0, 8.0))))
 
 
 def noise(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -206,16 +184,12 @@ def noise(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def jpeg(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """JPEG re-encode at quality 8-40."""
-    import augly.image as imaugs
-
-    return _rgb(imaugs.encoding_quality(img, quality=int(rng.integers(8, 41))))
+    return _rgb(_augly().encoding_quality(img, quality=int(rng.integers(8, 41))))
 
 
 def pixelate(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Down- and up-sample with nearest neighbour; blocks of 1/0.1..1/0.4 px."""
-    import augly.image as imaugs
-
-    return _rgb(imaugs.pixelization(img, ratio=float(rng.uniform(0.1, 0.4))))
+    return _rgb(_augly().pixelization(img, ratio=float(rng.uniform(0.1, 0.4))))
 
 
 def opacity(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -228,14 +202,12 @@ def opacity(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def text_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """1-2 lines of random characters, 8-20 % of the shorter side high, random font/colour/place."""
-    import augly.image as imaugs
-
     font = TEXT_FONTS[int(rng.integers(len(TEXT_FONTS)))]
     lines = [rng.integers(0, 1000, size=int(rng.integers(4, 12))).tolist()
              for _ in range(int(rng.integers(1, 3)))]
     # AugLy truncates the size to whole pixels; a zero-pixel font would raise on tiny images.
-    font_size = min(1.0, max(float(rng.uniform(0.08, 0.20)), 1.0 / _shorter(img)))
-    out = imaugs.overlay_text(
+    font_size = min(1.0, max(float(rng.uniform(0.08, 0.20)), 1.0 / min(img.size)))
+    out = _augly().overlay_text(
         img, text=lines, font_file=str(_augly_assets() / "fonts" / f"{font}.ttf"),
         font_size=font_size, opacity=float(rng.uniform(0.6, 1.0)), color=_colour(rng),
         x_pos=float(rng.uniform(0.0, 0.6)), y_pos=float(rng.uniform(0.0, 0.8)))
@@ -244,11 +216,9 @@ def text_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def emoji_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """One of AugLy's ~900 Twemoji, 15-40 % of the image, anywhere."""
-    import augly.image as imaugs
-
     emojis = _emoji_paths()
     size = float(rng.uniform(0.15, 0.40))
-    out = imaugs.overlay_emoji(
+    out = _augly().overlay_emoji(
         img, emoji_path=emojis[int(rng.integers(len(emojis)))], opacity=float(rng.uniform(0.7, 1.0)),
         emoji_size=size, x_pos=float(rng.uniform(0.0, 1.0 - size)), y_pos=float(rng.uniform(0.0, 1.0 - size)))
     return _rgb(out)
@@ -257,11 +227,9 @@ def emoji_overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 def overlay_on_screenshot(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """The picture shown inside a web page or phone screenshot (AugLy templates), then the
     screenshot brought back to about the picture's own size, as a re-shared capture would be."""
-    import augly.image as imaugs
-
     template = ("web.png", "mobile.png")[int(rng.integers(2))]
     templates = _augly_assets() / "screenshot_templates"
-    out = _rgb(imaugs.overlay_onto_screenshot(
+    out = _rgb(_augly().overlay_onto_screenshot(
         img, template_filepath=str(templates / template),
         template_bboxes_filepath=str(templates / "bboxes.json"),
         crop_src_to_fit=bool(rng.integers(2))))
@@ -356,13 +324,16 @@ def apply(name: str, img: Image.Image, rng_or_seed: np.random.Generator | int | 
     return _get(name).fn(_rgb(img), as_generator(rng_or_seed))
 
 
+def _family(family: str) -> tuple[str, ...]:
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
 def apply_random(family: str, img: Image.Image,
                  rng_or_seed: np.random.Generator | int | tuple[int, ...]) -> tuple[str, Image.Image]:
     """Pick one transformation of `family` ('train' or 'eval') with the generator, apply it."""
-    if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    rng = as_generator(rng_or_seed)
-    names = FAMILIES[family]
+    names, rng = _family(family), as_generator(rng_or_seed)
     name = names[int(rng.integers(len(names)))]
     return name, apply(name, img, rng)
 
@@ -371,10 +342,7 @@ def apply_chain(family: str, img: Image.Image, rng_or_seed: np.random.Generator 
                 count: int) -> Image.Image:
     """`count` different transformations of `family`, drawn with the generator, applied in
     turn (count 1 is :func:`apply_random`'s edit)."""
-    if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    rng = as_generator(rng_or_seed)
-    names = FAMILIES[family]
+    names, rng = _family(family), as_generator(rng_or_seed)
     if not 1 <= count <= len(names):
         raise ValueError(f"count must be 1..{len(names)}, got {count}")
     chosen = [names[int(i)] for i in rng.choice(len(names), size=count, replace=False)] if count > 1 \
@@ -382,47 +350,3 @@ def apply_chain(family: str, img: Image.Image, rng_or_seed: np.random.Generator 
     for name in chosen:
         img = apply(name, img, rng)
     return img
-
-
-# --------------------------------------------------------------------------- gallery
-
-def render_gallery(img: Image.Image, path: str | Path, seed: int = 0, tile: int = 192,
-                   columns: int = 6) -> Path:
-    """A PNG grid: the original, then every transformation applied to it, each labelled
-    (held-out ones marked '[held out]')."""
-    img = _rgb(img)
-    items = [("original", img)] + [(name + (" [held out]" if t.held_out else ""), t.fn(img, as_generator(seed)))
-                                   for name, t in REGISTRY.items()]
-    label_h = 18
-    rows = math.ceil(len(items) / columns)
-    sheet = Image.new("RGB", (columns * tile, rows * (tile + label_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=12)
-    for i, (label, out) in enumerate(items):
-        x, y = (i % columns) * tile, (i // columns) * (tile + label_h)
-        thumb = out.copy()
-        thumb.thumbnail((tile - 8, tile - 8))
-        sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + label_h + (tile - thumb.height) // 2))
-        draw.text((x + 4, y + 3), label, fill=(200, 0, 0) if "held out" in label else (0, 0, 0), font=font)
-    with atomic_path(path) as tmp:
-        sheet.save(tmp)
-    return Path(path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mtl gallery", description="render every copy transformation on one image")
-    parser.add_argument("--image", required=True, help="an image file")
-    parser.add_argument("--out", required=True, help="the PNG to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-side", type=int, default=384, help="downscale the image to this longest side first")
-    args = parser.parse_args(argv)
-    with Image.open(args.image) as im:
-        img = im.convert("RGB")  # loads the pixels before the file closes
-    img.thumbnail((args.max_side, args.max_side))
-    out = render_gallery(img, args.out, seed=args.seed)
-    print(f"wrote {out} ({len(REGISTRY)} transformations)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

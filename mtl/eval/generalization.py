@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image, ImageFilter, ImageOps
 
 from mtl.data.packages import package_names
-from mtl.eval.methods import checkpoint_scores
+from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.io import atomic_path, write_csv
 
 Edit = Callable[[Image.Image, np.random.Generator, Sequence[Image.Image]], Image.Image]
@@ -130,14 +130,15 @@ def build_split(rows: list[dict[str, str]], corpus_dir: Path, out_dir: Path, ref
     return split
 
 
-def score_checkpoints(split_dir: Path, checkpoints: Sequence[Path], sizes: Sequence[int]) -> pd.DataFrame:
+def score_checkpoints(split_dir: Path, checkpoints: Sequence[Path], sizes: Sequence[int], cfg: EvalConfig
+                      ) -> pd.DataFrame:
     """One row per (method, input size): each checkpoint's embedding, and the ImageNet
     backbone's 1280-d output (from the first checkpoint, whose backbone must be
     untouched: a stage-1 checkpoint, or pass the ImageNet one first)."""
     rows = []
     for size in sizes:
         for number, checkpoint in enumerate(checkpoints):
-            scores = checkpoint_scores(checkpoint, split_dir, "test", size)
+            scores = checkpoint_scores(checkpoint, split_dir, "test", cfg, size)
             kinds = ("gap1280", "mtl") if number == 0 else ("mtl",)
             for kind in kinds:
                 name = "imagenet_gap1280" if kind == "gap1280" else str(checkpoint)
@@ -156,10 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 160])
     parser.add_argument("--split-dir", type=Path, default=Path("data/generalization"))
     parser.add_argument("--out", type=Path, default=Path("results/generalization/table.csv"))
+    parser.add_argument("--params", default="params.yaml", help="its `eval` section: batch size, k, precision")
     args = parser.parse_args(argv)
+    from mtl.params import load_params
+
+    cfg = EvalConfig.from_params(load_params(args.params)["eval"])
     rows = unseen_pictures(args.manifest, args.exclude_package_set)
     build_split(rows, args.manifest.parent, args.split_dir, args.references)
-    table = score_checkpoints(args.split_dir, args.checkpoint, args.sizes)
+    table = score_checkpoints(args.split_dir, args.checkpoint, args.sizes, cfg)
     write_csv(table, args.out)
     print(table.to_string(index=False))
     return 0

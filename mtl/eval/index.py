@@ -5,7 +5,7 @@
     mtl index info  --index refs.index
     mtl search --index refs.index --queries q.npz --k 10 --out matches.csv
 
-Kinds
+Kinds (the exact in-memory search of mtl.eval.search builds a flat index too)
     flat    exact inner product (faiss IndexFlatIP): 4 bytes x dim per reference, nothing
             to train; what `mtl search --references` computes
     ivfpq   inverted lists + 4-bit product quantization (faiss "IVF{nlist},PQ{m}x4fs"):
@@ -38,15 +38,46 @@ from typing import Any
 
 import numpy as np
 
+from mtl.eval.embeddings import EmbeddingResult, load_npz
 from mtl.io import UserError
-
-from mtl.eval.search import as_float32_matrix
 
 KINDS = ("flat", "ivfpq")
 FORMAT = 1
 DEFAULT_NPROBE = 32
 DEFAULT_PQ_M = 64          # 4-bit codes: 32 bytes per reference
 TRAINING_POINTS_PER_LIST = 64
+
+
+def faiss_gpu_available() -> bool:
+    """True when this faiss build was compiled with GPU support and sees a GPU."""
+    import faiss
+
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return bool(get_num_gpus and get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"))
+
+
+def as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
+    """A C-contiguous float32 [n, dim] array, or a clear error."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d array [n, dim], got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def build_flat_index(references: np.ndarray, use_gpu: bool | None = None):
+    """An exact inner-product index holding `references` (GPU when available)."""
+    import faiss
+
+    references = as_float32_matrix(references, "references")
+    index = faiss.IndexFlatIP(references.shape[1])
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    if use_gpu:
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(references)
+    return index
 
 
 def default_nlist(n: int) -> int:
@@ -154,8 +185,6 @@ class ReferenceIndex:
         index searches on the GPU when asked and faiss-gpu is there."""
         import faiss
 
-        from mtl.eval.search import faiss_gpu_available
-
         queries = as_float32_matrix(queries, "queries")
         if queries.shape[1] != self.dim:
             raise ValueError(f"queries are {queries.shape[1]}-d, the index holds {self.dim}-d vectors")
@@ -242,15 +271,13 @@ def build_index(embeddings: np.ndarray, ids, kind: str = "flat", class_probs: np
 
 # --------------------------------------------------------------------------- command line
 
-def _references(npz: Path):
-    from mtl.eval.embed import load_npz
-
+def _references(npz: Path) -> EmbeddingResult:
     result = load_npz(npz)
     return result.role("reference") if result.roles is not None else result
 
 
-def _embedding_provenance(result) -> dict | None:
-    """How the indexed vectors were made (mtl.eval.embed.Provenance), as plain JSON."""
+def _embedding_provenance(result: EmbeddingResult) -> dict | None:
+    """How the indexed vectors were made (mtl.eval.embeddings.Provenance), as plain JSON."""
     return None if result.provenance is None else json.loads(result.provenance.to_json())
 
 

@@ -1,89 +1,34 @@
-"""All methods on the same evaluation set, one table.
+"""The methods of the comparison, and their embeddings of the evaluation set.
 
-The `evaluate` stage (mtl.study.evaluate_stage) is three calls:
+Each `CheckpointPass` names the methods one pass of a checkpoint over the eval set
+yields: its MTL embedding, the backbone's own pooled 1280-d output (the paper's
+baseline), and that output's PCA to 320-d, fit on train-split images (`backbone_pca320`:
+is learning needed at all to reach 320 dimensions, or does a linear projection keep the
+retrieval quality?).  phash and dhash (mtl.eval.baselines) are always embedded.
 
-    paths = embed_methods("data/eval", "data/embeddings", passes, corpus_dir="data/corpus")
-    evaluation = evaluate_methods("data/eval", paths, decisions_from=("best_finetune",))
-    evaluation.save("results/evaluate")          # methods.csv, per_transformation.csv,
-                                                 # pr_curves.csv, fusion_beta.csv, metrics.json
+    paths = embed_methods("data/eval", "data/embeddings", passes, image_size=112, corpus_dir="data/corpus")
 
-where each `CheckpointPass` names the methods one pass of a checkpoint over the eval set
-yields: its MTL embedding, the backbone's own pooled 1280-d output, and that output's
-PCA to 320-d (fit on train-split images).  phash and dhash are always embedded.
-For the figures: `evaluation.pr_curve_arrays()`, `evaluation.per_transformation`,
-`evaluation.worst_false_positives(n, method)` and `evaluation.missed_copies(n, method)`.
-
-Rows, in the order given: the hashes, then every pass's methods; each method named in
-`decisions_from` is followed by its decision rows
-    <method>_gate            drop matches whose predicted classes differ
-    <method>_fusion          score − β·P(classes differ), β tuned on val
-
-Columns: muap, recall_at_p90, acc_at_1 (test split); muap_held_out, acc_at_1_held_out
-(copies made by held-out transformations, plus all distractors); fp_at_threshold and
-tp_at_threshold at `threshold`, chosen on the val split for precision ≥ 0.9;
-bytes_per_vector; images_per_second (embedding, end to end with decoding);
-search_ms_per_query (exact faiss search over the test references).
-
-Every number is on the test split; val only chooses the threshold and β.
+gives {method: {"val": npz, "test": npz}}, the input of mtl.eval.evaluation.evaluate_methods.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from mtl.eval.decision import (DEFAULT_BETAS, apply_fusion, apply_gate, attach_class_agreement,
-                               tune_fusion_beta)
-from mtl.eval.embed import EmbeddingResult, load_npz
-from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_positives_at, held_out_metrics,
-                              label_predictions, precision_recall_curve, recall_by_transformation,
-                              retrieval_metrics, threshold_for_precision)
-from mtl.eval.search import search
-from mtl.io import atomic_write_text, write_csv
+from mtl.eval.baselines import HASH_METHODS
+from mtl.eval.embed import embed, embed_hashes, embed_many
+from mtl.eval.embeddings import EmbeddingResult, save_npz, unit_rows
+from mtl.eval.images import images_in_evalset
+from mtl.io import atomic_path
 
 SPLITS = ("val", "test")
-DECISION_METHODS = ("gate", "fusion")
-METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold",
-               "threshold", "bytes_per_vector")
 
-
-# --------------------------------------------------------------------------- eval set
-
-@dataclass(frozen=True)
-class EvalSplit:
-    """One split of the evaluation set: its tables, with paths made absolute."""
-
-    name: str
-    directory: Path
-    references: pd.DataFrame  # reference_id, path, class
-    queries: pd.DataFrame     # query_id, path, class, reference_id, transformation, held_out
-
-    @classmethod
-    def load(cls, eval_dir: str | Path, split: str) -> "EvalSplit":
-        directory = Path(eval_dir) / split
-        tables = {}
-        for name in ("references", "queries"):
-            path = directory / f"{name}.csv"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} missing: build the eval set first (mtl evalset)")
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-            table["path"] = [str(directory / p) for p in table["path"]]
-            tables[name] = table
-        queries = tables["queries"]
-        queries["reference_id"] = queries["reference_id"].replace("", np.nan)
-        return cls(split, directory, tables["references"], queries)
-
-    @property
-    def n_ground_truth(self) -> int:
-        return count_ground_truth(self.queries)
-
-
-# --------------------------------------------------------------------------- embedding
 
 def embedding_path(embeddings_dir: str | Path, split: str, method: str) -> Path:
     return Path(embeddings_dir) / split / f"{method}.npz"
@@ -107,17 +52,15 @@ class CheckpointPass:
 
 
 def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, passes: Sequence[CheckpointPass],
-                  corpus_dir: str | Path | None = None, pca_images: int = 2000, pca_dim: int = 320,
-                  image_size: int = 112, batch_size: int = 128, device: str = "auto", num_workers: int = 1,
+                  image_size: int, corpus_dir: str | Path | None = None, pca_images: int = 2000,
+                  pca_dim: int = 320, batch_size: int = 128, device: str = "auto", num_workers: int = 1,
                   seed: int = 0, overwrite: bool = False) -> dict[str, dict[str, Path]]:
-    """Embed both eval splits with the hashes and every pass; {method: {split: npz path}}.
+    """Embed both eval splits with the hashes and every pass, each pass at its own input
+    size or else `image_size`; {method: {split: npz path}}.
 
     A PCA method is fit on `pca_images` train-split images of `corpus_dir`.  Existing
     files are reused unless `overwrite`.
     """
-    from mtl.eval.baselines import HASH_METHODS, PCAProjection, apply_pca_to_embeddings, fit_backbone_pca
-    from mtl.eval.embed import embed_hashes, embed_many, images_in_evalset, save_npz
-
     paths: dict[str, dict[str, Path]] = {}
 
     def wanted(method: str, split: str) -> Path | None:
@@ -157,226 +100,90 @@ def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, passes: Sequ
     return paths
 
 
-# --------------------------------------------------------------------------- evaluation
+# --------------------------------------------------------------------------- the PCA baseline
 
-@dataclass
-class _Run:
-    """One method on one split: what search returned, labelled."""
+@dataclass(frozen=True)
+class PCAProjection:
+    """x ↦ normalize((x − mean) @ components.T), fit on train-split descriptors."""
 
-    predictions: pd.DataFrame
-    search_ms_per_query: float
-    embeddings: EmbeddingResult
+    mean: np.ndarray        # [D_in]
+    components: np.ndarray  # [D_out, D_in], rows orthonormal
+    explained_variance_ratio: np.ndarray  # [D_out]
+    n_fit: int
 
+    @property
+    def out_dim(self) -> int:
+        return self.components.shape[0]
 
-def _search_split(result: EmbeddingResult, split: EvalSplit, k: int) -> _Run:
-    references, queries = result.role("reference"), result.role("query")
-    found = search(queries.embeddings, queries.ids, references.embeddings, references.ids, k=k)
-    return _Run(label_predictions(found.predictions, split.queries), found.ms_per_query, result)
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"PCA expects [n, {self.mean.shape[0]}] inputs, got {x.shape}")
+        projected = (x - self.mean) @ self.components.T
+        return unit_rows(projected)
 
+    @property
+    def digest(self) -> str:
+        """Names this projection in an embedding's provenance."""
+        return hashlib.sha256(self.mean.tobytes() + self.components.tobytes()).hexdigest()[:16]
 
-def _class_agreement(run: _Run) -> pd.DataFrame:
-    emb = run.embeddings
-    if emb.class_probs is None:
-        raise ValueError(f"{emb.method} has no class probabilities: gate and fusion need a checkpoint")
-    refs, queries = emb.role("reference"), emb.role("query")
-    return attach_class_agreement(run.predictions, queries.ids, queries.class_probs,
-                                  refs.ids, refs.class_probs)
+    def save(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, mean=self.mean, components=self.components,
+                     explained_variance_ratio=self.explained_variance_ratio, n_fit=self.n_fit)
 
-
-@dataclass
-class MethodsEvaluation:
-    """The side-by-side comparison; see the module docstring."""
-
-    table: pd.DataFrame
-    per_transformation: pd.DataFrame
-    pr_curves: dict[str, PrecisionRecallCurve]
-    test_predictions: dict[str, pd.DataFrame]
-    test_split: EvalSplit
-    fusion_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-    def metrics_dict(self) -> dict[str, dict[str, float]]:
-        """{method: {muap, recall_at_p90, acc_at_1, fp_at_threshold, bytes_per_vector}}:
-        results/evaluate/metrics.json, gathered as `retrieval.<method>`."""
-        return {row["method"]: {key: _plain(row[key]) for key in METRIC_KEYS}
-                for row in self.table.to_dict("records")}
-
-    def pr_curve_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{method: (recall, precision)}: the input of mtl.plots.pr_curves."""
-        return {name: (c.recall, c.precision) for name, c in self.pr_curves.items()}
-
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written = {"methods": out_dir / "methods.csv", "per_transformation": out_dir / "per_transformation.csv",
-                   "pr_curves": out_dir / "pr_curves.csv", "metrics": out_dir / "metrics.json"}
-        curves = [c.to_frame().assign(method=name) for name, c in self.pr_curves.items()]
-        tables = {"methods": self.table, "per_transformation": self.per_transformation,
-                  "pr_curves": pd.concat(curves, ignore_index=True)}
-        if not self.fusion_grid.empty:
-            written["fusion_beta"] = out_dir / "fusion_beta.csv"
-            tables["fusion_beta"] = self.fusion_grid
-        for name, table in tables.items():
-            write_csv(table, written[name])
-        atomic_write_text(written["metrics"], json.dumps(self.metrics_dict(), indent=2, sort_keys=True) + "\n")
-        return written
-
-    def _paths(self) -> tuple[dict[str, str], dict[str, str]]:
-        split = self.test_split
-        return (dict(zip(split.queries["query_id"], split.queries["path"])),
-                dict(zip(split.references["reference_id"], split.references["path"])))
-
-    def worst_false_positives(self, n: int = 8, method: str = "best_finetune") -> pd.DataFrame:
-        """The n highest-scored wrong matches of `method` on test, with image paths."""
-        predictions = self._predictions(method)
-        wrong = predictions[~predictions["correct"]].nlargest(n, "score")
-        query_path, reference_path = self._paths()
-        truth = self.test_split.queries.set_index("query_id")
-        return wrong.assign(
-            query_path=wrong["query_id"].map(query_path),
-            reference_path=wrong["reference_id"].map(reference_path),
-            true_reference_id=wrong["query_id"].map(truth["reference_id"]),
-            transformation=wrong["query_id"].map(truth["transformation"]),
-            source_group=wrong["query_id"].map(truth["source_group"]) if "source_group" in truth else np.nan,
-        ).reset_index(drop=True)
-
-    def missed_copies(self, n: int = 8, method: str = "best_finetune") -> pd.DataFrame:
-        """Copies whose reference is not the best match of `method`, worst first
-        (not retrieved at all, then lowest score of the true pair)."""
-        predictions = self._predictions(method)
-        queries = self.test_split.queries
-        positives = queries[queries["reference_id"].notna()]
-        ranked = predictions.sort_values(["score", "correct"], ascending=[False, True], kind="stable")
-        top1 = ranked.drop_duplicates("query_id").set_index("query_id")
-        true_score = predictions[predictions["correct"]].set_index("query_id")["score"]
-        missed = positives[~positives["query_id"].map(top1["correct"]).fillna(False).astype(bool)]
-        query_path, reference_path = self._paths()
-        out = pd.DataFrame({
-            "query_id": missed["query_id"], "reference_id": missed["reference_id"],
-            "transformation": missed["transformation"],
-            "true_score": missed["query_id"].map(true_score),
-            "top1_reference_id": missed["query_id"].map(top1["reference_id"]),
-            "top1_score": missed["query_id"].map(top1["score"]),
-            "query_path": missed["query_id"].map(query_path),
-            "reference_path": missed["reference_id"].map(reference_path),
-        })
-        return out.sort_values("true_score", na_position="first", kind="stable").head(n).reset_index(drop=True)
-
-    def _predictions(self, method: str) -> pd.DataFrame:
-        if method not in self.test_predictions:
-            raise KeyError(f"no method {method!r}; evaluated: {sorted(self.test_predictions)}")
-        return self.test_predictions[method]
+    @classmethod
+    def load(cls, path: str | Path) -> "PCAProjection":
+        with np.load(path) as data:
+            return cls(mean=data["mean"], components=data["components"],
+                       explained_variance_ratio=data["explained_variance_ratio"], n_fit=int(data["n_fit"]))
 
 
-def image_pairs(frame: pd.DataFrame, caption_columns=("score", "transformation")) -> list[tuple[str, str, str]]:
-    """(query_path, reference_path, caption) triples for mtl.plots.image_pairs."""
-    pairs = []
-    for row in frame.to_dict("records"):
-        parts = [f"{c}={_short(row[c])}" for c in caption_columns if c in row and not _missing(row[c])]
-        pairs.append((row["query_path"], row["reference_path"], " ".join(parts)))
-    return pairs
+def fit_pca(descriptors: np.ndarray, out_dim: int = 320) -> PCAProjection:
+    """PCA of (unit) descriptors by SVD of the centred matrix."""
+    x = np.asarray(descriptors, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"descriptors must be [n, dim], got {x.shape}")
+    if out_dim > min(x.shape):
+        raise ValueError(f"PCA to {out_dim} dims needs at least {out_dim} samples and dims; "
+                         f"got {x.shape[0]} samples of dim {x.shape[1]} (fit on more train images)")
+    mean = x.mean(axis=0)
+    _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
+    variance = singular**2
+    return PCAProjection(mean=mean.astype(np.float32), components=vt[:out_dim].astype(np.float32),
+                         explained_variance_ratio=(variance[:out_dim] / variance.sum()).astype(np.float32),
+                         n_fit=len(x))
 
 
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+def train_split_sample(corpus_dir: str | Path, n_images: int, seed: int = 0) -> tuple[list[Path], list[str]]:
+    """(paths, ids) of a seeded sample of the corpus's train split (manifest.csv)."""
+    corpus_dir = Path(corpus_dir)
+    manifest = corpus_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no corpus manifest at {manifest}: build the corpus first (mtl corpus)")
+    rows = pd.read_csv(manifest, dtype=str)
+    train = rows[rows["split"] == "train"]
+    if train.empty:
+        raise ValueError(f"{manifest} has no train-split images")
+    sample = train.sample(n=min(n_images, len(train)), random_state=seed)
+    return [corpus_dir / p for p in sample["path"]], list(sample["id"])
 
 
-def _short(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+def fit_backbone_pca(checkpoint: str | Path, corpus_dir: str | Path, n_images: int = 2000,
+                     out_dim: int = 320, seed: int = 0, **embed_options) -> PCAProjection:
+    """Fit the 320-d PCA of a checkpoint's 1280-d backbone descriptor on train images.
 
-
-def _plain(value):
-    """numpy scalars → python numbers for JSON; inf/NaN → None."""
-    value = value.item() if hasattr(value, "item") else value
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
-def _score_method(name: str, val: pd.DataFrame, test: pd.DataFrame, val_split: EvalSplit,
-                  test_split: EvalSplit, target_precision: float) -> tuple[dict, pd.DataFrame, PrecisionRecallCurve]:
-    """Test metrics, with the operating threshold chosen on val."""
-    threshold = threshold_for_precision(val, val_split.n_ground_truth, target_precision)
-    metrics = retrieval_metrics(test, test_split.queries, target_precision)
-    held_out = held_out_metrics(test, test_split.queries, target_precision)
-    operating = false_positives_at(test, threshold, test_split.n_ground_truth)
-    row = {"method": name, "muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90,
-           "acc_at_1": metrics.acc_at_1, "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1,
-           "fp_at_threshold": operating.false_positives, "tp_at_threshold": operating.true_positives,
-           "threshold": threshold}
-    per = recall_by_transformation(test, test_split.queries, threshold).assign(method=name)
-    return row, per, precision_recall_curve(test, test_split.n_ground_truth)
-
-
-def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str, str | Path]],
-                     k: int = 10, target_precision: float = 0.9, decisions_from: Sequence[str] = (),
-                     betas=DEFAULT_BETAS) -> MethodsEvaluation:
-    """Search, score and tabulate every method, in the given order; see the module docstring.
-
-    `embeddings` maps a method name to {"val": npz, "test": npz} (as returned by
-    embed_methods); each npz holds the split's references and queries (roles).
-    Each method in `decisions_from` adds its gate and fusion rows (from its class
-    probabilities).
+    `embed_options` go to mtl.eval.embed.embed (image_size, batch_size, device).
     """
-    missing = [m for m in decisions_from if m not in embeddings]
-    if missing:
-        raise ValueError(f"decisions_from {missing} have no embeddings; given: {sorted(embeddings)}")
-    splits = {s: EvalSplit.load(eval_dir, s) for s in SPLITS}
-    order = list(embeddings)
-    rows, per_transformation, curves, test_predictions = [], [], {}, {}
-    fusion_grids = []
-
-    def add(name: str, val: pd.DataFrame, test: pd.DataFrame, extra: dict) -> None:
-        row, per, curve = _score_method(name, val, test, splits["val"], splits["test"], target_precision)
-        rows.append({**row, **extra})
-        per_transformation.append(per)
-        curves[name] = curve
-        test_predictions[name] = test
-
-    for method in order:
-        files = embeddings[method]
-        missing = [s for s in SPLITS if s not in files]
-        if missing:
-            raise ValueError(f"method {method!r} lacks embeddings for split(s) {missing}")
-        runs = {s: _search_split(load_npz(files[s]), splits[s], k) for s in SPLITS}
-        test_emb = runs["test"].embeddings
-        extra = {"bytes_per_vector": test_emb.bytes_per_vector, "dim": test_emb.dim,
-                 "images_per_second": test_emb.images_per_second,
-                 "search_ms_per_query": runs["test"].search_ms_per_query,
-                 "n_failed_images": len(test_emb.failed)}
-        add(method, runs["val"].predictions, runs["test"].predictions, extra)
-        if method in decisions_from:
-            agreed = {s: _class_agreement(runs[s]) for s in SPLITS}
-            add(f"{method}_gate", apply_gate(agreed["val"]), apply_gate(agreed["test"]), extra)
-            tuning = tune_fusion_beta(agreed["val"], splits["val"].n_ground_truth, betas)
-            fusion_grids.append(tuning.grid.assign(method=method))
-            add(f"{method}_fusion", apply_fusion(agreed["val"], tuning.beta),
-                apply_fusion(agreed["test"], tuning.beta), {**extra, "beta": tuning.beta})
-    fusion_grid = pd.concat(fusion_grids, ignore_index=True) if fusion_grids else pd.DataFrame()
-    table = pd.DataFrame(rows)
-    columns = ["method", "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out",
-               "fp_at_threshold", "tp_at_threshold", "threshold", "bytes_per_vector", "dim", "images_per_second",
-               "search_ms_per_query", "n_failed_images", "beta"]
-    table = table.reindex(columns=[c for c in columns if c in table.columns])
-    return MethodsEvaluation(table=table, per_transformation=pd.concat(per_transformation, ignore_index=True),
-                             pr_curves=curves, test_predictions=test_predictions,
-                             test_split=splits["test"], fusion_grid=fusion_grid)
+    paths, ids = train_split_sample(corpus_dir, n_images, seed)
+    gap = embed(f"backbone_gap1280:{checkpoint}", paths, ids, **embed_options)
+    return fit_pca(gap.embeddings, out_dim)
 
 
-def checkpoint_scores(checkpoint: str | Path, eval_dir: str | Path, split: str = "val", image_size: int = 112,
-                      batch_size: int = 128, device: str = "auto", k: int = 10,
-                      target_precision: float = 0.9) -> dict[str, dict[str, float]]:
-    """μAP, R@P90 and acc@1 (all queries, and the held-out ones) of a checkpoint's MTL
-    embedding and of its backbone's 1280-d output on one eval split: how diagnostics and
-    recipe choices are scored (on val, never on test)."""
-    from mtl.eval.embed import embed_many, images_in_evalset
-
-    eval_split = EvalSplit.load(eval_dir, split)
-    many = embed_many(checkpoint, images_in_evalset(Path(eval_dir) / split), image_size, batch_size, device)
-    scores = {}
-    for kind in ("mtl", "gap1280"):
-        predictions = _search_split(many[kind], eval_split, k).predictions
-        metrics = retrieval_metrics(predictions, eval_split.queries, target_precision)
-        held_out = held_out_metrics(predictions, eval_split.queries, target_precision)
-        scores[kind] = {"muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90, "acc_at_1": metrics.acc_at_1,
-                        "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1}
-    return scores
+def apply_pca_to_embeddings(gap_result: EmbeddingResult, pca: PCAProjection,
+                            method: str = "backbone_pca320") -> EmbeddingResult:
+    """An EmbeddingResult of 1280-d descriptors, projected: same ids, new method name."""
+    provenance = gap_result.provenance
+    if provenance is not None:
+        provenance = replace(provenance, kind="pca", dim=pca.out_dim, projection=pca.digest)
+    return replace(gap_result, embeddings=pca.apply(gap_result.embeddings), method=method, provenance=provenance)

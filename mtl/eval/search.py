@@ -31,39 +31,10 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
+from mtl.eval.decision import apply_gate, attach_class_agreement
+from mtl.eval.embeddings import EmbeddingResult, Provenance, load_npz
+from mtl.eval.index import ReferenceIndex, as_float32_matrix, build_flat_index
 from mtl.io import UserError, overlaps, write_csv
-
-
-def faiss_gpu_available() -> bool:
-    """True when this faiss build was compiled with GPU support and sees a GPU."""
-    import faiss
-
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
-    return bool(get_num_gpus and get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"))
-
-
-def as_float32_matrix(x: np.ndarray, name: str) -> np.ndarray:
-    """A C-contiguous float32 [n, dim] array, or a clear error."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-d array [n, dim], got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
-
-
-def build_flat_index(references: np.ndarray, use_gpu: bool | None = None):
-    """An exact inner-product index holding `references` (GPU when available)."""
-    import faiss
-
-    references = as_float32_matrix(references, "references")
-    index = faiss.IndexFlatIP(references.shape[1])
-    if use_gpu is None:
-        use_gpu = faiss_gpu_available()
-    if use_gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(references)
-    return index
 
 
 @dataclass(frozen=True)
@@ -147,12 +118,11 @@ def pairs_above(embeddings: np.ndarray, min_score: float,
     return tuple(np.concatenate(parts) for parts in zip(*found)) if found else empty
 
 
-def decide(predictions, queries, references, threshold: float | None = None, gate: bool = False):
+def decide(predictions: pd.DataFrame, queries: EmbeddingResult, references: EmbeddingResult | ReferenceIndex,
+           threshold: float | None = None, gate: bool = False) -> pd.DataFrame:
     """The duplicate decision on top of the neighbours: the class gate (matches whose
     predicted content classes differ are dropped), then the score threshold."""
     if gate:
-        from mtl.eval.decision import apply_gate, attach_class_agreement
-
         if queries.class_probs is None or references.class_probs is None:
             raise UserError("--gate needs class probabilities in both .npz files "
                             "(embed them with an MTL checkpoint, not a hash or backbone_gap1280)")
@@ -183,8 +153,6 @@ def check_compatible(queries, references, names: tuple[Path, Path], force: bool 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtl.eval.embed import load_npz
-
     parser = argparse.ArgumentParser(prog="mtl search", description=__doc__.split("\n\n")[0])
     parser.add_argument("--queries", required=True, type=Path, help="query embeddings (.npz)")
     gallery = parser.add_mutually_exclusive_group(required=True)
@@ -210,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     queries = load_npz(args.queries)
     queries = queries.role("query") if queries.roles is not None else queries
     if args.index is not None:
-        from mtl.eval.embed import Provenance
-        from mtl.eval.index import ReferenceIndex
-
         references = ReferenceIndex.load(args.index)  # ids and class probabilities, for --gate
         embedded = references.provenance.get("embedding")
         check_compatible(queries, SimpleNamespace(dim=references.dim, provenance=None if embedded is None else

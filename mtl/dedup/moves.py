@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mtl.io import atomic_path, file_digest
+
 MOVES_COLUMNS = ("source", "destination", "digest", "bytes")
 
 
@@ -38,7 +40,7 @@ class MoveError(Exception):
 class Move:
     source: Path        # absolute
     destination: Path   # absolute
-    digest: str         # mtl.study.file_digest of the bytes moved
+    digest: str         # mtl.io.file_digest of the bytes moved
     bytes: int
 
 
@@ -52,8 +54,6 @@ def check_destination(folder: str | Path, destination: str | Path) -> None:
 
 def plan_moves(result, destination: str | Path) -> list[Move]:
     """Every non-keeper of a DedupResult, mirrored from its folder into `destination`."""
-    from mtl.study import file_digest
-
     check_destination(result.folder, destination)
     folder, destination = Path(result.folder).resolve(), Path(destination).resolve()
     moves = []
@@ -78,16 +78,10 @@ def apply_moves(moves: list[Move], moves_csv: str | Path) -> None:
 
 
 def write_moves_csv(moves: list[Move], path: Path) -> None:
-    from mtl.dedup import write_atomically
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(MOVES_COLUMNS)
-            writer.writerows((m.source, m.destination, m.digest, m.bytes) for m in moves)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, write)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MOVES_COLUMNS)
+        writer.writerows((m.source, m.destination, m.digest, m.bytes) for m in moves)
 
 
 def read_moves_csv(path: str | Path) -> list[Move]:
@@ -103,8 +97,6 @@ def read_moves_csv(path: str | Path) -> list[Move]:
 
 def move_without_overwrite(source: Path, destination: Path, digest: str) -> None:
     """Move one file, keeping its bytes and times, never replacing an existing file."""
-    from mtl.study import file_digest
-
     destination.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, destination)  # fails if destination exists: the no-overwrite guarantee
@@ -126,8 +118,6 @@ def move_without_overwrite(source: Path, destination: Path, digest: str) -> None
 def undo_moves(moves_csv: str | Path) -> tuple[int, int]:
     """Move every recorded file back; (restored, already in place).  MoveError, with
     every problem listed, before anything moves."""
-    from mtl.study import file_digest
-
     moves = read_moves_csv(moves_csv)
     to_restore, in_place, problems = [], 0, []
     for m in moves:

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mtl.data.imageio import fit_within, load_image
+from mtl.eval.baselines import hamming_from_score
+
 THUMBNAIL_SIDE = 160
 MAX_PAIRS_PER_GROUP = 30      # a 20-image group has 190 pairs; pairs.csv has them all
 MAX_UNKEPT_PAIRS = 500
@@ -30,8 +33,6 @@ MAX_UNKEPT_PAIRS = 500
 
 def thumbnail_uri(path: Path, side: int = THUMBNAIL_SIDE) -> str:
     """A small JPEG of the image as a data URI ('' if it cannot be read any more)."""
-    from mtl.data.imageio import fit_within, load_image
-
     loaded = load_image(path, max_side=side)
     if loaded.image is None:
         return ""
@@ -52,8 +53,6 @@ def _file_caption(result, id_: str, role: str) -> str:
 def _score_text(result, score: float, same_class) -> str:
     text = f"{score:.3f}"
     if result.method.descriptor in ("phash", "dhash"):
-        from mtl.eval.baselines import hamming_from_score
-
         text += f"<br><small>{int(hamming_from_score(score))} bits apart</small>"
     if not pd.isna(same_class):
         text += "<br><small>same class</small>" if same_class else "<br><small>classes differ</small>"

@@ -1,11 +1,11 @@
-"""Stage glue: resumable run folders and training-log summaries."""
+"""What a training run leaves: resumable run folders and training-log summaries."""
 
 import json
 
 import pandas as pd
 import pytest
 
-from mtl.study import prepare_run_dir, summarize_log
+from mtl.training.outputs import prepare_run_dir, summarize_log
 
 
 def test_run_folder_is_kept_for_the_same_run_and_cleared_for_another(tmp_path):
@@ -21,7 +21,7 @@ def test_run_folder_is_kept_for_the_same_run_and_cleared_for_another(tmp_path):
 
 
 def test_summarize_log_reports_last_epoch_and_totals():
-    from mtl.train import LOG_COLUMNS
+    from mtl.training.outputs import LOG_COLUMNS
 
     log = pd.DataFrame({"epoch": [1, 2], "train_total": [1.0, 0.5], "val_total": [1.2, 0.7],
                         "train_contrastive": [0.8, 0.4], "images_per_second": [100.0, 200.0],

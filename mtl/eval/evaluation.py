@@ -1,0 +1,323 @@
+"""All methods on the same evaluation set, one table.
+
+The `evaluate` stage (mtl.study.evaluation_stages.evaluate_stage) embeds every method of the comparison
+(mtl.eval.methods.embed_methods), then
+
+    evaluation = evaluate_methods("data/eval", paths, decisions_from=("paper_finetune", "best_finetune"))
+    evaluation.save("results/evaluate")          # methods.csv, per_transformation.csv,
+                                                 # pr_curves.csv, fusion_beta.csv, metrics.json
+
+For the figures: `evaluation.pr_curve_arrays()`, `evaluation.per_transformation`,
+`evaluation.worst_false_positives(n, method)` and `evaluation.missed_copies(n, method)`.
+
+Rows, in the order given; each method named in `decisions_from` is followed by its
+decision rows
+    <method>_gate            drop matches whose predicted classes differ
+    <method>_fusion          score − β·P(classes differ), β tuned on val
+
+Columns: muap, recall_at_p90, acc_at_1 (test split); muap_held_out, acc_at_1_held_out
+(copies made by held-out transformations, plus all distractors); fp_at_threshold and
+tp_at_threshold at `threshold`, chosen on the val split for the target precision;
+bytes_per_vector; dim; images_per_second (embedding, end to end with decoding);
+search_ms_per_query (exact faiss search over the test references); n_failed_images; beta
+(fusion rows).
+
+Every number is on the test split; val only chooses the threshold and β.
+:func:`checkpoint_scores` scores one checkpoint on one split (val): how diagnostics and
+recipe choices are made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mtl.eval.decision import (DEFAULT_BETAS, apply_fusion, apply_gate, attach_class_agreement,
+                               tune_fusion_beta)
+from mtl.eval.embed import embed_many
+from mtl.eval.embeddings import EmbeddingResult, load_npz
+from mtl.eval.images import images_in_evalset
+from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_positives_at, held_out_metrics,
+                              label_predictions, precision_recall_curve, recall_by_transformation,
+                              retrieval_metrics, threshold_for_precision)
+from mtl.eval.methods import SPLITS
+from mtl.eval.search import search
+from mtl.io import atomic_write_text, write_csv
+from mtl.params import section_config
+
+METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold",
+               "threshold", "bytes_per_vector")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The `eval` section of params.yaml: how every method is embedded and scored."""
+
+    image_size: int            # the models' input size
+    larger_image_size: int     # the best model is also evaluated at this size
+    batch_size: int
+    top_k: int                 # neighbours searched per query
+    target_precision: float    # the operating threshold is chosen on val for this precision
+    device: str                # "auto" = CUDA when present, else CPU
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> "EvalConfig":
+        return section_config(cls, section, "eval")
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """One split of the evaluation set: its tables, with paths made absolute."""
+
+    name: str
+    directory: Path
+    references: pd.DataFrame  # reference_id, path, class
+    queries: pd.DataFrame     # query_id, path, class, reference_id, transformation, held_out
+
+    @classmethod
+    def load(cls, eval_dir: str | Path, split: str) -> "EvalSplit":
+        directory = Path(eval_dir) / split
+        tables = {}
+        for name in ("references", "queries"):
+            path = directory / f"{name}.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} missing: build the eval set first (mtl evalset)")
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+            table["path"] = [str(directory / p) for p in table["path"]]
+            tables[name] = table
+        queries = tables["queries"]
+        queries["reference_id"] = queries["reference_id"].replace("", np.nan)
+        return cls(split, directory, tables["references"], queries)
+
+    @property
+    def n_ground_truth(self) -> int:
+        return count_ground_truth(self.queries)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@dataclass
+class _Run:
+    """One method on one split: what search returned, labelled."""
+
+    predictions: pd.DataFrame
+    search_ms_per_query: float
+    embeddings: EmbeddingResult
+
+
+def _search_split(result: EmbeddingResult, split: EvalSplit, k: int) -> _Run:
+    references, queries = result.role("reference"), result.role("query")
+    found = search(queries.embeddings, queries.ids, references.embeddings, references.ids, k=k)
+    return _Run(label_predictions(found.predictions, split.queries), found.ms_per_query, result)
+
+
+def _class_agreement(run: _Run) -> pd.DataFrame:
+    emb = run.embeddings
+    if emb.class_probs is None:
+        raise ValueError(f"{emb.method} has no class probabilities: gate and fusion need a checkpoint")
+    refs, queries = emb.role("reference"), emb.role("query")
+    return attach_class_agreement(run.predictions, queries.ids, queries.class_probs,
+                                  refs.ids, refs.class_probs)
+
+
+@dataclass
+class MethodsEvaluation:
+    """The side-by-side comparison; see the module docstring."""
+
+    table: pd.DataFrame
+    per_transformation: pd.DataFrame
+    pr_curves: dict[str, PrecisionRecallCurve]
+    test_predictions: dict[str, pd.DataFrame]
+    test_split: EvalSplit
+    fusion_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def metrics_dict(self) -> dict[str, dict[str, float]]:
+        """{method: {muap, recall_at_p90, acc_at_1, fp_at_threshold, bytes_per_vector}}:
+        results/evaluate/metrics.json, gathered as `retrieval.<method>`."""
+        return {row["method"]: {key: _plain(row[key]) for key in METRIC_KEYS}
+                for row in self.table.to_dict("records")}
+
+    def pr_curve_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{method: (recall, precision)}: the input of mtl.plots.pr_curves."""
+        return {name: (c.recall, c.precision) for name, c in self.pr_curves.items()}
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = {"methods": out_dir / "methods.csv", "per_transformation": out_dir / "per_transformation.csv",
+                   "pr_curves": out_dir / "pr_curves.csv", "metrics": out_dir / "metrics.json"}
+        curves = [c.to_frame().assign(method=name) for name, c in self.pr_curves.items()]
+        tables = {"methods": self.table, "per_transformation": self.per_transformation,
+                  "pr_curves": pd.concat(curves, ignore_index=True)}
+        if not self.fusion_grid.empty:
+            written["fusion_beta"] = out_dir / "fusion_beta.csv"
+            tables["fusion_beta"] = self.fusion_grid
+        for name, table in tables.items():
+            write_csv(table, written[name])
+        atomic_write_text(written["metrics"], json.dumps(self.metrics_dict(), indent=2, sort_keys=True) + "\n")
+        return written
+
+    def _paths(self) -> tuple[dict[str, str], dict[str, str]]:
+        split = self.test_split
+        return (dict(zip(split.queries["query_id"], split.queries["path"])),
+                dict(zip(split.references["reference_id"], split.references["path"])))
+
+    def worst_false_positives(self, n: int = 8, method: str = "best_finetune") -> pd.DataFrame:
+        """The n highest-scored wrong matches of `method` on test, with image paths."""
+        predictions = self._predictions(method)
+        wrong = predictions[~predictions["correct"]].nlargest(n, "score")
+        query_path, reference_path = self._paths()
+        truth = self.test_split.queries.set_index("query_id")
+        return wrong.assign(
+            query_path=wrong["query_id"].map(query_path),
+            reference_path=wrong["reference_id"].map(reference_path),
+            true_reference_id=wrong["query_id"].map(truth["reference_id"]),
+            transformation=wrong["query_id"].map(truth["transformation"]),
+            source_group=wrong["query_id"].map(truth["source_group"]) if "source_group" in truth else np.nan,
+        ).reset_index(drop=True)
+
+    def missed_copies(self, n: int = 8, method: str = "best_finetune") -> pd.DataFrame:
+        """Copies whose reference is not the best match of `method`, worst first
+        (not retrieved at all, then lowest score of the true pair)."""
+        predictions = self._predictions(method)
+        queries = self.test_split.queries
+        positives = queries[queries["reference_id"].notna()]
+        ranked = predictions.sort_values(["score", "correct"], ascending=[False, True], kind="stable")
+        top1 = ranked.drop_duplicates("query_id").set_index("query_id")
+        true_score = predictions[predictions["correct"]].set_index("query_id")["score"]
+        missed = positives[~positives["query_id"].map(top1["correct"]).fillna(False).astype(bool)]
+        query_path, reference_path = self._paths()
+        out = pd.DataFrame({
+            "query_id": missed["query_id"], "reference_id": missed["reference_id"],
+            "transformation": missed["transformation"],
+            "true_score": missed["query_id"].map(true_score),
+            "top1_reference_id": missed["query_id"].map(top1["reference_id"]),
+            "top1_score": missed["query_id"].map(top1["score"]),
+            "query_path": missed["query_id"].map(query_path),
+            "reference_path": missed["reference_id"].map(reference_path),
+        })
+        return out.sort_values("true_score", na_position="first", kind="stable").head(n).reset_index(drop=True)
+
+    def _predictions(self, method: str) -> pd.DataFrame:
+        if method not in self.test_predictions:
+            raise KeyError(f"no method {method!r}; evaluated: {sorted(self.test_predictions)}")
+        return self.test_predictions[method]
+
+
+def image_pairs(frame: pd.DataFrame, caption_columns=("score", "transformation")) -> list[tuple[str, str, str]]:
+    """(query_path, reference_path, caption) triples for mtl.plots.image_pairs."""
+    pairs = []
+    for row in frame.to_dict("records"):
+        parts = [f"{c}={_short(row[c])}" for c in caption_columns if c in row and not _missing(row[c])]
+        pairs.append((row["query_path"], row["reference_path"], " ".join(parts)))
+    return pairs
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _short(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _plain(value):
+    """numpy scalars → python numbers for JSON; inf/NaN → None."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _score_method(name: str, val: pd.DataFrame, test: pd.DataFrame, val_split: EvalSplit,
+                  test_split: EvalSplit, target_precision: float) -> tuple[dict, pd.DataFrame, PrecisionRecallCurve]:
+    """Test metrics, with the operating threshold chosen on val."""
+    threshold = threshold_for_precision(val, val_split.n_ground_truth, target_precision)
+    metrics = retrieval_metrics(test, test_split.queries, target_precision)
+    held_out = held_out_metrics(test, test_split.queries, target_precision)
+    operating = false_positives_at(test, threshold, test_split.n_ground_truth)
+    row = {"method": name, "muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90,
+           "acc_at_1": metrics.acc_at_1, "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1,
+           "fp_at_threshold": operating.false_positives, "tp_at_threshold": operating.true_positives,
+           "threshold": threshold}
+    per = recall_by_transformation(test, test_split.queries, threshold).assign(method=name)
+    return row, per, precision_recall_curve(test, test_split.n_ground_truth)
+
+
+def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str, str | Path]],
+                     k: int = 10, target_precision: float = 0.9, decisions_from: Sequence[str] = (),
+                     betas=DEFAULT_BETAS) -> MethodsEvaluation:
+    """Search, score and tabulate every method, in the given order; see the module docstring.
+
+    `embeddings` maps a method name to {"val": npz, "test": npz} (as returned by
+    embed_methods); each npz holds the split's references and queries (roles).
+    Each method in `decisions_from` adds its gate and fusion rows (from its class
+    probabilities).
+    """
+    missing = [m for m in decisions_from if m not in embeddings]
+    if missing:
+        raise ValueError(f"decisions_from {missing} have no embeddings; given: {sorted(embeddings)}")
+    splits = {s: EvalSplit.load(eval_dir, s) for s in SPLITS}
+    order = list(embeddings)
+    rows, per_transformation, curves, test_predictions = [], [], {}, {}
+    fusion_grids = []
+
+    def add(name: str, val: pd.DataFrame, test: pd.DataFrame, extra: dict) -> None:
+        row, per, curve = _score_method(name, val, test, splits["val"], splits["test"], target_precision)
+        rows.append({**row, **extra})
+        per_transformation.append(per)
+        curves[name] = curve
+        test_predictions[name] = test
+
+    for method in order:
+        files = embeddings[method]
+        missing = [s for s in SPLITS if s not in files]
+        if missing:
+            raise ValueError(f"method {method!r} lacks embeddings for split(s) {missing}")
+        runs = {s: _search_split(load_npz(files[s]), splits[s], k) for s in SPLITS}
+        test_emb = runs["test"].embeddings
+        extra = {"bytes_per_vector": test_emb.bytes_per_vector, "dim": test_emb.dim,
+                 "images_per_second": test_emb.images_per_second,
+                 "search_ms_per_query": runs["test"].search_ms_per_query,
+                 "n_failed_images": len(test_emb.failed)}
+        add(method, runs["val"].predictions, runs["test"].predictions, extra)
+        if method in decisions_from:
+            agreed = {s: _class_agreement(runs[s]) for s in SPLITS}
+            add(f"{method}_gate", apply_gate(agreed["val"]), apply_gate(agreed["test"]), extra)
+            tuning = tune_fusion_beta(agreed["val"], splits["val"].n_ground_truth, betas)
+            fusion_grids.append(tuning.grid.assign(method=method))
+            add(f"{method}_fusion", apply_fusion(agreed["val"], tuning.beta),
+                apply_fusion(agreed["test"], tuning.beta), {**extra, "beta": tuning.beta})
+    fusion_grid = pd.concat(fusion_grids, ignore_index=True) if fusion_grids else pd.DataFrame()
+    table = pd.DataFrame(rows)
+    columns = ["method", "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out",
+               "fp_at_threshold", "tp_at_threshold", "threshold", "bytes_per_vector", "dim", "images_per_second",
+               "search_ms_per_query", "n_failed_images", "beta"]
+    table = table.reindex(columns=[c for c in columns if c in table.columns])
+    return MethodsEvaluation(table=table, per_transformation=pd.concat(per_transformation, ignore_index=True),
+                             pr_curves=curves, test_predictions=test_predictions,
+                             test_split=splits["test"], fusion_grid=fusion_grid)
+
+
+def checkpoint_scores(checkpoint: str | Path, eval_dir: str | Path, split: str, cfg: EvalConfig,
+                      image_size: int | None = None) -> dict[str, dict[str, float]]:
+    """μAP, R@P90 and acc@1 (all queries, and the held-out ones) of a checkpoint's MTL
+    embedding and of its backbone's 1280-d output on one eval split, embedded at
+    `image_size` (default: the evaluation's): how diagnostics and recipe choices are
+    scored (on val, never on test)."""
+    eval_split = EvalSplit.load(eval_dir, split)
+    many = embed_many(checkpoint, images_in_evalset(Path(eval_dir) / split), image_size or cfg.image_size,
+                      cfg.batch_size, cfg.device)
+    scores = {}
+    for kind in ("mtl", "gap1280"):
+        predictions = _search_split(many[kind], eval_split, cfg.top_k).predictions
+        metrics = retrieval_metrics(predictions, eval_split.queries, cfg.target_precision)
+        held_out = held_out_metrics(predictions, eval_split.queries, cfg.target_precision)
+        scores[kind] = {"muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90, "acc_at_1": metrics.acc_at_1,
+                        "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1}
+    return scores

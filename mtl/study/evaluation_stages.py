@@ -1,0 +1,135 @@
+"""The evaluation stages of the pipeline: `embeddings` (the paper's Fig. 5, with numbers,
+notebooks/embeddings.ipynb) and `evaluate` (every method on the same eval files,
+notebooks/evaluate.ipynb).  Each stage writes results/<stage>/metrics.json (with its wall time) and its figures;
+`mtl.report` gathers them into results/metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mtl import plots
+from mtl.eval.embed import embed_pictures
+from mtl.eval.evaluation import EvalConfig, evaluate_methods, image_pairs
+from mtl.eval.methods import CheckpointPass, embed_methods
+from mtl.eval.operating_points import write_operating_points
+from mtl.eval.space import EmbeddingsConfig, anchor_views, project_tsne, project_umap, score_space
+from mtl.io import write_json
+from mtl.model import MTLNet
+from mtl.runtime import resolve_device, seed_everything, stopwatch
+
+RESULTS = Path("results")
+
+
+def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/best/finetune/final.pt",
+                     results_dir: str | Path = RESULTS / "embeddings") -> dict:
+    """t-SNE and UMAP of anchors + views before training (pretrained backbone,
+    untrained branches) and after stage 2, with the numbers behind the pictures."""
+    results_dir = Path(results_dir)
+    cfg = EmbeddingsConfig.from_params(params["embeddings"])
+    device = resolve_device(EvalConfig.from_params(params["eval"]).device)
+    with stopwatch() as timing:
+        images, group, is_anchor, _ = anchor_views(params)
+        after = MTLNet.from_checkpoint(after_checkpoint).to(device)
+        seed_everything(cfg.seed)
+        before = MTLNet(after.config).to(device)  # same backbone weights source, fresh branches
+        vectors = {"before": embed_pictures(before, images, cfg.image_size),
+                   "after": embed_pictures(after, images, cfg.image_size)}
+        scores = {when: score_space(v, group, is_anchor).as_dict() for when, v in vectors.items()}
+        panels = {}
+        for when, v in vectors.items():
+            panels[f"t-SNE, {when} training"] = project_tsne(v, cfg.seed)
+        for when, v in vectors.items():
+            panels[f"UMAP, {when} training"] = project_umap(v, cfg.seed)
+    plots.projections(panels, group, is_anchor, results_dir / "projections.png",
+                      title=f"{int(is_anchor.sum())} test anchors (stars) and their transformed views")
+    metrics = {**scores, "anchors": int(is_anchor.sum()), "views": int((~is_anchor).sum()),
+               "wall_seconds": timing["seconds"]}
+    write_json(results_dir / "metrics.json", metrics)
+    return metrics
+
+
+# --------------------------------------------------------------------------- retrieval
+
+# The recipes that run both stages, and the stage-1 controls with within-batch negatives
+# only (memory 0, Fig. 2 top) that test the paper's cross-batch claim for each recipe.
+RECIPES = ("paper", "best")
+CONTROLS = ("paper_mem0", "best_mem0")
+MODELS = Path("models")
+
+
+def checkpoint_path(recipe: str, stage: str) -> Path:
+    """models/<recipe>/<stage>/final.pt: where the pipeline keeps a recipe's stage."""
+    return MODELS / recipe / stage / "final.pt"
+
+
+def evaluation_passes(params: dict) -> list:
+    """Which checkpoints the evaluation embeds, and the methods each pass yields."""
+    larger = EvalConfig.from_params(params["eval"]).larger_image_size
+    passes = []
+    for recipe in RECIPES:
+        imagenet = recipe == "best"  # a frozen stage's backbone is the untouched ImageNet one
+        passes += [
+            CheckpointPass(checkpoint_path(recipe, "frozen"), mtl=f"{recipe}_frozen",
+                           gap1280="backbone_gap1280" if imagenet else None,
+                           pca320="backbone_pca320" if imagenet else None),
+            CheckpointPass(checkpoint_path(f"{recipe}_mem0", "frozen"), mtl=f"{recipe}_frozen_mem0"),
+            CheckpointPass(checkpoint_path(recipe, "finetune"), mtl=f"{recipe}_finetune",
+                           gap1280=f"{recipe}_finetune_gap1280"),
+        ]
+    # Evaluated larger than trained (SSCD's finding), next to the ImageNet baseline at that size.
+    passes += [CheckpointPass(checkpoint_path("best", "frozen"), gap1280=f"backbone_gap1280_{larger}px",
+                              image_size=larger),
+               CheckpointPass(checkpoint_path("best", "finetune"), mtl=f"best_finetune_{larger}px",
+                              image_size=larger)]
+    return passes
+
+
+def method_order(paths: dict) -> dict:
+    """Baselines first, then each recipe's methods stage by stage, the larger input last."""
+    first = [name for name in ("phash", "dhash", "backbone_gap1280", "backbone_pca320") if name in paths]
+    return {name: paths[name] for name in [*first, *sorted(set(paths) - set(first), key=_recipe_order)]}
+
+
+def _recipe_order(name: str) -> tuple:
+    recipe, _, rest = name.partition("_")
+    stages = ["frozen", "frozen_mem0", "finetune", "finetune_gap1280"]
+    larger = name.endswith("px")  # the larger-input rows close the table
+    return (larger, RECIPES.index(recipe) if recipe in RECIPES else -1,
+            stages.index(rest) if rest in stages else len(stages), rest)
+
+
+def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
+                   results_dir: str | Path = RESULTS / "evaluate", passes: list | None = None):
+    """Every method on the same eval files, one table; PR curves, recall per
+    transformation, the worst errors as image pairs, and the operating points."""
+    results_dir = Path(results_dir)
+    cfg = EvalConfig.from_params(params["eval"])
+    eval_dir = params["evalset"]["dir"]
+    with stopwatch() as timing:
+        paths = embed_methods(eval_dir, embeddings_dir, passes or evaluation_passes(params),
+                              corpus_dir=params["data"]["corpus_dir"], image_size=cfg.image_size,
+                              batch_size=cfg.batch_size, device=cfg.device, overwrite=True)
+        evaluation = evaluate_methods(eval_dir, method_order(paths), k=cfg.top_k,
+                                      target_precision=cfg.target_precision,
+                                      decisions_from=[f"{r}_finetune" for r in RECIPES if f"{r}_finetune" in paths])
+    evaluation.save(results_dir)
+    write_operating_points(evaluation.table, cfg, checkpoint_path("best", "finetune"), MODELS / "operating_points.json")
+    plots.pr_curves(evaluation.pr_curve_arrays(), results_dir / "pr_curves.png")
+    per_t = evaluation.per_transformation
+    shown = per_t[per_t["method"].isin(["phash", "backbone_gap1280", "paper_finetune", "best_finetune"])]
+    plots.bar_chart(shown, x="transformation", y="recall_at_threshold", hue="method",
+                    path=results_dir / "per_transformation.png",
+                    title="recall at the val threshold, per transformation (held out: perspective, meme, "
+                          "screenshot, compose)")
+    plots.image_pairs(image_pairs(evaluation.worst_false_positives(8), ("score", "transformation", "source_group")),
+                      results_dir / "worst_false_positives.png",
+                      title="best_finetune: highest-scoring false matches")
+    plots.image_pairs(image_pairs(evaluation.missed_copies(8)), results_dir / "missed_copies.png",
+                      title="best_finetune: copies ranked lowest")
+    metrics_path = results_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["wall_seconds"] = timing["seconds"]
+    write_json(metrics_path, metrics)
+    return evaluation

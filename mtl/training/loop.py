@@ -1,0 +1,351 @@
+"""The training loop of the two stages of §III-A.
+
+- ``frozen``: the backbone is frozen (no gradients, BatchNorm in eval mode, so its
+  weights and running statistics stay bit-identical); only the two branches learn.
+- ``finetune``: the whole network learns, starting from the ``frozen`` checkpoint.
+
+Both minimize the multi-task objective of :mod:`mtl.objective` (cross-batch contrastive
++ lambda * cross-entropy).  :func:`train_stage` logs one CSV row per epoch, writes an
+atomic checkpoint after every epoch (model, optimizer, scheduler, loss memory, RNG
+states, configs, log history) and resumes from it when rerun with the same ``out_dir``.
+
+Optimizer and schedule: AdamW, the usual choice for fine-tuning ImageNet CNNs with
+small batches.  The learning rate rises linearly over ``warmup_steps`` and then follows
+a cosine down to ``lr * final_lr_fraction``, stepped once per optimizer step: the paper
+states no schedule; a cosine needs no milestones yet ends low, and the warm-up lets the
+fresh memory and the optimizer's moment estimates settle before large steps move a
+pretrained backbone.  In stage 2 the branches may learn faster than the backbone
+(``branch_lr_scale``), as is usual when fine-tuning a pretrained network under a head.
+
+BatchNorm in stage 2 (``bn``): ``frozen`` keeps the backbone's BatchNorm layers in eval
+mode (ImageNet running statistics) while their weights learn; ``train`` lets small
+augmented batches rewrite the statistics.  Stage 1 always freezes them.
+
+Stage 1 can learn from stored backbone taps (``source: features``, :mod:`mtl.features`)
+instead of images: the same model, loss and schedule, many more epochs for the time.
+
+Several processes (``torchrun --nproc-per-node N -m mtl.train ...``, :mod:`mtl.distributed`):
+each takes a contiguous K/N instances x V views of every global K x V batch, the loss
+sees the whole global batch and every rank's memory stores every rank's entries, the
+gradients are summed over ranks and BatchNorm layers that learn use global-batch
+statistics, so a step equals the single-process step on the same batch (to float
+rounding).  Only rank 0 writes checkpoints and logs; every rank resumes from them.
+Validation is not sharded: every rank scores the whole (small) val split alike.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from mtl import distributed
+from mtl.data.batches import Batch
+from mtl.io import atomic_path
+from mtl.loss import CrossBatchContrastiveLoss
+from mtl.objective import LossParts, MultiTaskLoss
+from mtl.model import MTLNet, load_checkpoint
+from mtl.runtime import git_revision, progress, resolve_device, seed_everything
+from mtl.training.config import StageConfig, config_differences
+from mtl.training.outputs import LOG_COLUMNS, epoch_line, plain_row, print_header, write_logs
+
+
+# --------------------------------------------------------------------------- RNG states
+
+def rng_states() -> dict[str, Any]:
+    """torch / numpy / python RNG states as plain values (weights_only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class EpochMeans:
+    """Running sums of one pass over batches, kept on the device to avoid syncs."""
+
+    steps: int = 0
+    images: int = 0
+    correct: int = 0
+    sums: dict[str, torch.Tensor] | None = None
+
+    def add(self, parts: LossParts, counts: dict[str, torch.Tensor]) -> None:
+        values = {"contrastive": parts.contrastive.detach(), "cross_entropy": parts.cross_entropy.detach(),
+                  "koleo": parts.koleo.detach(), "total": parts.total.detach(),
+                  **{k: v.float() for k, v in counts.items()}}
+        self.sums = values if self.sums is None else {k: self.sums[k] + v for k, v in values.items()}
+        self.steps += 1
+
+    def means(self, prefix: str) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {f"{prefix}_{k}": float(v) / self.steps for k, v in (self.sums or {}).items()}
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, final_fraction: float) -> Callable[[int], float]:
+    """lr multiplier at optimizer step t: linear warm-up to 1, then a cosine to final_fraction."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        done = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
+
+
+class StageRun:
+    """Everything one stage holds between epochs; :func:`train_stage` drives it."""
+
+    def __init__(self, model: MTLNet, cfg: StageConfig, out_dir: Path, steps_per_epoch: int):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.device = resolve_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.from_taps = cfg.source == "features"
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.freeze_backbone(cfg.stage == "frozen")
+        self.model.freeze_backbone_batchnorm(cfg.bn == "frozen")
+        self.world = distributed.world_size()
+        if self.world > 1:  # the global batch's BatchNorm statistics; every rank starts as rank 0
+            distributed.sync_batchnorm(self.model)
+            distributed.broadcast_state(self.model)
+        contrastive = CrossBatchContrastiveLoss(cfg.margin, cfg.memory_size, model.config.embed_dim)
+        self.criterion = MultiTaskLoss(contrastive, cfg.lambda_cls, cfg.lambda_koleo).to(self.device)
+        # fused: one kernel for all parameters instead of a dozen small ops per tensor.
+        self.optimizer = torch.optim.AdamW(self._parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
+        self.total_steps = cfg.epochs * steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, cfg.warmup_steps, cfg.final_lr_fraction))
+        # fp16 needs loss scaling; bf16 (and fp32) do not.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.step_rows: list[dict[str, float]] = []
+        self.fingerprint: dict[str, Any] = {}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The branches at lr * branch_lr_scale, the backbone (when it learns) at lr."""
+        branches = [p for p in self.model.branch_parameters() if p.requires_grad]
+        backbone = [p for p in self.model.backbone_parameters() if p.requires_grad]
+        groups = [{"params": branches, "lr": self.cfg.lr * self.cfg.branch_lr_scale}]
+        if backbone:
+            groups.append({"params": backbone, "lr": self.cfg.lr})
+        return groups
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(
+            path, stage_config=asdict(self.cfg), epoch=self.epoch, history=self.history, step_rows=self.step_rows,
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), loss_state=self.criterion.contrastive.state_dict(),
+            rng=rng_states(), finished=self.epoch >= self.cfg.epochs, git_revision=git_revision(),
+            run_fingerprint=self.fingerprint, world_size=self.world, image_size=self.cfg.image_size)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        differences = config_differences(checkpoint["stage_config"], self.cfg)
+        if differences:
+            raise ValueError(f"{self.out_dir} holds a run with other settings {differences} (saved, now); "
+                             "use another out dir or delete it to start over")
+        self.model.load_state_dict(checkpoint["model_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.criterion.contrastive.load_state_dict(checkpoint["loss_state"])
+        restore_rng_states(checkpoint["rng"])
+        self.epoch, self.history = int(checkpoint["epoch"]), list(checkpoint["history"])
+        self.step_rows = list(checkpoint.get("step_rows", []))
+
+    # -- steps ------------------------------------------------------------------
+
+    def _to_device(self, batch: Batch) -> Batch:
+        inputs, instance_ids, class_ids = batch
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return inputs, instance_ids.to(self.device), class_ids.to(self.device)
+
+    def _loss(self, batch: Batch, update_memory: bool, across_ranks: bool = False) -> tuple[LossParts, torch.Tensor]:
+        inputs, instance_ids, class_ids = batch  # images, or stored backbone taps
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            output = self.model.heads(inputs) if self.from_taps else self.model(inputs)
+        # The loss runs in fp32 outside autocast: distances of unit vectors near the margin
+        # need more than fp16's 3 digits.
+        parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory, across_ranks)
+        return parts, output.logits
+
+    def train_step(self, batch: Batch, step: int) -> tuple[LossParts, dict[str, torch.Tensor]]:
+        """One optimizer step; under torchrun `batch` is this rank's shard of the global batch."""
+        parts, _ = self._loss(self._to_device(batch), update_memory=True, across_ranks=True)
+        total = float(parts.total.detach())  # one host sync per step, needed to stop at once
+        if not math.isfinite(total):
+            raise FloatingPointError(f"{self.cfg.stage} stage: non-finite loss {total} at epoch {self.epoch + 1}, "
+                                     f"step {step + 1} (contrastive {float(parts.contrastive.detach())}, "
+                                     f"cross-entropy {float(parts.cross_entropy.detach())}); lower the lr or check the inputs")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts.total).backward()
+        distributed.sum_gradients(self.model.parameters())  # each rank holds its share of the gradient
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        counts = self.criterion.contrastive.last_counts
+        self.step_rows.append({"step": len(self.step_rows) + 1, "epoch": self.epoch + 1,
+                               "lr": self.optimizer.param_groups[-1]["lr"], "total": total,
+                               "contrastive": parts.contrastive.detach(), "cross_entropy": parts.cross_entropy.detach(),
+                               "koleo": parts.koleo.detach(), **counts})
+        self.scheduler.step()
+        return parts, counts
+
+    def train_epoch(self, batches: Iterable[Batch], with_progress: Callable[[Iterable], Iterable] = lambda b: b
+                    ) -> tuple[EpochMeans, float]:
+        self.model.train()
+        sums, start = EpochMeans(), time.perf_counter()
+        for step, batch in enumerate(with_progress(batches)):
+            if self.cfg.max_steps_per_epoch is not None and step >= self.cfg.max_steps_per_epoch:
+                break
+            parts, counts = self.train_step(batch, step)
+            sums.add(parts, counts)
+            sums.images += len(batch[0]) * self.world
+        if not sums.steps:
+            raise ValueError(f"epoch {self.epoch + 1} yielded no training batches")
+        return sums, time.perf_counter() - start
+
+    @torch.no_grad()
+    def validate(self, batches: Iterable[Batch]) -> EpochMeans:
+        """Scores against the batch + the training memory; adds nothing to the memory."""
+        self.model.eval()
+        sums = EpochMeans()
+        for batch in batches:
+            batch = self._to_device(batch)
+            parts, logits = self._loss(batch, update_memory=False)
+            sums.add(parts, self.criterion.contrastive.last_counts)
+            sums.correct += int((logits.argmax(dim=1) == batch[2]).sum())
+            sums.images += len(batch[0])
+        return sums
+
+    def log_row(self, train: EpochMeans, train_seconds: float, val: EpochMeans | None, lr: float,
+                wall_seconds: float) -> dict[str, float]:
+        row: dict[str, float] = {name: float("nan") for name in LOG_COLUMNS}
+        row.update(epoch=self.epoch, lr=lr, train_steps=train.steps, wall_seconds=wall_seconds,
+                   images_per_second=train.images / max(train_seconds, 1e-9), **train.means("train"))
+        if val is not None and val.steps:
+            row.update(val.means("val"), val_class_accuracy=val.correct / val.images)
+        return row
+
+
+def epoch_progress(batches: Iterable[Batch], cfg: StageConfig, epoch: int) -> Iterable[Batch]:
+    """A live bar over one epoch's batches for a person watching (the epoch line says the rest)."""
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    if cfg.max_steps_per_epoch is not None and total is not None:
+        total = min(total, cfg.max_steps_per_epoch)
+    return progress(batches, total, f"{cfg.stage} {epoch}/{cfg.epochs}", unit="step", lines=0, leave=False)
+
+
+def _initial_model(model_or_init: MTLNet | str | Path) -> MTLNet:
+    if isinstance(model_or_init, MTLNet):
+        return model_or_init
+    return MTLNet.from_checkpoint(model_or_init)
+
+
+def train_stage(model_or_init: MTLNet | str | Path, cfg: StageConfig,
+                make_train_batches: Callable[[int], Iterable[Batch]],
+                make_val_batches: Callable[[], Iterable[Batch]] | None,
+                out_dir: str | Path, fingerprint: dict[str, Any] | None = None) -> Path:
+    """Train one stage and return the path of its final checkpoint (``out_dir/final.pt``).
+
+    ``model_or_init``: an :class:`MTLNet`, or the path of a checkpoint to start from (the
+    ``frozen`` stage's final.pt for ``finetune``).  ``make_train_batches(epoch)``, for
+    epoch = 1..epochs, and ``make_val_batches()`` yield ``(images, instance_ids,
+    class_ids)``; the same epoch must give the same batches, which (with the restored RNG
+    states) makes a resumed run end with the same weights as an uninterrupted one.
+
+    ``fingerprint``: what else determines the result (model config, starting checkpoint,
+    data, code), stored in the checkpoints; a finished or interrupted run in ``out_dir``
+    is reused only when it matches, never silently returned for other inputs.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last, final = out_dir / "last.pt", out_dir / "final.pt"
+    fingerprint = fingerprint or {}
+    main_rank = distributed.is_main()  # only rank 0 writes (checkpoints, logs) and prints
+    if final.is_file():
+        saved = load_checkpoint(final)
+        if saved.get("finished") and not config_differences(saved["stage_config"], cfg) \
+                and saved.get("run_fingerprint", {}) == fingerprint:
+            if main_rank:
+                print(f"[{cfg.stage}] {final} is complete; nothing to do")
+            return final
+
+    steps_per_epoch = len(make_train_batches(1))
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    run = StageRun(_initial_model(model_or_init), cfg, out_dir, steps_per_epoch)
+    run.fingerprint = fingerprint
+    if last.is_file():
+        checkpoint = load_checkpoint(last, map_location=run.device)
+        if checkpoint.get("run_fingerprint", {}) != fingerprint:
+            raise ValueError(f"{last} belongs to a run from another model, starting point or data; "
+                             "use another out dir or delete it to start over")
+        run.restore(checkpoint)
+    else:
+        seed_everything(cfg.seed)
+    if main_rank:
+        print_header(cfg, run.model, out_dir, run.device, run.epoch)
+
+    while run.epoch < cfg.epochs:
+        started = time.perf_counter()
+        epoch = run.epoch + 1
+
+        def with_progress(batches: Iterable[Batch]) -> Iterable[Batch]:
+            return epoch_progress(batches, cfg, epoch) if main_rank else batches
+
+        train, train_seconds = run.train_epoch(make_train_batches(epoch), with_progress)
+        val = run.validate(make_val_batches()) if make_val_batches is not None else None
+        run.epoch = epoch
+        run.step_rows = [plain_row(r) for r in run.step_rows]
+        lr = next(r["lr"] for r in run.step_rows if r["epoch"] == epoch)  # at the epoch's first step
+        row = run.log_row(train, train_seconds, val, lr, time.perf_counter() - started)
+        run.history.append(row)
+        if main_rank:
+            run.save(last)
+            write_logs(out_dir, run.history, run.step_rows)
+            print(epoch_line(cfg.stage, cfg.epochs, row), flush=True)
+
+    if main_rank:
+        _atomic_copy(last, final)
+        write_logs(out_dir, run.history, run.step_rows)
+    distributed.barrier()  # every rank returns once final.pt is there
+    return final
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)

@@ -50,10 +50,10 @@ def _relative(package: str, level: int, module: str | None) -> str:
     return ".".join(base + ([module] if module else []))
 
 
-def _module_name(path: Path) -> str:
-    relative = path.relative_to(ROOT).with_suffix("")
-    parts = list(relative.parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def _package_of(path: Path) -> str:
+    """The package a relative import in `path` starts from: mtl/eval/x.py and
+    mtl/eval/__init__.py both -> mtl.eval."""
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
 
 
 def closure(seeds: dict[str, set[str] | None]) -> set[Path]:
@@ -64,7 +64,7 @@ def closure(seeds: dict[str, set[str] | None]) -> set[Path]:
         path = module_file(module)
         tree = ast.parse(path.read_text())
         files.add(path)
-        package = _module_name(path)
+        package = _package_of(path)
         top_level = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         found = set().union(*(imports_in(n, package) for n in top_level)) if top_level else set()
         for node in tree.body:
@@ -76,7 +76,7 @@ def closure(seeds: dict[str, set[str] | None]) -> set[Path]:
         if path in files:
             continue
         files.add(path)
-        queue += sorted(imports_in(ast.parse(path.read_text()), _module_name(path)))
+        queue += sorted(imports_in(ast.parse(path.read_text()), _package_of(path)))
     return files
 
 
@@ -126,8 +126,13 @@ def test_every_module_a_stage_runs_is_a_dependency(name, cmd, deps):
     assert not missing, f"dvc.yaml stage {name} does not list {missing}"
 
 
-def test_the_closure_follows_imports_inside_functions(tmp_path):
-    """mtl.study imports its stages' modules inside the stage functions: they count."""
-    files = {p.relative_to(ROOT).as_posix() for p in closure({"mtl.study": {"features_stage"}})}
-    assert {"mtl/study.py", "mtl/features.py", "mtl/train.py", "mtl/loss.py"} <= files
-    assert "mtl/dedup.py" not in files
+def test_imports_inside_functions_count():
+    code = "import os\n\ndef main():\n    from mtl.params import load_params\n    from .metrics import micro_ap\n"
+    assert imports_in(ast.parse(code), "mtl.eval") >= {"mtl.params", "mtl.eval.metrics"}
+    assert imports_in(ast.parse("import os"), "mtl") == set()
+
+
+def test_the_closure_follows_what_the_stage_imports_and_nothing_else():
+    files = {p.relative_to(ROOT).as_posix() for p in closure({"mtl.study.training_stages": {"features_stage"}})}
+    assert {"mtl/study/training_stages.py", "mtl/features.py", "mtl/loss.py", "mtl/model.py"} <= files
+    assert not any(f.startswith("mtl/dedup/") for f in files)

@@ -1,6 +1,7 @@
 """The learning curve: how far more training pictures take the paper's model.
 
-One recipe (``best``) is trained, both stages, on seeded subsets of the corpus's training
+One recipe (``best``) is trained, both stages (or, with ``stages: frozen`` in the spec,
+stage 1 only: a fraction of the time, from the feature cache), on seeded subsets of the corpus's training
 pictures (`data.train_pictures`, whole groups, `mtl.data.splits.train_subset`) with the
 same epochs, so the same budget per picture, and every point is scored on the same val and
 test evaluation sets.  The ImageNet backbone's 1280-d output (the untouched backbone of a
@@ -10,7 +11,7 @@ stage-1 checkpoint) is the reference line.
     make learning-curve PROFILE=full
 
 Outputs in ``results/learning_curve/``: ``table.csv`` (train_pictures, muap_val,
-muap_test, acc1_test, recall_at_p90_test, wall_seconds; written after every point, so a
+muap_test, acc1_test, recall_at_p90_test, stages, wall_seconds; written after every point, so a
 stopped run keeps what it finished), ``baseline.json`` and ``learning_curve.png``.
 Models go to ``models/learning_curve/<points>/``; a point interrupted mid-stage resumes.
 """
@@ -33,7 +34,8 @@ from mtl.params import load_params, read_yaml, recipe_params, set_dotted
 from mtl.sweep import run_notebook
 from mtl.training.stage import training_manifest
 
-COLUMNS = ("train_pictures", "muap_val", "muap_test", "acc1_test", "recall_at_p90_test", "wall_seconds")
+COLUMNS = ("train_pictures", "muap_val", "muap_test", "acc1_test", "recall_at_p90_test", "stages", "wall_seconds")
+STAGE_PLANS = {"both": ("frozen", "finetune"), "frozen": ("frozen",)}
 OUT = Path("results") / "learning_curve"
 MODELS = Path("models") / "learning_curve"
 
@@ -53,7 +55,10 @@ def load_spec(path: str | Path) -> dict:
     points = spec.get("train_pictures")
     if not points or not all(p is None or (isinstance(p, int) and p > 0) for p in points):
         raise ValueError(f"{path}: train_pictures must list positive integers (and null for all)")
-    return {"recipe": spec.get("recipe", "best"), "train_pictures": list(points)}
+    stages = spec.get("stages", "both")
+    if stages not in STAGE_PLANS:
+        raise ValueError(f"{path}: stages must be one of {sorted(STAGE_PLANS)}, got {stages!r}")
+    return {"recipe": spec.get("recipe", "best"), "train_pictures": list(points), "stages": stages}
 
 
 def count_train_pictures(params: dict) -> int:
@@ -65,8 +70,9 @@ def score(checkpoint: Path, params: dict, split: str) -> dict[str, dict[str, flo
 
 
 def run_point(points: int | None, recipe: str, params_path: str, common: Sequence[str], runner: Runner,
-              models: Path) -> tuple[dict, Path]:
-    """Train both stages on one subset; return its table row and the stage-1 checkpoint."""
+              models: Path, stages: str = "both") -> tuple[dict, Path]:
+    """Train the stages (both, or stage 1 only) on one subset; return its table row and
+    the stage-1 checkpoint."""
     overrides = [*common, f"data.train_pictures={'null' if points is None else points}"]
     params = recipe_params(load_params(params_path), recipe)
     for assignment in overrides:
@@ -74,14 +80,14 @@ def run_point(points: int | None, recipe: str, params_path: str, common: Sequenc
     name = "all" if points is None else str(points)
     started = time.perf_counter()
     init = None
-    for stage in ("frozen", "finetune"):
+    for stage in STAGE_PLANS[stages]:
         out_dir = models / name / stage
         runner(recipe, f"learning_curve/{name}/{stage}", stage, out_dir, init, overrides, params_path)
         init = out_dir / "final.pt"
     val, test = score(init, params, "val")["mtl"], score(init, params, "test")["mtl"]
     row = {"train_pictures": count_train_pictures(params), "muap_val": val["muap"], "muap_test": test["muap"],
            "acc1_test": test["acc_at_1"], "recall_at_p90_test": test["recall_at_p90"],
-           "wall_seconds": round(time.perf_counter() - started, 1)}
+           "stages": "+".join(STAGE_PLANS[stages]), "wall_seconds": round(time.perf_counter() - started, 1)}
     return row, models / name / "frozen" / "final.pt"
 
 
@@ -105,7 +111,7 @@ def run_learning_curve(spec_file: str | Path, params_path: str = "params.yaml", 
     for i, points in enumerate(spec["train_pictures"], 1):
         print(f"[learning curve] point {i}/{len(spec['train_pictures'])}: "
               f"{'all' if points is None else points} training pictures", flush=True)
-        row, frozen = run_point(points, spec["recipe"], str(merged_path), common, runner, models)
+        row, frozen = run_point(points, spec["recipe"], str(merged_path), common, runner, models, spec["stages"])
         rows.append(row)
         table = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values("train_pictures")
         table.to_csv(out_dir / "table.csv", index=False)

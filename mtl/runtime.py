@@ -114,9 +114,16 @@ def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "it",
                   flush=True)
 
 
+# The kernel's interpreter: jupyter_client replaces a bare "python" by the interpreter
+# that launches the kernel (papermill's, i.e. the project's .venv).  An absolute path
+# would tie the user-wide kernel to one checkout: a second clone's `make setup` would
+# repoint the first clone's pipeline at its venv, and deleting that clone breaks both.
+KERNEL_PYTHON = "python"
+
+
 def install_kernel(name: str = "mtl") -> Path:
-    """Register this interpreter as Jupyter kernel `name` (user scope), with the
-    fast-malloc variables in the kernel's environment.  Idempotent."""
+    """Register Jupyter kernel `name` (user scope) running the launching interpreter, with
+    the fast-malloc variables in the kernel's environment.  Idempotent."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     ksm = KernelSpecManager()
@@ -128,16 +135,16 @@ def install_kernel(name: str = "mtl") -> Path:
     wanted_env = {**FAST_MALLOC_ENV, "PAPERMILL_EXECUTION": "1"}
     if spec_dir is not None:
         spec = json.loads((spec_dir / "kernel.json").read_text())
-        if spec.get("argv", [""])[0] == sys.executable and spec.get("env") == wanted_env:
+        if spec.get("argv", [""])[0] == KERNEL_PYTHON and spec.get("env") == wanted_env:
             return spec_dir
     from ipykernel.kernelspec import install
 
     spec_dir = Path(install(user=True, kernel_name=name, display_name=f"Python ({name})"))
     spec = json.loads((spec_dir / "kernel.json").read_text())
-    spec["argv"][0] = sys.executable
+    spec["argv"][0] = KERNEL_PYTHON
     spec["env"] = wanted_env
     atomic_write_text(spec_dir / "kernel.json", json.dumps(spec, indent=1))
-    print(f"registered Jupyter kernel '{name}' -> {sys.executable}")
+    print(f"registered Jupyter kernel '{name}' (runs the interpreter that launches it: papermill's)")
     return spec_dir
 
 

@@ -148,3 +148,22 @@ def test_learning_curve_table_baseline_and_figure(tiny_study, monkeypatch):
     # every point read the same evaluation files; the subsets were written beside the corpus
     assert sorted(p.name for p in (tmp_path / "train_subsets").glob("*.csv")) == ["corpus-4-seed0.csv",
                                                                                  "corpus-8-seed0.csv"]
+    assert set(saved["stages"]) == {"frozen+finetune"}
+
+    # stage 1 only: one run per point, recorded as such
+    trained.clear()
+    spec.write_text("recipe: best\nstages: frozen\ntrain_pictures: [4]\n")
+    frozen_only = learning_curve.run_learning_curve(spec, str(REPO / "params.yaml"), None, overrides,
+                                                    tmp_path / "frozen_only", tmp_path / "models_frozen",
+                                                    runner=in_process)
+    assert trained == [(4, "frozen")]
+    assert frozen_only["stages"].tolist() == ["frozen"]
+
+
+def test_a_spec_with_unknown_stages_is_refused(tmp_path):
+    from mtl.learning_curve import load_spec
+
+    spec = tmp_path / "curve.yaml"
+    spec.write_text("train_pictures: [4]\nstages: finetune\n")
+    with pytest.raises(ValueError, match="stages must be one of"):
+        load_spec(spec)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from mtl import plots
 from mtl.eval.embed import embed_pictures
-from mtl.eval.evaluation import EvalConfig, evaluate_methods, image_pairs
+from mtl.eval.embeddings import load_npz
+from mtl.eval.evaluation import EvalConfig, EvalSplit, evaluate_methods, image_pairs
 from mtl.eval.methods import CheckpointPass, embed_methods
-from mtl.eval.operating_points import write_operating_points
+from mtl.eval.operating_points import OPERATING_POINT_METHODS, write_operating_points
 from mtl.eval.space import EmbeddingsConfig, anchor_views, project_tsne, project_umap, score_space
 from mtl.io import write_json
 from mtl.model import MTLNet
@@ -115,7 +116,10 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
                                       target_precision=cfg.target_precision,
                                       decisions_from=[f"{r}_finetune" for r in RECIPES if f"{r}_finetune" in paths])
     evaluation.save(results_dir)
-    write_operating_points(evaluation.table, cfg, checkpoint_path("best", "finetune"), MODELS / "operating_points.json")
+    val_embeddings = {method: load_npz(files["val"]) for method, files in paths.items()
+                      if method in OPERATING_POINT_METHODS}
+    write_operating_points(val_embeddings, EvalSplit.load(eval_dir, "val"), cfg, checkpoint_path("best", "finetune"),
+                           MODELS / "operating_points.json")
     plots.pr_curves(evaluation.pr_curve_arrays(), results_dir / "pr_curves.png")
     per_t = evaluation.per_transformation
     shown = per_t[per_t["method"].isin(["phash", "backbone_gap1280", "paper_finetune", "best_finetune"])]

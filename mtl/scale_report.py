@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from mtl.data.corpus_report import read_report
 from mtl.data.manifest import rank_key, read_manifest
 from mtl.data.packages import PACKAGES
 from mtl.data.sheets import side_by_side, thumbnail_grid
@@ -61,7 +62,7 @@ def package_overview(corpus_dir: Path, out_png: Path, per_row: int = 12, thumb: 
 
 def save_corpus(corpus_dir: Path, out_dir: Path) -> Path:
     """metrics.json, packages.png and contact_sheets.png of a built corpus, under out_dir."""
-    report = json.loads((corpus_dir / "report.json").read_text())
+    report = read_report(corpus_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(corpus_metrics(report), indent=2, sort_keys=True) + "\n")
     package_overview(corpus_dir, out_dir / "packages.png")
@@ -134,8 +135,9 @@ def learning_curve_table(results_dir: Path) -> str | None:
     if baseline.is_file():
         rows.append({"train_pictures": "ImageNet 1280-d", **json.loads(baseline.read_text())})
     columns = [("train_pictures", "training pictures"), ("muap_val", "μAP val"), ("muap_test", "μAP test"),
-               ("acc1_test", "acc@1 test"), ("recall_at_p90_test", "R@P90 test"), ("wall_seconds", "wall s")]
-    return markdown_table(rows, columns)
+               ("acc1_test", "acc@1 test"), ("recall_at_p90_test", "R@P90 test"), ("stages", "stages trained"),
+               ("wall_seconds", "wall s")]
+    return markdown_table(rows, [c for c in columns if c[0] != "stages" or "stages" in rows[0]])
 
 
 def profiles_table(results_dir: Path, methods: tuple[str, ...] = ("phash", "backbone_gap1280", "best_frozen",

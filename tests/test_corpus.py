@@ -19,6 +19,7 @@ from PIL import Image
 
 from mtl.data import corpus, debian, decode
 from mtl.data.corpus import CorpusConfig, build_corpus
+from mtl.data.corpus_report import read_report
 from mtl.data.decode import content_share, tile_content
 from mtl.data.manifest import MANIFEST_COLUMNS, CorpusImage, read_manifest
 from mtl.data.packages import PACKAGES, PackageSource, clipart_family, scene_picture
@@ -397,6 +398,22 @@ def assert_eval_planning_keeps_pictures_apart(corpus_dir: Path, tmp_path: Path) 
 
 # ---------------------------------------------------------------------------
 # resuming a killed build
+
+
+def test_a_rebuild_leaves_every_file_of_the_corpus_identical(tmp_path, photo_folder):
+    """The corpus folder is the DVC output every later stage depends on: a rebuild (here a
+    resumed one, with other times and decode counts) must not change one byte of it."""
+    first = build_corpus(_folder_config(photo_folder, tmp_path / "corpus"))
+    before = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "corpus").rglob("*") if p.is_file()}
+    second = build_corpus(_folder_config(photo_folder, tmp_path / "corpus"))
+    after = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "corpus").rglob("*") if p.is_file()}
+    assert second["decode"] != first["decode"]  # the second build resumed from the first's record
+    assert after == before
+    # the run's times and counts are recorded beside the folder, and read back with the report
+    log = json.loads((tmp_path / "corpus.build.json").read_text())
+    assert log["decode"] == second["decode"] and log["timings"]["build_s"] == second["timings"]["build_s"]
+    assert "timings" not in json.loads((tmp_path / "corpus" / "report.json").read_text())
+    assert read_report(tmp_path / "corpus")["decode"] == second["decode"]
 
 
 def test_a_killed_build_resumes_and_decodes_only_the_rest(tmp_path, photo_folder, monkeypatch):

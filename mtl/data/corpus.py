@@ -23,7 +23,8 @@ Every kept image is decoded once (`mtl.data.decode`, in ``workers`` processes, r
 after a kill), shrunk to ``max_side`` and written as ``<corpus_dir>/images/<class>/<id>.jpg``.
 Then exact and near duplicates are dropped across the whole corpus and splits are
 assigned per group (`mtl.data.splits`).  Outputs: ``manifest.csv`` (`mtl.data.manifest`),
-``report.json`` (counts, rejections, MB and minutes per phase), ``contact_<class>.png`` and
+``report.json`` (counts, rejections, MB per phase; the times and decode counts of the last
+build go beside the folder, ``<corpus_dir>.build.json``), ``contact_<class>.png`` and
 one contact sheet per package (``contact_packages/``) (`mtl.data.corpus_report`).  The build refuses (and touches nothing)
 when ``corpus_dir`` overlaps the folder it reads, or holds files no build made (a build
 marks the folder as its own).
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import shutil
 import sys
@@ -47,13 +47,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mtl.data.corpus_report import (disk_report, make_report, per_package, summary, write_contact_sheets,
-                                    write_package_sheets, write_rejected_sheet)
+                                    write_package_sheets, write_rejected_sheet, write_report)
 from mtl.data.debian import debian_sources
 from mtl.data.decode import SourceImage, decode_all, remove_unkept, restore_files
 from mtl.data.manifest import MANIFEST_COLUMNS, SPLITS, rank_key, slug, unique_ids, write_manifest
 from mtl.data.packages import PACKAGE_SETS
 from mtl.data.splits import assign_splits, cap_per_class, drop_duplicates
-from mtl.io import UserError, atomic_write_text, claim_folder, overlaps, refuse_foreign_folder
+from mtl.io import UserError, claim_folder, overlaps, refuse_foreign_folder
 from mtl.params import load_params, section_config
 
 # Decode files for this many times `max_per_class` images at most: enough that
@@ -264,7 +264,7 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     report = make_report(cfg, kept, dedup, skipped, timings, packages, sheets)
     report.update(near_blank_sheet=rejected_sheet, package_sheets=package_sheets, decode=decode_counts,
                   disk=disk_report(cfg, kept, packages), per_package=per_package(kept, items))
-    atomic_write_text(corpus_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    write_report(report, corpus_dir)
     return report
 
 

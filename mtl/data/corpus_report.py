@@ -4,6 +4,7 @@ and split, rejections per reason, duplicates, MB and seconds per phase, per pack
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import asdict
@@ -15,7 +16,7 @@ from mtl.data.decode import REJECTED_DIR, SourceImage
 from mtl.data.manifest import SPLITS, CorpusImage, rank_key, slug
 from mtl.data.sheets import contact_sheet
 from mtl.data.splits import Deduplication
-from mtl.io import atomic_path
+from mtl.io import atomic_path, atomic_write_text
 
 
 # --------------------------------------------------------------------------- contact sheets
@@ -145,3 +146,28 @@ def folder_megabytes(folder: Path) -> float:
             if not os.path.islink(path):
                 total += os.path.getsize(path)
     return round(total / 2**20, 1)
+
+
+# What differs between two builds of the same corpus: the clock, and how much a resumed
+# build found already decoded.  Kept out of report.json so that the corpus folder (a DVC
+# output every later stage depends on) has the same content hash after every rebuild.
+RUN_KEYS = ("build_seconds", "timings", "decode")
+
+
+def build_log_path(corpus_dir: Path) -> Path:
+    """The last build's times and decode counts: beside the corpus folder, not in it."""
+    return corpus_dir.parent / f"{corpus_dir.name}.build.json"
+
+
+def write_report(report: dict, corpus_dir: Path) -> None:
+    content = {k: v for k, v in report.items() if k not in RUN_KEYS}
+    atomic_write_text(corpus_dir / "report.json", json.dumps(content, indent=1) + "\n")
+    run = {k: report[k] for k in RUN_KEYS if k in report}
+    atomic_write_text(build_log_path(corpus_dir), json.dumps(run, indent=1) + "\n")
+
+
+def read_report(corpus_dir: Path) -> dict:
+    """report.json with the last build's times and decode counts, when they are recorded."""
+    report = json.loads((corpus_dir / "report.json").read_text())
+    log = build_log_path(corpus_dir)
+    return {**report, **json.loads(log.read_text())} if log.is_file() else report

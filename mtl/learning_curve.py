@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="a profile overlaid on the parameters (profiles/full.yaml)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every point")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--models", default=str(MODELS), help="where each point's checkpoints go")
     args = parser.parse_args(argv)
-    print(run_learning_curve(args.spec, args.params, args.profile, args.set, args.out).to_string(index=False))
+    print(run_learning_curve(args.spec, args.params, args.profile, args.set, args.out, args.models)
+          .to_string(index=False))
     return 0
 
 

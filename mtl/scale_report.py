@@ -126,12 +126,13 @@ def counts_table(corpus: dict) -> str:
                                  ("total", "total")])
 
 
-def learning_curve_table(results_dir: Path) -> str | None:
-    table = results_dir / "learning_curve" / "table.csv"
+def learning_curve_table(results_dir: Path, name: str = "learning_curve") -> str | None:
+    """results/<name>/table.csv (mtl.learning_curve) with its ImageNet baseline row."""
+    table = results_dir / name / "table.csv"
     if not table.is_file():
         return None
     rows = pd.read_csv(table).to_dict("records")
-    baseline = results_dir / "learning_curve" / "baseline.json"
+    baseline = results_dir / name / "baseline.json"
     if baseline.is_file():
         rows.append({"train_pictures": "ImageNet 1280-d", **json.loads(baseline.read_text())})
     columns = [("train_pictures", "training pictures"), ("muap_val", "μAP val"), ("muap_test", "μAP test"),
@@ -166,6 +167,7 @@ def scale_tables(results_dir: Path = RESULTS) -> dict[str, str]:
         tables.update(packages_full=packages_table(corpus), corpus_build_full=build_table(corpus),
                       corpus_full=counts_table(corpus))
     for name, table in (("learning_curve", learning_curve_table(results_dir)),
+                        ("learning_curve_mem0", learning_curve_table(results_dir, "learning_curve_mem0")),
                         ("retrieval_profiles", profiles_table(results_dir))):
         if table is not None:
             tables[name] = table

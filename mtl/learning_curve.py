@@ -31,11 +31,12 @@ from mtl import plots
 from mtl.data.manifest import read_manifest
 from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.params import load_params, read_yaml, recipe_params, set_dotted
-from mtl.sweep import run_notebook
+from mtl.sweep import STAGE_PLANS as SWEEP_STAGE_PLANS, run_notebook
 from mtl.training.stage import training_manifest
 
 COLUMNS = ("train_pictures", "muap_val", "muap_test", "acc1_test", "recall_at_p90_test", "stages", "wall_seconds")
-STAGE_PLANS = {"both": ("frozen", "finetune"), "frozen": ("frozen",)}
+# Every point trains from scratch, so stage 2 alone (which needs a stage-1 start) is no plan here.
+STAGE_PLANS = {name: SWEEP_STAGE_PLANS[name] for name in ("both", "frozen")}
 OUT = Path("results") / "learning_curve"
 MODELS = Path("models") / "learning_curve"
 

@@ -86,3 +86,12 @@ def test_ids_outside_the_split_are_refused():
     result = EmbeddingResult(np.array(["r1", "zz"]), result.embeddings[:2], "mtl")
     with pytest.raises(ValueError, match="not in the val split"):
         folder_pairs(result, tiny_split())
+
+
+def test_an_eval_set_without_source_groups_has_no_unknown_pairs():
+    split = tiny_split()
+    queries = split.queries.drop(columns=["source_id", "source_group"])
+    split = EvalSplit("val", split.directory, split.references, queries)
+    pairs, _ = folder_pairs(embedded({}), split)
+    assert len(pairs) == 8 * 7 // 2  # d1-d2 is now an ordinary wrong pair
+    assert not pairs[(pairs["a"] == "d1") & (pairs["b"] == "d2")]["correct"].any()

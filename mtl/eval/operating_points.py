@@ -100,7 +100,8 @@ def folder_pairs(result: EmbeddingResult, split: EvalSplit, gate: bool = False) 
     a, b = np.triu_indices(len(result.ids), k=1)
     scores = np.einsum("ij,ij->i", result.embeddings[a], result.embeddings[b])
     correct = (copy[a] != None) & (copy[a] == copy[b])  # noqa: E711 (elementwise)
-    unknown = (copy[a] == None) & (copy[b] == None) & (group[a] == group[b])  # noqa: E711
+    # An eval set without source groups has no unknown pairs (None == None is no picture).
+    unknown = (copy[a] == None) & (copy[b] == None) & (group[a] != None) & (group[a] == group[b])  # noqa: E711
     n_correct = int(correct.sum())
     keep = ~unknown
     if gate:

@@ -142,8 +142,8 @@ def learning_curve(table: pd.DataFrame, baseline: dict, path: str | Path) -> Pat
     ImageNet backbone's 1280-d output as a dashed line of each (matplotlib's own style)."""
     with plt.style.context("default"):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        stages = " + ".join(sorted(set(table["stages"]))) if "stages" in table else "frozen+finetune"
         for split, colour in (("val", "tab:blue"), ("test", "tab:orange")):
+            stages = " + ".join(sorted(set(table["stages"]))) if "stages" in table else "frozen+finetune"
             ax.plot(table["train_pictures"], table[f"muap_{split}"], "o-", color=colour,
                     label=f"best recipe ({stages}), {split}")
             ax.axhline(baseline[f"muap_{split}"], color=colour, linestyle="--", linewidth=1,

@@ -36,31 +36,35 @@ import sys
 import tempfile
 import time
 import types
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
 
 from mtl.dedup import find_duplicates
+from mtl.eval.evaluation import EvalSplit
 from mtl.eval.metrics import threshold_for_precision
+from mtl.eval.operating_points import folder_keys
 
 TARGET_PRECISION = 0.9
 
 
 def build_folder(split_dir: Path, folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str]]]:
     """Copy references and queries into `folder` (flat); return (the true copy pairs,
-    the unknown pairs: distractors of one picture)."""
-    references = pd.read_csv(split_dir / "references.csv", dtype=str, keep_default_na=False)
-    queries = pd.read_csv(split_dir / "queries.csv", dtype=str, keep_default_na=False)
+    the unknown pairs: distractors of one picture), by file name, from the ground truth the
+    operating points are chosen with (mtl.eval.operating_points.folder_keys)."""
+    split = EvalSplit.load(split_dir.parent, split_dir.name)
+    copy_of, source_of = folder_keys(split)
+    paths = {**dict(zip(split.references["reference_id"], split.references["path"])),
+             **dict(zip(split.queries["query_id"], split.queries["path"]))}
     folder.mkdir(parents=True)
-    for path in itertools.chain(references["path"], queries["path"]):
-        shutil.copy2(split_dir / path, folder / Path(path).name)
-    copies = {r: {Path(p).name} for r, p in zip(references["reference_id"], references["path"])}
-    pictures: dict[str, set[str]] = {}
-    for row in queries.itertuples():
-        if row.reference_id:
-            copies[row.reference_id].add(Path(row.path).name)
-        elif "source_group" in queries:
-            pictures.setdefault(row.source_group, set()).add(Path(row.path).name)
+    copies, pictures = defaultdict(set), defaultdict(set)
+    for image_id, path in paths.items():
+        shutil.copy2(path, folder / Path(path).name)
+        if copy_of[image_id] is not None:
+            copies[copy_of[image_id]].add(Path(path).name)
+        elif source_of[image_id] is not None:
+            pictures[source_of[image_id]].add(Path(path).name)
     return _pairs_within(copies.values()), _pairs_within(pictures.values())
 
 

@@ -91,7 +91,7 @@ def folder_pairs(result: EmbeddingResult, split: EvalSplit, gate: bool = False) 
     """Every pair of the split's images as one folder: (a, b, score, correct), without the
     unknown pairs, and the number of correct pairs.  With `gate`, pairs whose predicted
     classes differ are left out, as `mtl dedup` leaves them out."""
-    copy_of, group_of = _copy_keys(split)
+    copy_of, group_of = folder_keys(split)
     missing = [i for i in result.ids if i not in copy_of]
     if missing:
         raise ValueError(f"{len(missing)} embedded ids are not in the {split.name} split, e.g. {missing[0]!r}")
@@ -114,9 +114,11 @@ def folder_pairs(result: EmbeddingResult, split: EvalSplit, gate: bool = False) 
     return pairs, n_correct
 
 
-def _copy_keys(split: EvalSplit) -> tuple[dict[str, str | None], dict[str, str | None]]:
-    """Per image id: the reference it is a copy of (a reference is its own), and the
-    source picture of a distractor."""
+def folder_keys(split: EvalSplit) -> tuple[dict[str, str | None], dict[str, str | None]]:
+    """The ground truth of the split as one folder, per image id: the reference it is a copy
+    of (a reference is its own; None for a distractor), and its source picture (None for a
+    reference, or when the eval set does not record it).  Two images are a true pair when
+    they share a reference, unknown when both are distractors of one picture."""
     copy_of = {r: r for r in split.references["reference_id"]}
     group_of: dict[str, str | None] = dict.fromkeys(copy_of)
     groups = split.queries["source_group"] if "source_group" in split.queries else [None] * len(split.queries)

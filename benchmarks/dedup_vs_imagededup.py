@@ -44,7 +44,7 @@ import pandas as pd
 from mtl.dedup import find_duplicates
 from mtl.eval.evaluation import EvalSplit
 from mtl.eval.metrics import threshold_for_precision
-from mtl.eval.operating_points import folder_keys
+from mtl.eval.folder import folder_keys
 
 TARGET_PRECISION = 0.9
 
@@ -52,7 +52,7 @@ TARGET_PRECISION = 0.9
 def build_folder(split_dir: Path, folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str]]]:
     """Copy references and queries into `folder` (flat); return (the true copy pairs,
     the unknown pairs: distractors of one picture), by file name, from the ground truth the
-    operating points are chosen with (mtl.eval.operating_points.folder_keys)."""
+    operating points are chosen with (mtl.eval.folder.folder_keys)."""
     split = EvalSplit.load(split_dir.parent, split_dir.name)
     copy_of, source_of = folder_keys(split)
     paths = {**dict(zip(split.references["reference_id"], split.references["path"])),

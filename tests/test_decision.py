@@ -108,7 +108,7 @@ def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(
     per_split = {split: _write_split(tmp_path, split, rng) for split in ("val", "test")}
     embeddings = {m: {s: per_split[s][m] for s in per_split} for m in ("backbone_gap1280", "mtl_finetune")}
     evaluation = evaluate_methods(tmp_path / "eval", embeddings, k=5, betas=[0.0, 0.5, 1.0],
-                                  decisions_from=["mtl_finetune"])
+                                  decisions_from=["mtl_finetune"], normalize=False)
     table = evaluation.table.set_index("method")
     assert list(table.index) == ["backbone_gap1280", "mtl_finetune", "mtl_finetune_gate", "mtl_finetune_fusion"]
     assert table.loc["backbone_gap1280", "bytes_per_vector"] == 64
@@ -127,3 +127,27 @@ def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(
     written = evaluation.save(tmp_path / "out")
     assert pd.read_csv(written["methods"]).shape[0] == 4
     assert set(pd.read_csv(written["per_transformation"])["transformation"]) == {"blur", "crop"}
+
+
+def test_every_method_gets_a_normalized_row_with_val_chosen_parameters(tmp_path):
+    from mtl.eval.evaluation import evaluate_methods
+
+    rng = np.random.default_rng(0)
+    per_split = {split: _write_split(tmp_path, split, rng) for split in ("val", "test")}
+    embeddings = {m: {s: per_split[s][m] for s in per_split} for m in ("backbone_gap1280", "mtl_finetune")}
+    evaluation = evaluate_methods(tmp_path / "eval", embeddings, k=5, betas=[0.0, 1.0],
+                                  decisions_from=["mtl_finetune"], norm_ks=[1, 5], norm_betas=[0.0, 1.0])
+    table = evaluation.table.set_index("method")
+    assert list(table.index) == ["backbone_gap1280", "backbone_gap1280_norm", "mtl_finetune", "mtl_finetune_gate",
+                                 "mtl_finetune_fusion", "mtl_finetune_norm", "mtl_finetune_norm_gate",
+                                 "mtl_finetune_norm_fusion"]
+    grid = evaluation.normalization_grid
+    assert set(grid["method"]) == {"backbone_gap1280", "mtl_finetune"} and len(grid) == 2 * 3
+    for method in ("backbone_gap1280", "mtl_finetune"):
+        chosen = grid[grid["method"] == method].sort_values(["score", "beta", "k"], ascending=[False, True, True])
+        assert table.loc[f"{method}_norm", "norm_k"] == chosen["k"].iloc[0]
+        assert table.loc[f"{method}_norm", "norm_beta"] == chosen["beta"].iloc[0]
+        assert np.isnan(table.loc[method, "norm_beta"])
+    assert "norm_beta" in evaluation.metrics_dict()["mtl_finetune_norm"]
+    assert (tmp_path / "out" / "normalization_grid.csv").exists() is False
+    assert "normalization_grid" in evaluation.save(tmp_path / "out")

@@ -12,7 +12,7 @@ import pytest
 
 from mtl.eval.embeddings import EmbeddingResult
 from mtl.eval.evaluation import EvalSplit
-from mtl.eval.operating_points import folder_pairs, folder_threshold
+from mtl.eval.folder import folder_pairs, folder_threshold
 
 #            id   copy of  distractor of
 IMAGES = [("r1", "r1", None), ("r2", "r2", None),

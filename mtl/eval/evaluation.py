@@ -10,19 +10,25 @@ The `evaluate` stage (mtl.study.evaluation_stages.evaluate_stage) embeds every m
 For the figures: `evaluation.pr_curve_arrays()`, `evaluation.per_transformation`,
 `evaluation.worst_false_positives(n, method)` and `evaluation.missed_copies(n, method)`.
 
-Rows, in the order given; each method named in `decisions_from` is followed by its
-decision rows
+Rows, in the order given; each embedding method is followed by its normalized row, and
+each method named in `decisions_from` by its decision rows, raw and normalized:
     <method>_gate            drop matches whose predicted classes differ
     <method>_fusion          score − β·P(classes differ), β tuned on val
+    <method>_norm            scores normalized by local density (mtl.eval.normalize), the
+                             references as background, k and β chosen on val
+    <method>_norm_gate, <method>_norm_fusion   the decisions on the normalized scale
+A hash gets a normalized row only when val chooses a normalization for it (β > 0).
 
 Columns: muap, recall_at_p90, acc_at_1 (test split); muap_held_out, acc_at_1_held_out
 (copies made by held-out transformations, plus all distractors); fp_at_threshold and
 tp_at_threshold at `threshold`, chosen on the val split for the target precision;
 bytes_per_vector; dim; images_per_second (embedding, end to end with decoding);
 search_ms_per_query (exact faiss search over the test references); n_failed_images; beta
-(fusion rows).
+(fusion rows); norm_k, norm_beta (normalized rows).
 
-Every number is on the test split; val only chooses the threshold and β.
+Every number is on the test split; val only chooses the thresholds, β and the normalization.
+`compare_backgrounds` measures the normalization's backgrounds (the references against a
+fixed set of training pictures) side by side.
 :func:`checkpoint_scores` scores one checkpoint on one split (val): how diagnostics and
 recipe choices are made.
 """
@@ -30,6 +36,7 @@ recipe choices are made.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,21 +44,24 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from mtl.eval.baselines import HASH_METHODS
 from mtl.eval.decision import (DEFAULT_BETAS, apply_fusion, apply_gate, attach_class_agreement,
                                tune_fusion_beta)
 from mtl.eval.embed import embed_many
 from mtl.eval.embeddings import EmbeddingResult, load_npz
 from mtl.eval.images import images_in_evalset
 from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_positives_at, held_out_metrics,
-                              label_predictions, precision_recall_curve, recall_by_transformation,
-                              retrieval_metrics, threshold_for_precision)
+                              label_predictions, micro_average_precision, precision_recall_curve,
+                              recall_by_transformation, retrieval_metrics, threshold_for_precision)
 from mtl.eval.methods import SPLITS
-from mtl.eval.search import search
+from mtl.eval.normalize import (BETA_GRID, K_GRID, Normalization, choose_parameters, collection_densities,
+                                densities_from_top, normalized_top_k, top_similarities)
+from mtl.eval.search import predictions_table, search
 from mtl.io import atomic_write_text, write_csv
 from mtl.params import section_config
 
 METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold",
-               "threshold", "bytes_per_vector")
+               "threshold", "bytes_per_vector", "norm_k", "norm_beta")
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,9 @@ class EvalConfig:
     top_k: int                 # neighbours searched per query
     target_precision: float    # the operating threshold is chosen on val for this precision
     device: str                # "auto" = CUDA when present, else CPU
+    norm_k_grid: Sequence[int]       # similarity normalization (mtl.eval.normalize): the neighbours k
+    norm_beta_grid: Sequence[float]  # and the weights β tried on val
+    background_images: int           # training pictures of the fixed background
 
     @classmethod
     def from_params(cls, section: Mapping[str, Any]) -> "EvalConfig":
@@ -116,6 +129,42 @@ def _search_split(result: EmbeddingResult, split: EvalSplit, k: int) -> _Run:
     return _Run(label_predictions(found.predictions, split.queries), found.ms_per_query, result)
 
 
+def _normalized_split(result: EmbeddingResult, split: EvalSplit, k: int, normalization: Normalization,
+                      background: np.ndarray | None = None) -> _Run:
+    """The split searched on the normalized scale (exact), labelled."""
+    references, queries = result.role("reference"), result.role("query")
+    start = time.perf_counter()
+    rho_q, rho_r = collection_densities(queries.embeddings, references.embeddings, normalization, background)
+    scores, rows = normalized_top_k(queries.embeddings, rho_q, references.embeddings, rho_r,
+                                    normalization.beta, k)
+    ms_per_query = 1000 * (time.perf_counter() - start) / max(len(queries.ids), 1)
+    predictions = predictions_table(queries.ids, references.ids, scores, rows)
+    return _Run(label_predictions(predictions, split.queries), ms_per_query, result)
+
+
+def choose_normalization(val: EmbeddingResult, split: EvalSplit, k: int, ks=K_GRID, betas=BETA_GRID,
+                         background: np.ndarray | None = None) -> tuple[Normalization, pd.DataFrame]:
+    """k and β with the highest val μAP (mtl.eval.normalize.choose_parameters), the
+    references as background, or `background` (a fixed set) when given."""
+    references, queries = val.role("reference"), val.role("query")
+    kmax = max(ks)
+    if background is None:
+        top_q = top_similarities(queries.embeddings, references.embeddings, kmax)
+        top_r = top_similarities(references.embeddings, references.embeddings, kmax, exclude_self=True)
+    else:
+        top_q = top_similarities(queries.embeddings, background, kmax)
+        top_r = top_similarities(references.embeddings, background, kmax)
+
+    def val_muap(normalization: Normalization) -> float:
+        scores, rows = normalized_top_k(queries.embeddings, densities_from_top(top_q, normalization.k),
+                                        references.embeddings, densities_from_top(top_r, normalization.k),
+                                        normalization.beta, k)
+        predictions = label_predictions(predictions_table(queries.ids, references.ids, scores, rows), split.queries)
+        return micro_average_precision(predictions, split.n_ground_truth)
+
+    return choose_parameters(val_muap, ks, betas, "references" if background is None else "fixed")
+
+
 def _class_agreement(run: _Run) -> pd.DataFrame:
     emb = run.embeddings
     if emb.class_probs is None:
@@ -135,11 +184,12 @@ class MethodsEvaluation:
     test_predictions: dict[str, pd.DataFrame]
     test_split: EvalSplit
     fusion_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
+    normalization_grid: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def metrics_dict(self) -> dict[str, dict[str, float]]:
         """{method: {muap, recall_at_p90, acc_at_1, fp_at_threshold, bytes_per_vector}}:
         results/evaluate/metrics.json, gathered as `retrieval.<method>`."""
-        return {row["method"]: {key: _plain(row[key]) for key in METRIC_KEYS}
+        return {row["method"]: {key: _plain(row[key]) for key in METRIC_KEYS if key in row}
                 for row in self.table.to_dict("records")}
 
     def pr_curve_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -157,6 +207,9 @@ class MethodsEvaluation:
         if not self.fusion_grid.empty:
             written["fusion_beta"] = out_dir / "fusion_beta.csv"
             tables["fusion_beta"] = self.fusion_grid
+        if not self.normalization_grid.empty:
+            written["normalization_grid"] = out_dir / "normalization_grid.csv"
+            tables["normalization_grid"] = self.normalization_grid
         for name, table in tables.items():
             write_csv(table, written[name])
         atomic_write_text(written["metrics"], json.dumps(self.metrics_dict(), indent=2, sort_keys=True) + "\n")
@@ -251,57 +304,105 @@ def _score_method(name: str, val: pd.DataFrame, test: pd.DataFrame, val_split: E
 
 def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str, str | Path]],
                      k: int = 10, target_precision: float = 0.9, decisions_from: Sequence[str] = (),
-                     betas=DEFAULT_BETAS) -> MethodsEvaluation:
+                     betas=DEFAULT_BETAS, normalize: bool = True, norm_ks=K_GRID,
+                     norm_betas=BETA_GRID) -> MethodsEvaluation:
     """Search, score and tabulate every method, in the given order; see the module docstring.
 
     `embeddings` maps a method name to {"val": npz, "test": npz} (as returned by
     embed_methods); each npz holds the split's references and queries (roles).
     Each method in `decisions_from` adds its gate and fusion rows (from its class
-    probabilities).
+    probabilities).  With `normalize`, every method adds its normalized rows, k and β
+    chosen on val from the grids `norm_ks` x `norm_betas`.
     """
     missing = [m for m in decisions_from if m not in embeddings]
     if missing:
         raise ValueError(f"decisions_from {missing} have no embeddings; given: {sorted(embeddings)}")
     splits = {s: EvalSplit.load(eval_dir, s) for s in SPLITS}
-    order = list(embeddings)
     rows, per_transformation, curves, test_predictions = [], [], {}, {}
-    fusion_grids = []
+    fusion_grids, normalization_grids = [], []
 
-    def add(name: str, val: pd.DataFrame, test: pd.DataFrame, extra: dict) -> None:
-        row, per, curve = _score_method(name, val, test, splits["val"], splits["test"], target_precision)
+    def add(name: str, runs: Mapping[str, pd.DataFrame], extra: dict) -> None:
+        row, per, curve = _score_method(name, runs["val"], runs["test"], splits["val"], splits["test"],
+                                        target_precision)
         rows.append({**row, **extra})
         per_transformation.append(per)
         curves[name] = curve
-        test_predictions[name] = test
+        test_predictions[name] = runs["test"]
 
-    for method in order:
-        files = embeddings[method]
+    def add_decisions(name: str, runs: Mapping[str, _Run], extra: dict) -> None:
+        agreed = {s: _class_agreement(runs[s]) for s in SPLITS}
+        add(f"{name}_gate", {s: apply_gate(agreed[s]) for s in SPLITS}, extra)
+        tuning = tune_fusion_beta(agreed["val"], splits["val"].n_ground_truth, betas)
+        fusion_grids.append(tuning.grid.assign(method=name))
+        add(f"{name}_fusion", {s: apply_fusion(agreed[s], tuning.beta) for s in SPLITS},
+            {**extra, "beta": tuning.beta})
+
+    for method, files in embeddings.items():
         missing = [s for s in SPLITS if s not in files]
         if missing:
             raise ValueError(f"method {method!r} lacks embeddings for split(s) {missing}")
-        runs = {s: _search_split(load_npz(files[s]), splits[s], k) for s in SPLITS}
-        test_emb = runs["test"].embeddings
+        results = {s: load_npz(files[s]) for s in SPLITS}
+        runs = {s: _search_split(results[s], splits[s], k) for s in SPLITS}
+        test_emb = results["test"]
         extra = {"bytes_per_vector": test_emb.bytes_per_vector, "dim": test_emb.dim,
                  "images_per_second": test_emb.images_per_second,
                  "search_ms_per_query": runs["test"].search_ms_per_query,
                  "n_failed_images": len(test_emb.failed)}
-        add(method, runs["val"].predictions, runs["test"].predictions, extra)
+        add(method, {s: runs[s].predictions for s in SPLITS}, extra)
         if method in decisions_from:
-            agreed = {s: _class_agreement(runs[s]) for s in SPLITS}
-            add(f"{method}_gate", apply_gate(agreed["val"]), apply_gate(agreed["test"]), extra)
-            tuning = tune_fusion_beta(agreed["val"], splits["val"].n_ground_truth, betas)
-            fusion_grids.append(tuning.grid.assign(method=method))
-            add(f"{method}_fusion", apply_fusion(agreed["val"], tuning.beta),
-                apply_fusion(agreed["test"], tuning.beta), {**extra, "beta": tuning.beta})
-    fusion_grid = pd.concat(fusion_grids, ignore_index=True) if fusion_grids else pd.DataFrame()
+            add_decisions(method, runs, extra)
+        if not normalize:
+            continue
+        chosen, grid = choose_normalization(results["val"], splits["val"], k, norm_ks, norm_betas)
+        normalization_grids.append(grid.assign(method=method))
+        if method in HASH_METHODS and chosen.beta == 0:
+            continue  # val keeps the raw hash score: no normalized row
+        normalized = {s: _normalized_split(results[s], splits[s], k, chosen) for s in SPLITS}
+        norm_extra = {**extra, "search_ms_per_query": normalized["test"].search_ms_per_query,
+                      "norm_k": chosen.k, "norm_beta": chosen.beta}
+        add(f"{method}_norm", {s: normalized[s].predictions for s in SPLITS}, norm_extra)
+        if method in decisions_from:
+            add_decisions(f"{method}_norm", normalized, norm_extra)
     table = pd.DataFrame(rows)
     columns = ["method", "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out",
                "fp_at_threshold", "tp_at_threshold", "threshold", "bytes_per_vector", "dim", "images_per_second",
-               "search_ms_per_query", "n_failed_images", "beta"]
+               "search_ms_per_query", "n_failed_images", "beta", "norm_k", "norm_beta"]
     table = table.reindex(columns=[c for c in columns if c in table.columns])
     return MethodsEvaluation(table=table, per_transformation=pd.concat(per_transformation, ignore_index=True),
-                             pr_curves=curves, test_predictions=test_predictions,
-                             test_split=splits["test"], fusion_grid=fusion_grid)
+                             pr_curves=curves, test_predictions=test_predictions, test_split=splits["test"],
+                             fusion_grid=_concat(fusion_grids), normalization_grid=_concat(normalization_grids))
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def compare_backgrounds(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str, str | Path]],
+                        backgrounds: Mapping[str, str | Path], k: int = 10, target_precision: float = 0.9,
+                        norm_ks=K_GRID, norm_betas=BETA_GRID) -> pd.DataFrame:
+    """The normalization's backgrounds side by side, for each method of `backgrounds`
+    ({method: npz of training pictures' descriptors}): raw, the references as background,
+    and the fixed set; each with its own k and β chosen on val.  One row per method and
+    background: k, beta, val μAP, test μAP, R@P90 and acc@1."""
+    splits = {s: EvalSplit.load(eval_dir, s) for s in SPLITS}
+    rows = []
+    for method, background_file in backgrounds.items():
+        results = {s: load_npz(embeddings[method][s]) for s in SPLITS}
+        fixed = load_npz(background_file).embeddings
+        for name, background in (("raw", None), ("references", None), ("fixed", fixed)):
+            if name == "raw":
+                chosen = Normalization(1, 0.0)
+            else:
+                chosen, _ = choose_normalization(results["val"], splits["val"], k, norm_ks, norm_betas, background)
+            scored = {}
+            for s in SPLITS:
+                predictions = _normalized_split(results[s], splits[s], k, chosen, background).predictions
+                scored[s] = retrieval_metrics(predictions, splits[s].queries, target_precision)
+            rows.append({"method": method, "background": name, "k": chosen.k if name != "raw" else None,
+                         "beta": chosen.beta, "background_images": len(fixed) if name == "fixed" else None,
+                         "val_muap": scored["val"].muap, "muap": scored["test"].muap,
+                         "recall_at_p90": scored["test"].recall_at_p90, "acc_at_1": scored["test"].acc_at_1})
+    return pd.DataFrame(rows)
 
 
 def checkpoint_scores(checkpoint: str | Path, eval_dir: str | Path, split: str, cfg: EvalConfig,

@@ -24,7 +24,7 @@ import pandas as pd
 from mtl.eval.baselines import HASH_METHODS
 from mtl.eval.embed import embed, embed_hashes, embed_many
 from mtl.eval.embeddings import EmbeddingResult, save_npz, unit_rows
-from mtl.eval.images import images_in_evalset
+from mtl.eval.images import ImageList, images_in_evalset
 from mtl.io import atomic_path
 
 SPLITS = ("val", "test")
@@ -98,6 +98,29 @@ def embed_methods(eval_dir: str | Path, embeddings_dir: str | Path, passes: Sequ
                 if out is not None:
                     save_npz(many[kind], out)
     return paths
+
+
+def background_path(embeddings_dir: str | Path, method: str) -> Path:
+    return Path(embeddings_dir) / "background" / f"{method}.npz"
+
+
+def embed_backgrounds(embeddings_dir: str | Path, passes: Sequence[CheckpointPass], methods: Sequence[str],
+                      corpus_dir: str | Path, n_images: int, image_size: int, batch_size: int = 128,
+                      device: str = "auto", num_workers: int = 1, seed: int = 0) -> dict[str, Path]:
+    """The fixed background of the similarity normalization (mtl.eval.normalize, background
+    ``fixed``): `n_images` train-split pictures (the PCA's seeded sample) described by each
+    of `methods` (MTL and 1280-d outputs of the passes), {method: npz}."""
+    paths, ids = train_split_sample(corpus_dir, n_images, seed)
+    images = ImageList(paths, ids)
+    written = {}
+    for job in passes:
+        wanted = {kind: name for kind, name in job.methods().items() if name in methods and kind != "pca"}
+        if not wanted:
+            continue
+        many = embed_many(job.checkpoint, images, job.image_size or image_size, batch_size, device, num_workers)
+        for kind, name in wanted.items():
+            written[name] = save_npz(many[kind], background_path(embeddings_dir, name))
+    return written
 
 
 # --------------------------------------------------------------------------- the PCA baseline

@@ -1,17 +1,27 @@
-"""models/operating_points.json: the thresholds chosen on the val split for a target
-precision, written by the evaluate stage and read by `mtl dedup`.
+"""models/operating_points.json: the decisions chosen on the val split for a target
+precision, written by the evaluate stage and read by `mtl dedup` and `mtl search`.
 
-`mtl dedup` compares every image of a folder with every other, so its thresholds are
-chosen the same way: the val split's references and queries as one folder, every pair
-scored, a pair correct when both are copies of one picture (a reference and its copies,
-or two copies of one reference), unknown when both are distractors cut from one picture
-(neither the eval set nor a person can say), wrong otherwise.  The query -> reference
-thresholds of the evaluation table are lower: among all pairs of a folder there are
-many more wrong ones to pass.
+`mtl dedup` compares every image of a folder with every other, so its decisions are
+chosen the same way: the val split's references and queries as one folder (mtl.eval.folder).
+Scores are normalized by default, the folder as background (mtl.eval.normalize): k and β
+with the highest folder average precision on val, then the lowest threshold keeping pair
+precision >= target at the highest recall.  The raw-cosine threshold is kept beside it
+(`--raw`), and the combined decision (pHash within r bits, or the embedding's score) is
+chosen on val too; `decision` names the one with the higher val recall.  The query ->
+reference thresholds of `mtl search` (the references as background) are lower: among all
+pairs of a folder there are many more wrong ones to pass.
 
-    {name: {descriptor: mtl|gap1280|phash|dhash, threshold (a score: cosine, for hashes
-    1 - 2 hamming/64), target_precision, split, checkpoint, checkpoint_digest (mtl.io.file_digest
-    of the file), image_size, gate}}
+    {name: {descriptor: mtl|gap1280|phash|dhash,
+            threshold            the folder decision's score threshold, on the normalized scale
+                                 when `normalization` is set (a cosine; hashes 1 - 2 hamming/64),
+            raw_threshold        the same precision on the raw scale,
+            normalization        {k, beta, background: folder} or null,
+            combined             {hamming_radius, threshold} or null (trained model only),
+            decision             threshold | combined: what `mtl dedup` uses by default,
+            search               {normalization {k, beta, background: references}, threshold,
+                                  raw_threshold}: query -> reference, for `mtl search`,
+            target_precision, split, checkpoint, checkpoint_digest (mtl.io.file_digest of the
+            file), image_size, gate}}
 
 with names `best` (the trained model), `imagenet`, `phash` and `dhash`.
 """
@@ -21,13 +31,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
 from mtl.eval.embeddings import EmbeddingResult
 from mtl.eval.evaluation import EvalConfig, EvalSplit
-from mtl.eval.metrics import threshold_for_precision
+from mtl.eval.folder import (FolderTruth, choose_combined, folder_average_precision, folder_pairs, folder_threshold,
+                             pairs_at)
+from mtl.eval.normalize import Normalization, choose_parameters
 from mtl.io import file_digest, write_json
 
 DEFAULT_OPERATING_POINTS = Path("models/operating_points.json")
@@ -55,6 +68,20 @@ class OperatingPoint:
     image_size: int | None = None
     gate: bool = False
     calibration: str = "folder"  # every pair of the val split as one folder (the module docstring)
+    raw_threshold: float | None = None     # the raw-cosine threshold (None: `threshold` is raw)
+    normalization: dict | None = None      # {k, beta, background}: the scale of `threshold`
+    combined: dict | None = None           # {hamming_radius, threshold}
+    decision: str = "threshold"            # threshold | combined
+    search: dict | None = None             # query -> reference: {normalization, threshold, raw_threshold}
+
+    @property
+    def folder_normalization(self) -> Normalization | None:
+        return None if self.normalization is None else Normalization.from_dict(self.normalization)
+
+    @property
+    def search_normalization(self) -> Normalization | None:
+        entry = (self.search or {}).get("normalization")
+        return None if entry is None else Normalization.from_dict(entry)
 
     @classmethod
     def from_dict(cls, name: str, entry: object, source: Path) -> "OperatingPoint":
@@ -68,6 +95,13 @@ class OperatingPoint:
             raise ValueError(f"{where}: descriptor {entry['descriptor']!r} is not one of {DESCRIPTORS}")
         if not isinstance(entry["threshold"], (int, float)) or isinstance(entry["threshold"], bool):
             raise ValueError(f"{where}: threshold must be a number, got {entry['threshold']!r}")
+        if entry.get("decision", "threshold") not in ("threshold", "combined"):
+            raise ValueError(f"{where}: decision must be 'threshold' or 'combined', got {entry['decision']!r}")
+        if entry.get("decision") == "combined" and not entry.get("combined"):
+            raise ValueError(f"{where}: decision 'combined' needs a 'combined' entry")
+        for key in ("normalization",):
+            if entry.get(key) is not None:
+                Normalization.from_dict(entry[key], f"{where}: {key}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in entry.items() if k in known})
 
@@ -87,70 +121,109 @@ def load_operating_points(path: str | Path = DEFAULT_OPERATING_POINTS) -> dict[s
     return {name: OperatingPoint.from_dict(name, entry, path) for name, entry in data.items()}
 
 
-def folder_pairs(result: EmbeddingResult, split: EvalSplit, gate: bool = False) -> tuple[pd.DataFrame, int]:
-    """Every pair of the split's images as one folder: (a, b, score, correct), without the
-    unknown pairs, and the number of correct pairs.  With `gate`, pairs whose predicted
-    classes differ are left out, as `mtl dedup` leaves them out."""
-    copy_of, group_of = folder_keys(split)
-    missing = [i for i in result.ids if i not in copy_of]
-    if missing:
-        raise ValueError(f"{len(missing)} embedded ids are not in the {split.name} split, e.g. {missing[0]!r}")
-    copy = np.array([copy_of[i] for i in result.ids], dtype=object)
-    group = np.array([group_of[i] for i in result.ids], dtype=object)
-    a, b = np.triu_indices(len(result.ids), k=1)
-    scores = np.einsum("ij,ij->i", result.embeddings[a], result.embeddings[b])
-    correct = (copy[a] != None) & (copy[a] == copy[b])  # noqa: E711 (elementwise)
-    # An eval set without source groups has no unknown pairs (None == None is no picture).
-    unknown = (copy[a] == None) & (copy[b] == None) & (group[a] != None) & (group[a] == group[b])  # noqa: E711
-    n_correct = int(correct.sum())
-    keep = ~unknown
-    if gate:
-        if result.class_probs is None:
-            raise ValueError(f"{result.method} has no class probabilities: the gate needs a checkpoint")
-        predicted = result.class_probs.argmax(axis=1)
-        keep &= predicted[a] == predicted[b]
-    pairs = pd.DataFrame({"a": result.ids[a][keep], "b": result.ids[b][keep], "score": scores[keep],
-                          "correct": correct[keep]})
-    return pairs, n_correct
+def choose_folder_normalization(result: EmbeddingResult, split: EvalSplit, cfg: EvalConfig,
+                                gate: bool = False) -> tuple[Normalization, pd.DataFrame]:
+    """k and β with the highest average precision over every pair of the val folder, the
+    folder as background (the grids of params.yaml `eval`)."""
+    return choose_parameters(lambda n: folder_average_precision(result, split, gate, n),
+                             cfg.norm_k_grid, cfg.norm_beta_grid, background="folder")
 
 
-def folder_keys(split: EvalSplit) -> tuple[dict[str, str | None], dict[str, str | None]]:
-    """The ground truth of the split as one folder, per image id: the reference it is a copy
-    of (a reference is its own; None for a distractor), and its source picture (None for a
-    reference, or when the eval set does not record it).  Two images are a true pair when
-    they share a reference, unknown when both are distractors of one picture."""
-    copy_of = {r: r for r in split.references["reference_id"]}
-    group_of: dict[str, str | None] = dict.fromkeys(copy_of)
-    groups = split.queries["source_group"] if "source_group" in split.queries else [None] * len(split.queries)
-    for query, reference, source in zip(split.queries["query_id"], split.queries["reference_id"], groups):
-        copy_of[query] = None if pd.isna(reference) else reference
-        group_of[query] = source or None
-    return copy_of, group_of
+def search_entry(table: pd.DataFrame | None, method: str) -> dict | None:
+    """The query -> reference decision of `method` from the evaluation table: the val
+    thresholds of its raw and normalized rows, and the normalization chosen on val."""
+    if table is None:
+        return None
+    rows = table.set_index("method")
+    if method not in rows.index:
+        return None
+    entry = {"threshold": _number(rows.at[method, "threshold"]), "raw_threshold": _number(rows.at[method, "threshold"]),
+             "normalization": None}
+    normalized = f"{method}_norm"
+    if normalized in rows.index:
+        entry["threshold"] = _number(rows.at[normalized, "threshold"])
+        entry["normalization"] = Normalization(int(rows.at[normalized, "norm_k"]),
+                                               float(rows.at[normalized, "norm_beta"]), "references").as_dict()
+    return entry
 
 
-def folder_threshold(result: EmbeddingResult, split: EvalSplit, target_precision: float,
-                     gate: bool = False) -> float:
-    """The lowest score threshold at which `mtl dedup` on the split's images, as one folder,
-    keeps pairs with precision >= target at the highest recall (+inf when none does)."""
-    pairs, n_correct = folder_pairs(result, split, gate)
-    return threshold_for_precision(pairs, n_correct, target_precision)
+def _number(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
 
 
-def write_operating_points(val_embeddings: dict[str, EmbeddingResult], val_split: EvalSplit, cfg: EvalConfig,
-                           best: Path, path: Path) -> Path:
-    """The thresholds `mtl dedup` decides with, chosen on the val split as one folder
-    (see the module docstring): the trained model (checkpoint `best`, class gate on),
-    the ImageNet backbone's 1280-d output, and the two hashes.  `val_embeddings` maps
-    the evaluation's method names to their val embeddings; absent methods are skipped."""
+def write_operating_points(val_embeddings: Mapping[str, EmbeddingResult], val_split: EvalSplit, cfg: EvalConfig,
+                           best: Path, path: Path, evaluation_table: pd.DataFrame | None = None) -> Path:
+    """The decisions `mtl dedup` makes, chosen on the val split as one folder (see the
+    module docstring): the trained model (checkpoint `best`, class gate on), the ImageNet
+    backbone's 1280-d output, and the two hashes.  `val_embeddings` maps the evaluation's
+    method names to their val embeddings; absent methods are skipped.  The evaluation's
+    table gives each method's query -> reference thresholds (`search`)."""
     points = {}
     for name, (method, descriptor, gate) in OPERATING_POINTS.items():
         checkpoint = best if descriptor == "mtl" else None
         if method not in val_embeddings:
             continue
-        threshold = folder_threshold(val_embeddings[method], val_split, cfg.target_precision, gate)
-        points[name] = {"descriptor": descriptor, "threshold": threshold,
+        result = val_embeddings[method]
+        raw = folder_threshold(result, val_split, cfg.target_precision, gate)
+        normalization, _ = choose_folder_normalization(result, val_split, cfg, gate)
+        normalization = normalization if normalization.beta > 0 else None
+        threshold = raw if normalization is None else \
+            folder_threshold(result, val_split, cfg.target_precision, gate, normalization)
+        combined, decision = None, "threshold"
+        if descriptor == "mtl" and "phash" in val_embeddings:
+            chosen, _ = choose_combined(result, val_embeddings["phash"], val_split, cfg.target_precision, gate,
+                                        normalization)
+            if chosen is not None:
+                combined = {"hamming_radius": chosen.hamming_radius, "threshold": chosen.threshold,
+                            "val_recall": chosen.val_recall}
+                alone = folder_recall(result, val_split, threshold, gate, normalization)
+                decision = "combined" if chosen.val_recall > alone else "threshold"
+        points[name] = {"descriptor": descriptor, "threshold": threshold, "raw_threshold": raw,
+                        "normalization": None if normalization is None else normalization.as_dict(),
+                        "combined": combined, "decision": decision, "search": search_entry(evaluation_table, method),
                         "target_precision": float(cfg.target_precision), "split": "val", "calibration": "folder",
                         "checkpoint": str(checkpoint) if checkpoint else None,
                         "checkpoint_digest": file_digest(checkpoint) if checkpoint else None,
                         "image_size": cfg.image_size if descriptor in ("mtl", "gap1280") else None, "gate": gate}
     return write_json(path, points)
+
+
+def folder_recall(result: EmbeddingResult, split: EvalSplit, threshold: float, gate: bool,
+                  normalization: Normalization | None) -> float:
+    """Recall of the threshold decision on the split as one folder."""
+    pairs, n_correct = folder_pairs(result, split, gate, normalization)
+    return float((pairs["correct"] & (pairs["score"] >= threshold)).sum() / n_correct) if n_correct else 0.0
+
+
+def folder_decisions(points: Mapping[str, OperatingPoint], embeddings: Mapping[str, Mapping[str, EmbeddingResult]],
+                     splits: Mapping[str, EvalSplit]) -> pd.DataFrame:
+    """Each operating point's decisions (raw, normalized, combined) applied unchanged to
+    every split as one folder ({split: {method: embeddings}}): the folder's images, the
+    pairs accepted, precision, recall and F1.  The val rows are the calibration; the
+    others say how the decisions transfer to another, larger folder."""
+    rows = []
+    for name, point in points.items():
+        method = OPERATING_POINTS[name][0]
+        for split_name, split in splits.items():
+            result = embeddings[split_name][method]
+            truth = FolderTruth.of_split(split)
+            decisions = [("raw", point.raw_threshold if point.raw_threshold is not None else point.threshold, {})]
+            if point.folder_normalization is not None:
+                decisions.append(("normalized", point.threshold, {"normalization": point.folder_normalization}))
+            if point.combined is not None:
+                decisions.append(("combined", point.combined["threshold"],
+                                  {"normalization": point.folder_normalization, "hashes": embeddings[split_name]["phash"],
+                                   "hamming_radius": point.combined["hamming_radius"]}))
+            for decision, threshold, options in decisions:
+                score = pairs_at(result, truth, threshold, gate=point.gate, **options)
+                rows.append({"name": name, "decision": decision, "default": _is_default(point, decision),
+                             "split": split_name, "threshold": threshold,
+                             "hamming_radius": options.get("hamming_radius"), **score.as_dict()})
+    return pd.DataFrame(rows)
+
+
+def _is_default(point: OperatingPoint, decision: str) -> bool:
+    if point.decision == "combined":
+        return decision == "combined"
+    return decision == ("normalized" if point.folder_normalization is not None else "raw")

@@ -12,11 +12,12 @@ from pathlib import Path
 from mtl import plots
 from mtl.eval.embed import embed_pictures
 from mtl.eval.embeddings import load_npz
-from mtl.eval.evaluation import EvalConfig, EvalSplit, evaluate_methods, image_pairs
-from mtl.eval.methods import CheckpointPass, embed_methods
-from mtl.eval.operating_points import OPERATING_POINT_METHODS, write_operating_points
+from mtl.eval.evaluation import EvalConfig, EvalSplit, compare_backgrounds, evaluate_methods, image_pairs
+from mtl.eval.methods import SPLITS, CheckpointPass, embed_backgrounds, embed_methods
+from mtl.eval.operating_points import (OPERATING_POINT_METHODS, folder_decisions, load_operating_points,
+                                       write_operating_points)
 from mtl.eval.space import EmbeddingsConfig, anchor_views, project_tsne, project_umap, score_space
-from mtl.io import write_json
+from mtl.io import write_csv, write_json
 from mtl.model import MTLNet
 from mtl.runtime import resolve_device, seed_everything, stopwatch
 
@@ -58,6 +59,8 @@ def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/best/f
 RECIPES = ("paper", "best")
 CONTROLS = ("paper_mem0", "best_mem0")
 MODELS = Path("models")
+# The methods whose normalization is also measured with a fixed background of training pictures.
+BACKGROUND_METHODS = ("backbone_gap1280", "paper_finetune", "best_finetune")
 
 
 def checkpoint_path(recipe: str, stage: str) -> Path:
@@ -103,23 +106,34 @@ def _recipe_order(name: str) -> tuple:
 
 def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
                    results_dir: str | Path = RESULTS / "evaluate", passes: list | None = None):
-    """Every method on the same eval files, one table; PR curves, recall per
-    transformation, the worst errors as image pairs, and the operating points."""
+    """Every method on the same eval files, one table, raw and normalized; the normalization's
+    backgrounds side by side; PR curves, recall per transformation, the worst errors as image
+    pairs; the operating points and how their decisions transfer from the val folder to test."""
     results_dir = Path(results_dir)
     cfg = EvalConfig.from_params(params["eval"])
     eval_dir = params["evalset"]["dir"]
+    passes = passes or evaluation_passes(params)
     with stopwatch() as timing:
-        paths = embed_methods(eval_dir, embeddings_dir, passes or evaluation_passes(params),
-                              corpus_dir=params["data"]["corpus_dir"], image_size=cfg.image_size,
-                              batch_size=cfg.batch_size, device=cfg.device, overwrite=True)
+        paths = embed_methods(eval_dir, embeddings_dir, passes, corpus_dir=params["data"]["corpus_dir"],
+                              image_size=cfg.image_size, batch_size=cfg.batch_size, device=cfg.device, overwrite=True)
+        backgrounds = embed_backgrounds(embeddings_dir, passes, [m for m in BACKGROUND_METHODS if m in paths],
+                                        params["data"]["corpus_dir"], cfg.background_images, cfg.image_size,
+                                        cfg.batch_size, cfg.device)
         evaluation = evaluate_methods(eval_dir, method_order(paths), k=cfg.top_k,
                                       target_precision=cfg.target_precision,
-                                      decisions_from=[f"{r}_finetune" for r in RECIPES if f"{r}_finetune" in paths])
+                                      decisions_from=[f"{r}_finetune" for r in RECIPES if f"{r}_finetune" in paths],
+                                      norm_ks=cfg.norm_k_grid, norm_betas=cfg.norm_beta_grid)
+        background_table = compare_backgrounds(eval_dir, paths, backgrounds, cfg.top_k, cfg.target_precision,
+                                               cfg.norm_k_grid, cfg.norm_beta_grid)
+        splits = {split: EvalSplit.load(eval_dir, split) for split in SPLITS}
+        embedded = {split: {method: load_npz(files[split]) for method, files in paths.items()
+                            if method in OPERATING_POINT_METHODS} for split in SPLITS}
+        points_path = write_operating_points(embedded["val"], splits["val"], cfg, checkpoint_path("best", "finetune"),
+                                             MODELS / "operating_points.json", evaluation.table)
+        folder_table = folder_decisions(load_operating_points(points_path), embedded, splits)
     evaluation.save(results_dir)
-    val_embeddings = {method: load_npz(files["val"]) for method, files in paths.items()
-                      if method in OPERATING_POINT_METHODS}
-    write_operating_points(val_embeddings, EvalSplit.load(eval_dir, "val"), cfg, checkpoint_path("best", "finetune"),
-                           MODELS / "operating_points.json")
+    write_csv(background_table, results_dir / "backgrounds.csv")
+    write_csv(folder_table, results_dir / "folder.csv")
     plots.pr_curves(evaluation.pr_curve_arrays(), results_dir / "pr_curves.png")
     per_t = evaluation.per_transformation
     shown = per_t[per_t["method"].isin(["phash", "backbone_gap1280", "paper_finetune", "best_finetune"])]

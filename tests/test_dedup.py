@@ -128,7 +128,8 @@ def test_outputs_are_written_and_the_report_is_self_contained(folder_with_copies
     assert main([str(folder), "--method", "phash", "--out", str(out), "--cache", str(tmp_path / "cache"),
                  "--operating-points", str(tmp_path / "none.json")]) == 0
     pairs = pd.read_csv(out / "pairs.csv")
-    assert list(pairs.columns) == ["a", "b", "score", "same_class", "kept"]
+    assert list(pairs.columns) == ["a", "b", "score", "cosine", "hamming", "same_class", "kept", "why"]
+    assert set(pairs["why"]) == {"embedding"}  # a hash is the method here: its score decides
     assert {frozenset(p) for p in zip(pairs["a"], pairs["b"])} == planted
     groups = json.loads((out / "groups.json").read_text())
     assert groups["threshold"] == pytest.approx(0.6875) and len(groups["groups"]) == 3
@@ -192,6 +193,79 @@ def test_a_checkpoint_without_an_entry_runs_at_its_training_size(tmp_path, image
     MTLNet.from_checkpoint(imagenet_branches_checkpoint).save_checkpoint(bare)
     with pytest.raises(DedupSetupError, match="records no training image size"):
         resolve_method(str(bare), missing, threshold=0.8)
+
+
+def normalized_entry(checkpoint: Path, **changes) -> dict:
+    entry = {"threshold": 0.05, "raw_threshold": 0.8, "normalization": {"k": 2, "beta": 1.0, "background": "folder"},
+             "combined": {"hamming_radius": 6, "threshold": 0.2}}
+    return best_entry(checkpoint, **{**entry, **changes})
+
+
+def test_scores_are_normalized_by_the_folder_unless_raw(folder_with_copies, imagenet_branches_checkpoint, tmp_path):
+    from mtl.eval.normalize import Normalization, folder_densities
+
+    folder, planted = folder_with_copies
+    points = write_operating_points(tmp_path / "ops.json", best=normalized_entry(imagenet_branches_checkpoint))
+    run = {"cache_dir": tmp_path / "cache", "operating_points": points, "min_score_report": -1.0}
+    result = find_duplicates(folder, **run)
+    assert result.method.normalization == Normalization(2, 1.0, "folder") and result.method.threshold == 0.05
+    assert "normalized (β=1, k=2" in result.summary()
+    rho = dict(zip(result.embedded.ids, folder_densities(result.embedded.embeddings, Normalization(2, 1.0, "folder"))))
+    pairs = result.pairs
+    expected = pairs["cosine"] - (pairs["a"].map(rho) + pairs["b"].map(rho)) / 2
+    np.testing.assert_allclose(pairs["score"], expected, atol=1e-5)
+    assert (pairs["kept"] == ((pairs["score"] >= 0.05) & pairs["same_class"])).all()
+    raw = find_duplicates(folder, raw=True, **run)
+    assert raw.method.normalization is None and raw.method.threshold == 0.8
+    np.testing.assert_allclose(raw.pairs["score"], raw.pairs["cosine"])
+    assert kept_pairs(raw) == planted
+
+
+def test_the_combined_decision_keeps_hash_matches_and_says_why(folder_with_copies, imagenet_branches_checkpoint,
+                                                                 tmp_path):
+    folder, planted = folder_with_copies
+    entry = normalized_entry(imagenet_branches_checkpoint, threshold=5.0, decision="combined")
+    entry["combined"]["threshold"] = 5.0  # no embedding score passes: only the hashes decide
+    points = write_operating_points(tmp_path / "ops.json", best=entry)
+    result = find_duplicates(folder, cache_dir=tmp_path / "cache", operating_points=points)
+    assert result.method.hamming_radius == 6 and "or pHash within 6 bits" in result.method.describe()
+    kept = result.pairs[result.pairs["kept"]]
+    assert set(kept["why"]) == {"hash"} and (kept["hamming"] <= 6).all()
+    phash = find_duplicates(folder, method="phash", threshold=1 - 2 * 6 / 64, cache_dir=tmp_path / "cache",
+                            operating_points=tmp_path / "none.json")
+    assert kept_pairs(result) == kept_pairs(phash)
+    alone = find_duplicates(folder, cache_dir=tmp_path / "cache", operating_points=points, decision="threshold")
+    assert alone.method.hamming_radius is None and alone.method.threshold == 5.0 and not alone.pairs["kept"].any()
+    with pytest.raises(DedupSetupError, match="drop --raw"):
+        resolve_method("best", write_operating_points(tmp_path / "ops2.json",
+                                                      best=normalized_entry(imagenet_branches_checkpoint)),
+                       raw=True, decision="combined")
+
+
+def test_groups_do_not_chain_through_a_member():
+    from mtl.dedup.groups import chain_merges, group_pairs
+
+    # big matches mid, mid matches small, big and small do not match; other pair x-y apart
+    facts = pd.DataFrame({"pixels": [400, 300, 200, 100, 50], "mtime": [0.0] * 5},
+                         index=["big", "mid", "small", "x", "y"])
+    pairs = pd.DataFrame({"a": ["big", "mid", "x"], "b": ["mid", "small", "y"], "score": [0.9, 0.8, 0.7],
+                          "kept": [True, True, True]})
+    groups = group_pairs(pairs, facts)
+    assert [(g.keeper, g.duplicates) for g in groups] == [("big", ("mid",)), ("x", ("y",))]
+    chains = chain_merges(pairs, groups)  # chained, small would have joined big's group
+    assert (chains.components, chains.merged_groups, chains.left_out, chains.largest_component) == (2, 0, 1, 3)
+    # a chain big-mid-small-x: two groups here, one under the chain rule
+    pairs = pd.DataFrame({"a": ["big", "mid", "small"], "b": ["mid", "small", "x"], "score": [0.9, 0.8, 0.7],
+                          "kept": [True, True, True]})
+    groups = group_pairs(pairs, facts)
+    assert [(g.keeper, g.duplicates) for g in groups] == [("big", ("mid",)), ("small", ("x",))]
+    chains = chain_merges(pairs, groups)
+    assert (chains.components, chains.merged_groups, chains.left_out, chains.largest_component) == (1, 2, 0, 4)
+    # a file matching two keepers joins the better one; a member's own matches stay its own
+    pairs = pd.DataFrame({"a": ["big", "mid", "small"], "b": ["x", "x", "y"], "score": [0.9, 0.95, 0.6],
+                          "kept": [True, True, True]})
+    groups = group_pairs(pairs, facts)
+    assert sorted((g.keeper, g.duplicates) for g in groups) == [("big", ("x",)), ("small", ("y",))]
 
 
 # --------------------------------------------------------------------------- moving aside, and back

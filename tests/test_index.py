@@ -48,7 +48,8 @@ def test_flat_index_equals_exact_search_after_a_round_trip(gallery, tmp_path):
     assert provenance | {"created": None, "updates": None, "faiss_version": None} == {
         "format": 1, "kind": "flat", "factory": "Flat", "dim": DIM, "metric": "inner_product", "ntotal": 4000,
         "training_sample_size": 0, "nlist": None, "nprobe": None, "method": "m", "class_names": None,
-        "faiss_version": None, "created": None, "updates": None, "training_seed": None}
+        "faiss_version": None, "created": None, "updates": None, "training_seed": None,
+        "normalization": {"k": 10, "background": "references"}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["refs.index"]  # no staging folder left
 
 
@@ -101,7 +102,7 @@ def test_command_line_builds_adds_and_searches_with_the_class_gate(gallery, tmp_
     assert "4,000 references" in capsys.readouterr().out
     out = tmp_path / "matches.csv"
     assert search_main(["--queries", str(tmp_path / "q.npz"), "--index", index_dir, "--k", "5", "--out", str(out),
-                        "--gate", "--cpu"]) == 0
+                        "--gate", "--cpu", "--raw"]) == 0
     assert "for 50 queries" in capsys.readouterr().out
     matches = pd.read_csv(out)
     assert set(matches["reference_id"].str[1:].astype(int) % 2) == {0}  # the gate dropped the other class
@@ -113,3 +114,65 @@ def test_command_line_builds_adds_and_searches_with_the_class_gate(gallery, tmp_
     save_npz(EmbeddingResult(np.array(["z"]), references[:1], "other"), tmp_path / "other.npz")
     with pytest.raises(UserError, match="made otherwise"):
         main(["add", "--index", index_dir, "--references", str(tmp_path / "other.npz")])
+
+
+def brute_neighbours(x: np.ndarray, k: int) -> np.ndarray:
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return np.sort(sims, axis=1)[:, ::-1][:, :k]
+
+
+def test_a_flat_index_stores_each_references_exact_density_and_keeps_it_exact_after_adds(gallery, tmp_path):
+    references, ids, _ = gallery
+    index = build_index(references[:3000], ids[:3000], "flat", density_k=5)
+    np.testing.assert_allclose(index.neighbours, brute_neighbours(references[:3000], 5), atol=1e-5)
+    index.save(tmp_path / "flat")
+    index = ReferenceIndex.load(tmp_path / "flat")
+    index.add(references[3000:], ids[3000:])
+    np.testing.assert_allclose(index.neighbours, brute_neighbours(references, 5), atol=1e-5)
+    changed = index.provenance["updates"][-1]["densities_changed"]
+    expected = (brute_neighbours(references, 5)[:3000] != brute_neighbours(references[:3000], 5)).any(axis=1).sum()
+    assert changed == expected > 0
+    np.testing.assert_allclose(index.densities(3), brute_neighbours(references, 3).mean(axis=1), atol=1e-5)
+    with pytest.raises(ValueError, match="density-k"):
+        index.densities(6)
+
+
+def test_ivfpq_densities_are_close_to_the_exact_ones(gallery):
+    references, ids, _ = gallery
+    index = build_index(references[:3000], ids[:3000], "ivfpq", nlist=16, train_size=1000, nprobe=16, density_k=10)
+    index.add(references[3000:], ids[3000:])
+    exact = brute_neighbours(references, 10).mean(axis=1)
+    error = np.abs(index.densities() - exact)
+    assert np.median(error) < 0.05 and np.corrcoef(index.densities(), exact)[0, 1] > 0.5
+
+
+def test_an_index_without_densities_says_how_to_get_them(gallery):
+    references, ids, _ = gallery
+    index = build_index(references[:100], ids[:100], "flat", density_k=None)
+    assert index.neighbours is None and "normalization" not in index.provenance
+    with pytest.raises(ValueError, match="--raw"):
+        index.densities()
+
+
+def test_normalized_search_through_an_index_equals_the_exact_search_of_the_npz(gallery, tmp_path, capsys):
+    from mtl.eval.search import main as search_main
+
+    references, ids, queries = gallery
+    save_npz(EmbeddingResult(ids, references, "m"), tmp_path / "refs.npz")
+    save_npz(EmbeddingResult(np.array([f"q{i}" for i in range(50)]), queries, "m"), tmp_path / "q.npz")
+    assert main(["build", "--references", str(tmp_path / "refs.npz"), "--out", str(tmp_path / "refs.index")]) == 0
+    common = ["--queries", str(tmp_path / "q.npz"), "--k", "5", "--norm-k", "5", "--norm-beta", "1.0",
+              "--operating-points", str(tmp_path / "none.json")]
+    assert search_main([*common, "--references", str(tmp_path / "refs.npz"), "--out", str(tmp_path / "a.csv")]) == 0
+    assert "normalized (β=1, k=5, background: references), from --norm-k/--norm-beta" in capsys.readouterr().out
+    assert search_main([*common, "--index", str(tmp_path / "refs.index"), "--shortlist", "4000",
+                        "--out", str(tmp_path / "b.csv")]) == 0
+    exact, through_index = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    assert list(exact["reference_id"]) == list(through_index["reference_id"])
+    np.testing.assert_allclose(exact["score"], through_index["score"], atol=1e-5)
+    np.testing.assert_allclose(exact["cosine"], through_index["cosine"], atol=1e-5)
+    assert set(exact["scale"]) == {"normalized"}
+    raw = pd.read_csv(tmp_path / "a.csv") if search_main([*common, "--references", str(tmp_path / "refs.npz"),
+                                                          "--out", str(tmp_path / "a.csv"), "--raw"]) == 0 else None
+    assert set(raw["scale"]) == {"cosine"} and "raw cosine" in capsys.readouterr().out

@@ -83,7 +83,7 @@ def test_command_line_decides_with_threshold_and_class_gate(tmp_path):
                                          class_probs=np.array([[0.8, 0.2], [0.1, 0.9], [0.7, 0.3]],
                                                               dtype=np.float32)), tmp_path / "q.npz")
     out = tmp_path / "m.csv"
-    args = ["--queries", str(query_npz), "--references", str(ref_npz), "--k", "2", "--out", str(out)]
+    args = ["--queries", str(query_npz), "--references", str(ref_npz), "--k", "2", "--out", str(out), "--raw"]
     main([*args, "--threshold", "0.9"])
     kept = pd.read_csv(out)
     assert sorted(zip(kept.query_id, kept.reference_id)) == [("q0", "r0"), ("q1", "r1")]
@@ -93,7 +93,7 @@ def test_command_line_decides_with_threshold_and_class_gate(tmp_path):
     without_probs = save_npz(EmbeddingResult(ids=np.array(["r0", "r1"]), embeddings=refs, method="t"),
                              tmp_path / "r_plain.npz")
     with pytest.raises(UserError, match="class probabilities"):
-        main(["--queries", str(query_npz), "--references", str(without_probs), "--out", str(out), "--gate"])
+        main(["--queries", str(query_npz), "--references", str(without_probs), "--out", str(out), "--gate", "--raw"])
 
 
 def test_pairs_above_equals_brute_force_all_against_all():

@@ -2,6 +2,7 @@
 with the study's trained model, its calibrated threshold and the class gate.
 
     mtl dedup FOLDER [--out DIR] [--method best|imagenet|phash|dhash|CKPT] [--threshold T]
+                     [--raw] [--decision auto|threshold|combined]
                      [--no-gate] [--min-score-report S] [--cache DIR]
                      [--move-duplicates-to DIR [--apply]]
     mtl dedup --undo DIR/moves.csv
@@ -11,18 +12,25 @@ In order:
   2. files whose digest the cache does not know yet are embedded; the cache is keyed by
      file content and model, so a rerun on a grown folder embeds only the new files.
      Unreadable files are counted and skipped (mtl.data.imageio says why);
-  3. all against all, exact inner-product search (faiss) finds the pairs scoring at
-     least the threshold;
-  4. with an MTL checkpoint a pair is kept only if both images' predicted content
-     classes agree: the class gate, the paper's proposal against false positives
+  3. each image's density in the folder (the mean similarity to its k nearest other
+     images) normalizes the scores: s' = cosine - beta (density(a) + density(b)) / 2, so
+     a pair scores high when its images are closer to each other than to their usual
+     neighbours, and one threshold means the same in every folder (`--raw`: plain cosine);
+  4. all against all, exact search (faiss) finds the pairs scoring at least the
+     threshold; with the combined decision (the default where the val split chose it),
+     pairs whose 64-bit pHashes are within a few bits are duplicates too;
+  5. with an MTL checkpoint an embedding pair is kept only if both images' predicted
+     content classes agree: the class gate, the paper's proposal against false positives
      (`--no-gate` turns it off);
-  5. kept pairs are grouped (connected components); each group's keeper is the file
-     with the most pixels, then the oldest (modification time), then the first path;
-  6. `--out` receives pairs.csv (a, b, score, same_class, kept), groups.json and
-     report.html (mtl.dedup.report).
+  6. kept pairs are grouped around keepers, without chaining: every member of a group
+     matches its keeper itself; a keeper is the file with the most pixels, then the
+     oldest (modification time), then the first path;
+  7. `--out` receives pairs.csv (a, b, score, cosine, hamming, same_class, kept, why),
+     groups.json and report.html (mtl.dedup.report).
 
 Methods and thresholds.  The pipeline's evaluate stage writes models/operating_points.json:
-per method, the score threshold chosen on the val split for precision 0.9.
+per method, the normalization, the threshold and the combined decision chosen on the val
+split (as one folder) for pair precision 0.9.
   best       the study's trained model (the default); without it, run `make repro`
   imagenet   the untrained ImageNet backbone's pooled 1280-d output (needs --threshold
              when the file has no entry for it)
@@ -61,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"thresholds chosen on val (default {DEFAULT_OPERATING_POINTS})")
     parser.add_argument("--threshold", type=float, help="accept pairs scoring at least this (overrides the "
                         "operating point; for hashes 1 - 2*hamming/64)")
+    parser.add_argument("--raw", action="store_true", help="decide on plain cosine scores (the operating point's "
+                        "raw threshold), not on scores normalized by each image's density in the folder")
+    parser.add_argument("--decision", choices=("auto", "threshold", "combined"), default="auto",
+                        help="auto (the operating point's, default) | threshold (the embedding alone) | combined "
+                             "(also pairs whose pHashes are within the operating point's radius)")
     parser.add_argument("--no-gate", action="store_true", help="keep pairs whose predicted classes differ")
     parser.add_argument("--min-score-report", type=float,
                         help="also list pairs down to this score (not grouped): near misses to review")
@@ -89,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             moves.check_destination(args.folder, args.move_duplicates_to)
         result = find_duplicates(args.folder, args.method, args.threshold, not args.no_gate, args.min_score_report,
                                  args.operating_points, args.cache, args.image_size, args.batch_size, args.device,
-                                 args.num_workers)
+                                 args.num_workers, args.raw, args.decision)
     except (DedupSetupError, moves.MoveError, FileNotFoundError, ValueError) as error:
         print(f"mtl dedup: {error}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@
 One self-contained file: thumbnails are embedded (JPEG data URIs, each image once),
 style and script are inline, and a Content-Security-Policy forbids every network
 request.  Groups come highest score first; each pair shows both images side by side
-with the score, predicted classes (MTL), pixel sizes and file sizes, the keeper
-marked.  Pairs listed but not kept (below the threshold with --min-score-report, or
-split by the class gate) follow in their own section.
+with the score (on the run's scale, named in the header), predicted classes (MTL), the
+pHash distance (combined decision), pixel sizes and file sizes, the keeper marked.
+Matched pairs that join no group (an image matching a member but not its keeper) and
+pairs listed but not kept (below the threshold with --min-score-report, or split by the
+class gate) follow in their own sections.
 
 In the page: the score filter (slider or number) hides pairs below it, live;
 j / k or the arrow keys go to the next / previous group, + / - move the filter by 0.01,
@@ -50,10 +52,14 @@ def _file_caption(result, id_: str, role: str) -> str:
     return f'<span class="path">{html.escape(id_)}</span><br>{" · ".join(parts)} {badge}'
 
 
-def _score_text(result, score: float, same_class) -> str:
+def _score_text(result, score: float, same_class, hamming=None, why: str = "") -> str:
     text = f"{score:.3f}"
     if result.method.descriptor in ("phash", "dhash"):
         text += f"<br><small>{int(hamming_from_score(score))} bits apart</small>"
+    elif not pd.isna(hamming):
+        text += f"<br><small>pHash {int(hamming)} bits apart</small>"
+    if why == "hash":
+        text += "<br><small>kept by its pHash</small>"
     if not pd.isna(same_class):
         text += "<br><small>same class</small>" if same_class else "<br><small>classes differ</small>"
     return text
@@ -67,8 +73,9 @@ def _pair_html(result, row, thumbs: dict[str, int], keepers: set[str]) -> str:
         figures.append(f'<figure><img data-thumb="{thumbs[id_]}" alt="{html.escape(id_)}">'
                        f'<figcaption>{_file_caption(result, id_, role)}</figcaption></figure>')
     kind = "pair kept" if row.kept else "pair"
+    score = _score_text(result, row.score, row.same_class, getattr(row, "hamming", None), getattr(row, "why", ""))
     return (f'<div class="{kind}" data-score="{row.score:.6f}">{figures[0]}'
-            f'<div class="score">{_score_text(result, row.score, row.same_class)}</div>{figures[1]}</div>')
+            f'<div class="score">{score}</div>{figures[1]}</div>')
 
 
 def _section(title: str, pairs_html: list[str], hidden_count: int, score: float, css: str) -> str:
@@ -86,8 +93,9 @@ def render_report(result) -> str:
     keepers = {g.keeper for g in result.groups}
     group_of = {m: k for k, g in enumerate(result.groups) for m in g.members}
     kept = pairs[pairs["kept"]]
-    by_group = kept.groupby(kept["a"].map(group_of), sort=False) if len(kept) else []
-    rows_by_group = {k: rows for k, rows in by_group}
+    group_a, group_b = kept["a"].map(group_of), kept["b"].map(group_of)
+    inside = group_a.notna() & (group_a == group_b)
+    rows_by_group = {int(k): rows for k, rows in kept[inside].groupby(group_a[inside], sort=False)}
     sections = []
     for k, group in enumerate(result.groups):
         rows = rows_by_group[k]
@@ -95,6 +103,12 @@ def render_report(result) -> str:
         title = (f"Group {k + 1} · {len(group.members)} images · best score {group.max_score:.3f} · "
                  f"keep {html.escape(group.keeper)}")
         sections.append(_section(title, shown, len(rows) - len(shown), group.max_score, "group"))
+    across = kept[~inside]
+    if len(across):
+        shown = [_pair_html(result, r, thumbs, keepers) for r in across.head(MAX_UNKEPT_PAIRS).itertuples()]
+        sections.append(_section("Matched, not grouped: each image matches a member of another group, not its "
+                                 "keeper (groups do not chain)", shown, len(across) - len(shown),
+                                 float(across["score"].max()), "unkept"))
     unkept = pairs[~pairs["kept"]]
     if len(unkept):
         shown = [_pair_html(result, r, thumbs, keepers) for r in unkept.head(MAX_UNKEPT_PAIRS).itertuples()]

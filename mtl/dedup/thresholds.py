@@ -1,13 +1,16 @@
-"""Which method and threshold a `mtl dedup` run decides with: a named method (best,
-imagenet, phash, dhash) or a checkpoint, its operating point (mtl.eval.operating_points)
-or --threshold, the class gate, and the input size."""
+"""Which method and decision a `mtl dedup` run uses: a named method (best, imagenet,
+phash, dhash) or a checkpoint, its operating point (mtl.eval.operating_points) or
+--threshold, the score's scale (normalized with the folder as background by default,
+`--raw` for plain cosine), the combined decision (pHash within a radius, or the
+embedding's score), the class gate, and the input size."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from mtl.eval.baselines import score_from_hamming
+from mtl.eval.normalize import Normalization
 from mtl.eval.operating_points import DEFAULT_OPERATING_POINTS, OperatingPoint, load_operating_points
 from mtl.io import file_digest
 from mtl.model import load_checkpoint, trained_image_size
@@ -36,6 +39,8 @@ class DedupMethod:
     checkpoint: Path | None = None  # None: a hash, or the untrained ImageNet backbone
     checkpoint_digest: str | None = None
     image_size: int = DEFAULT_IMAGE_SIZE
+    normalization: Normalization | None = None  # the scale of `threshold`: None = raw cosine
+    hamming_radius: int | None = None  # the combined decision: also pairs within this pHash radius
 
     @property
     def cache_key(self) -> str:
@@ -45,20 +50,43 @@ class DedupMethod:
         model = self.checkpoint_digest or "imagenet"
         return f"{self.descriptor}-{model}-{self.image_size}px"
 
+    @property
+    def scale(self) -> str:
+        if self.normalization is not None:
+            return f"normalized (β={self.normalization.beta:g}, k={self.normalization.k}, the folder as background)"
+        return "hash (1 - 2 Hamming/64)" if self.descriptor in ("phash", "dhash") else "raw cosine"
+
+    def hashes(self) -> "DedupMethod":
+        """The pHash side of the combined decision."""
+        return replace(self, descriptor="phash", gate=False, checkpoint=None, checkpoint_digest=None,
+                       normalization=None, hamming_radius=None)
+
     def describe(self) -> str:
         gate = ", class gate on" if self.gate else ""
         name = self.checkpoint.name if self.checkpoint is not None else self.name
-        return f"{name} ({self.descriptor}, threshold {self.threshold:.4g} from {self.threshold_source}{gate})"
+        combined = f", or pHash within {self.hamming_radius} bits" if self.hamming_radius is not None else ""
+        return (f"{name} ({self.descriptor}, {self.scale} score >= {self.threshold:.4g}{combined}, "
+                f"from {self.threshold_source}{gate})")
+
+
+DECISIONS = ("auto", "threshold", "combined")
 
 
 def resolve_method(method: str = "best", operating_points: str | Path = DEFAULT_OPERATING_POINTS,
                    threshold: float | None = None, gate: bool = True,
-                   image_size: int | None = None) -> DedupMethod:
-    """The method, threshold and gate a run uses; DedupSetupError says what is missing."""
+                   image_size: int | None = None, raw: bool = False, decision: str = "auto") -> DedupMethod:
+    """The method, decision and gate a run uses; DedupSetupError says what is missing.
+    `raw` decides on plain cosine scores; `decision` is the operating point's own (auto),
+    the embedding's threshold alone, or the combined decision."""
+    if decision not in DECISIONS:
+        raise DedupSetupError(f"decision must be one of {DECISIONS}, got {decision!r}")
     points = _operating_points_or_none(operating_points)
     if method in NAMED_METHODS:
         entry = (points or {}).get(method)
         if entry is None:
+            if decision == "combined":
+                raise DedupSetupError(f"the combined decision needs the operating points of {method} "
+                                      f"({operating_points} has none)")
             return _without_entry(method, operating_points, points, threshold, image_size)
         name = method
     else:
@@ -72,10 +100,35 @@ def resolve_method(method: str = "best", operating_points: str | Path = DEFAULT_
             if threshold is None:
                 raise DedupSetupError(f"no operating point in {operating_points} for {checkpoint} "
                                       f"(digest {digest}): pass --threshold")
-            return DedupMethod(method, "mtl", threshold, "--threshold", gate, checkpoint, digest,
-                               image_size or _trained_image_size(checkpoint))
+            return DedupMethod(method, "mtl", threshold, "--threshold", gate,
+                               checkpoint, digest, image_size or _trained_image_size(checkpoint))
         entry, name = OperatingPoint(**{**asdict(entry), "checkpoint": str(checkpoint)}), method
-    return _from_entry(name, entry, operating_points, threshold, gate, image_size)
+    chosen = _from_entry(name, entry, operating_points, threshold, gate, image_size)
+    return _with_scale(chosen, entry, threshold, raw, decision)
+
+
+def _with_scale(chosen: DedupMethod, entry: OperatingPoint, threshold: float | None, raw: bool,
+                decision: str) -> DedupMethod:
+    """The entry's scale and decision: normalized unless `raw`, combined when the entry
+    (or `decision`) says so; a --threshold is read on the scale in use."""
+    if decision == "auto":
+        decision = entry.decision
+    if raw:
+        if decision == "combined" and entry.decision == "combined" and threshold is None:
+            decision = "threshold"  # the combined threshold is a normalized one
+        elif decision == "combined":
+            raise DedupSetupError("the combined decision's threshold is on the normalized scale: drop --raw")
+        value = entry.raw_threshold if entry.raw_threshold is not None else entry.threshold
+        return replace(chosen, threshold=value if threshold is None else threshold, normalization=None)
+    normalization = entry.folder_normalization
+    if decision == "combined":
+        if entry.combined is None:
+            raise DedupSetupError(f"the operating point of {chosen.name} has no combined decision "
+                                  "(it is chosen for the trained model only)")
+        value = entry.combined["threshold"] if threshold is None else threshold
+        return replace(chosen, threshold=value, normalization=normalization,
+                       hamming_radius=int(entry.combined["hamming_radius"]))
+    return replace(chosen, normalization=normalization)
 
 
 def _operating_points_or_none(path: str | Path) -> dict[str, OperatingPoint] | None:

@@ -17,12 +17,20 @@ reader never sees a half-written index; an update replaces the whole folder the 
     index.faiss       the faiss index (faiss.write_index)
     ids.txt           one reference id per line, in the index's row order
     class_probs.npy   float32 [N, C], when the references have a class head (for --gate)
+    neighbours.npy    float32 [N, k], each reference's k largest similarities to the *other*
+                      references, best first: their mean is its local density, which
+                      normalizes search scores (mtl.eval.normalize, background ``references``)
     provenance.json   kind, faiss factory, dim, metric, size, training sample size, nprobe,
                       the descriptor method, class names, faiss version, and every build
                       or add (source file, count, time)
 
 Updates are add-only: the trained quantizer stays as built, so new references are encoded
-with it (retrain with `build` once the gallery has drifted far from its sample).
+with it (retrain with `build` once the gallery has drifted far from its sample).  An
+addition also updates the densities it changes: the new references get theirs, and an old
+reference whose k nearest now include a new one gets its list merged.  In a flat index
+this is exact; in IVF-PQ every density is approximate (neighbours found through the
+compressed codes), and an old reference is updated when it is among a new reference's
+`UPDATE_CANDIDATES` x k nearest (scripts/benchmarks measure how close this stays).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ FORMAT = 1
 DEFAULT_NPROBE = 32
 DEFAULT_PQ_M = 64          # 4-bit codes: 32 bytes per reference
 TRAINING_POINTS_PER_LIST = 64
+DENSITY_K = 10             # neighbours of each reference kept for the density (normalization's k <= it)
+UPDATE_CANDIDATES = 4      # IVF-PQ add: an old reference within a new one's 4 x k nearest is updated
 
 
 def faiss_gpu_available() -> bool:
@@ -105,8 +115,10 @@ class ReferenceIndex:
     """A faiss index, its reference ids (row order), their class probabilities (or None)
     and where it came from (provenance)."""
 
-    def __init__(self, index: Any, ids: np.ndarray, provenance: dict, class_probs: np.ndarray | None = None):
+    def __init__(self, index: Any, ids: np.ndarray, provenance: dict, class_probs: np.ndarray | None = None,
+                 neighbours: np.ndarray | None = None):
         self.index, self.provenance, self.class_probs = index, provenance, class_probs
+        self.neighbours = neighbours  # [N, k] similarities to the other references, best first
         self._id_parts = [np.asarray(ids).astype(str)]  # joined on first read: chunked adds stay linear
 
     @property
@@ -123,6 +135,69 @@ class ReferenceIndex:
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
+
+    @property
+    def density_k(self) -> int | None:
+        """How many neighbours each reference's density averages (None: no densities stored)."""
+        return None if self.neighbours is None else int(self.neighbours.shape[1])
+
+    def densities(self, k: int | None = None) -> np.ndarray:
+        """ρ of every reference: the mean of its k largest similarities to the others
+        (k up to the stored number)."""
+        if self.neighbours is None:
+            raise ValueError("this index stores no reference densities: build it again with `mtl index build` "
+                             "(or search with --raw)")
+        k = self.density_k if k is None else k
+        if k > self.density_k:
+            raise ValueError(f"the index keeps {self.density_k} neighbours per reference; normalization k={k} "
+                             "needs more: build it with --density-k")
+        return self.neighbours[:, :k].astype(np.float64).mean(axis=1)
+
+    def compute_neighbours(self, embeddings: np.ndarray, k: int = DENSITY_K) -> None:
+        """Each reference's k largest similarities to the others, found through this index
+        (exact in a flat index); `embeddings` are the indexed vectors, in row order."""
+        self.neighbours = self._self_search(as_float32_matrix(embeddings, "references"), 0, k)
+        self.provenance["normalization"] = {"k": int(k), "background": "references"}
+
+    def _self_search(self, vectors: np.ndarray, first_row: int, k: int, block: int = 4096) -> np.ndarray:
+        """[n, k] best similarities of rows first_row.. (given as `vectors`) to every other row."""
+        k = min(k, max(self.ntotal - 1, 0))
+        out = np.zeros((len(vectors), k), np.float32)
+        for start in range(0, len(vectors), block):
+            chunk = vectors[start:start + block]
+            scores, rows = self.search(chunk, k + 1)
+            own = rows == np.arange(first_row + start, first_row + start + len(chunk))[:, None]
+            own[~own.any(axis=1), -1] = True  # the own row fell outside (ties): drop the last
+            out[start:start + len(chunk)] = scores[~own].reshape(len(chunk), k)
+        return out
+
+    def _update_neighbours(self, new_vectors: np.ndarray, n_old: int) -> int:
+        """After adding `new_vectors` as rows n_old..: their neighbour lists, and the old
+        lists a new reference enters.  Returns how many old densities changed."""
+        k = self.density_k
+        new_lists = self._self_search(new_vectors, n_old, k)
+        import faiss
+
+        if self.provenance["kind"] == "flat":   # exact: every old reference against the new ones
+            new_index = faiss.IndexFlatIP(self.dim)
+            new_index.add(new_vectors)
+            old = self.neighbours
+            changed = np.zeros(n_old, bool)
+            for start in range(0, n_old, 4096):
+                stop = min(start + 4096, n_old)
+                scores, _ = new_index.search(self.index.reconstruct_n(start, stop - start), min(k, len(new_vectors)))
+                merged = np.sort(np.concatenate([old[start:stop], scores], axis=1), axis=1)[:, ::-1][:, :k]
+                changed[start:stop] = (merged != old[start:stop]).any(axis=1)
+                old[start:stop] = merged
+        else:   # approximate: the old references among each new one's nearest
+            scores, rows = self.search(new_vectors, min(UPDATE_CANDIDATES * k, self.ntotal))
+            changed = np.zeros(n_old, bool)
+            for score, row in zip(scores.ravel(), rows.ravel()):
+                if 0 <= row < n_old and score > self.neighbours[row, -1]:
+                    self.neighbours[row] = np.sort(np.append(self.neighbours[row], score))[::-1][:k]
+                    changed[row] = True
+        self.neighbours = np.concatenate([self.neighbours, new_lists])
+        return int(changed.sum())
 
     @classmethod
     def create(cls, kind: str, dim: int, training_sample: np.ndarray | None = None, nlist: int | None = None,
@@ -170,14 +245,17 @@ class ReferenceIndex:
         has_probs = self.class_probs is not None or (self.ntotal == 0 and class_probs is not None)
         if has_probs != (class_probs is not None):
             raise ValueError("class probabilities must come with every addition or with none")
+        n_old = self.ntotal
         self.index.add(embeddings)
         self._id_parts.append(ids)
         if class_probs is not None:
             probs = np.asarray(class_probs, dtype=np.float32)
             self.class_probs = probs if self.class_probs is None else np.concatenate([self.class_probs, probs])
         self.provenance["ntotal"] = self.ntotal
-        self.provenance["updates"].append({"source": str(source), "added": len(ids),
-                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        update = {"source": str(source), "added": len(ids), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if self.neighbours is not None:
+            update["densities_changed"] = self._update_neighbours(embeddings, n_old)
+        self.provenance["updates"].append(update)
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +288,8 @@ class ReferenceIndex:
             (staging / "ids.txt").write_text("".join(f"{i}\n" for i in self.ids))
             if self.class_probs is not None:
                 np.save(staging / "class_probs.npy", self.class_probs)
+            if self.neighbours is not None:
+                np.save(staging / "neighbours.npy", self.neighbours)
             (staging / "provenance.json").write_text(json.dumps(self.provenance, indent=1) + "\n")
             _replace_folder(staging, path)
         finally:
@@ -227,10 +307,12 @@ class ReferenceIndex:
         index = faiss.read_index(str(path / "index.faiss"))
         ids = np.array((path / "ids.txt").read_text().splitlines(), dtype=str)
         probs = np.load(path / "class_probs.npy") if (path / "class_probs.npy").is_file() else None
-        if not index.ntotal == len(ids) == provenance["ntotal"] or (probs is not None and len(probs) != len(ids)):
+        neighbours = np.load(path / "neighbours.npy") if (path / "neighbours.npy").is_file() else None
+        if not index.ntotal == len(ids) == provenance["ntotal"] or any(
+                extra is not None and len(extra) != len(ids) for extra in (probs, neighbours)):
             raise ValueError(f"{path} is inconsistent: {index.ntotal} vectors, {len(ids)} ids, "
                              f"provenance says {provenance['ntotal']}")
-        return cls(index, ids, provenance, probs)
+        return cls(index, ids, provenance, probs, neighbours)
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -256,9 +338,10 @@ def training_sample(embeddings: np.ndarray, size: int, seed: int = 0) -> np.ndar
 def build_index(embeddings: np.ndarray, ids, kind: str = "flat", class_probs: np.ndarray | None = None,
                 nlist: int | None = None, pq_m: int | None = None, train_size: int | None = None,
                 nprobe: int = DEFAULT_NPROBE, seed: int = 0, method: str = "", class_names=None,
-                source: str = "") -> ReferenceIndex:
+                source: str = "", density_k: int | None = DENSITY_K) -> ReferenceIndex:
     """An index of `embeddings`: flat, or IVF-PQ trained on a random sample of them
-    (`train_size`, default 64 per list)."""
+    (`train_size`, default 64 per list), with each reference's `density_k` nearest
+    similarities (None: no densities, raw search only)."""
     sample = None
     if kind == "ivfpq":
         nlist = nlist or default_nlist(len(embeddings))
@@ -266,6 +349,8 @@ def build_index(embeddings: np.ndarray, ids, kind: str = "flat", class_probs: np
     index = ReferenceIndex.create(kind, embeddings.shape[1], sample, nlist, pq_m, nprobe, method, class_names)
     index.provenance["training_seed"] = seed if sample is not None else None
     index.add(embeddings, ids, class_probs, source)
+    if density_k:
+        index.compute_neighbours(embeddings, density_k)
     return index
 
 
@@ -297,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"ivfpq: references to train on (default {TRAINING_POINTS_PER_LIST} per list)")
     build.add_argument("--nprobe", type=int, default=DEFAULT_NPROBE, help="ivfpq: lists a search visits")
     build.add_argument("--seed", type=int, default=0, help="of the training sample")
+    build.add_argument("--density-k", type=int, default=DENSITY_K,
+                       help=f"neighbours kept per reference for normalized search (default {DENSITY_K}; 0: none)")
     add = commands.add_parser("add", help="add new references to an index (add-only)")
     add.add_argument("--index", required=True, type=Path)
     add.add_argument("--references", required=True, type=Path)
@@ -313,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         class_names = None if references.class_names is None else references.class_names.tolist()
         index = build_index(references.embeddings, references.ids, args.kind, references.class_probs, args.nlist,
                             args.pq_m, args.train_size, args.nprobe, args.seed, references.method, class_names,
-                            source=str(args.references))
+                            source=str(args.references), density_k=args.density_k or None)
         index.provenance["embedding"] = _embedding_provenance(references)
         path = index.save(args.out)
     else:
@@ -324,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"index's {index.provenance['method']!r}; embed the new references the same way")
         index.add(references.embeddings, references.ids, references.class_probs, source=str(args.references))
         path = index.save(args.index)
-    print(f"{index.provenance['factory']} index of {index.ntotal:,} references ({index.dim}-d) -> {path} "
-          f"({time.perf_counter() - started:.1f} s)")
+    densities = "no densities (raw search only)" if index.neighbours is None else \
+        f"densities of {index.density_k} neighbours"
+    if args.command == "add" and index.neighbours is not None:
+        densities += f", {index.provenance['updates'][-1]['densities_changed']:,} old ones changed"
+    print(f"{index.provenance['factory']} index of {index.ntotal:,} references ({index.dim}-d, {densities}) "
+          f"-> {path} ({time.perf_counter() - started:.1f} s)")
     return 0

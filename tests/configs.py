@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mtl.data.corpus import CorpusConfig
-from mtl.data.evalset import EvalsetConfig
+from mtl.data.evalset import EvalsetConfig, SplitCounts
 from mtl.params import load_params
 from mtl.training.config import StageConfig
 
@@ -23,6 +23,10 @@ def corpus_config(**changes) -> CorpusConfig:
 
 
 def evalset_config(**changes) -> EvalsetConfig:
+    """params.yaml's evalset section with `changes`; a test that sets its own `splits` for a
+    small corpus gets no photo part unless it sets `photos` too."""
+    if "splits" in changes and "photos" not in changes:
+        changes["photos"] = {split: SplitCounts(0, 0, 0) for split in changes["splits"]}
     return replace(EvalsetConfig.from_params(study_params()["evalset"]), **changes)
 
 

@@ -118,7 +118,10 @@ def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(
     assert table.loc["mtl_finetune_fusion", "beta"] > 0
     assert set(evaluation.metrics_dict()["mtl_finetune"]) == {
         "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold", "threshold",
-        "bytes_per_vector"}
+        "bytes_per_vector", "muap_photo", "recall_at_p90_photo", "acc_at_1_photo", "fp_photo", "muap_clipart",
+        "recall_at_p90_clipart"}
+    # no `part` column: no photo part; no clip-art class in this split either
+    assert np.isnan(table.loc["mtl_finetune", "muap_photo"]) and np.isnan(table.loc["mtl_finetune", "muap_clipart"])
     fps = evaluation.worst_false_positives(3, "mtl_finetune")
     assert len(fps) == 3 and fps["score"].is_monotonic_decreasing and not fps["correct"].any()
     assert all(str(p).endswith(".jpg") for p in fps["query_path"])
@@ -151,3 +154,32 @@ def test_every_method_gets_a_normalized_row_with_val_chosen_parameters(tmp_path)
     assert "norm_beta" in evaluation.metrics_dict()["mtl_finetune_norm"]
     assert (tmp_path / "out" / "normalization_grid.csv").exists() is False
     assert "normalization_grid" in evaluation.save(tmp_path / "out")
+
+
+def test_each_part_is_scored_on_its_own_queries_in_the_whole_gallery(tmp_path):
+    from mtl.eval.evaluation import EvalSplit, evaluate_methods
+    from mtl.eval.metrics import label_predictions, micro_average_precision
+    from mtl.eval.search import search
+    from mtl.eval.embeddings import load_npz
+
+    rng = np.random.default_rng(1)
+    per_split = {split: _write_split(tmp_path, split, rng) for split in ("val", "test")}
+    for split in per_split:  # the first 7 positives and the first 5 distractors form the photo part
+        path = tmp_path / "eval" / split / "queries.csv"
+        queries = pd.read_csv(path)
+        photo = [i < 7 or 14 <= i < 19 for i in range(len(queries))]
+        queries["part"] = np.where(photo, "photo", "general")
+        queries["class"] = np.where(photo, "scene", "clipart")
+        queries.to_csv(path, index=False)
+    embeddings = {"mtl_finetune": {s: per_split[s]["mtl_finetune"] for s in per_split}}
+    table = evaluate_methods(tmp_path / "eval", embeddings, k=5, normalize=False).table.set_index("method")
+    split = EvalSplit.load(tmp_path / "eval", "test")
+    result = load_npz(per_split["test"]["mtl_finetune"])
+    refs, queries = result.role("reference"), result.role("query")
+    found = label_predictions(search(queries.embeddings, queries.ids, refs.embeddings, refs.ids, k=5).predictions,
+                              split.queries)
+    for part, n_copies in (("photo", 7), ("clipart", 7)):
+        ids = set(split.queries.loc[split.queries["part"] == ("photo" if part == "photo" else "general"), "query_id"])
+        expected = micro_average_precision(found[found["query_id"].isin(ids)], n_copies)
+        assert table.loc["mtl_finetune", f"muap_{part}"] == pytest.approx(expected)
+    assert table.loc["mtl_finetune", "fp_photo"] <= table.loc["mtl_finetune", "fp_at_threshold"]

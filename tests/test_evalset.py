@@ -22,17 +22,22 @@ COUNTS = {"test": SplitCounts(references=8, positive_queries=6, distractor_queri
           "val": SplitCounts(references=4, positive_queries=3, distractor_queries=3)}
 
 
-def write_photo_corpus(root: Path, per_split: dict[str, int]) -> Path:
-    """Distinct 64 px crops of scikit-image photos, two classes, as a corpus manifest."""
+def write_photo_corpus(root: Path, per_split: dict[str, int], photos_per_split: int = 0) -> Path:
+    """Distinct 64 px crops of scikit-image photos, two classes, as a corpus manifest; the
+    first `photos_per_split` scene images of each split are flagged as photographs."""
     photos = {"scene": data.astronaut(), "clipart": np.stack([data.camera()] * 3, -1)}
     rows, n = [], 0
     for split, count in per_split.items():
+        flagged = 0
         for _ in range(count):
             cls = ("scene", "clipart")[n % 2]
             y, x = divmod(n * 64, 448)
             Image.fromarray(photos[cls][y % 448:y % 448 + 64, x:x + 64]).save(root / f"{cls}{n:03d}.jpg")
+            photo = cls == "scene" and flagged < photos_per_split
+            flagged += photo
             rows.append({"id": f"{cls}{n:03d}", "path": f"{cls}{n:03d}.jpg", "class": cls, "source": "test",
-                         "group": str(n), "split": split, "hash": str(n), "width": 64, "height": 64})
+                         "group": str(n), "split": split, "hash": str(n), "width": 64, "height": 64,
+                         "photo": photo})
             n += 1
     with (root / "manifest.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -66,9 +71,9 @@ def _split_ids(corpus: Path, split: str) -> set[str]:
 @pytest.mark.parametrize("split", ["test", "val"])
 def test_counts_are_as_requested_and_columns_as_documented(evalset: Path, split: str) -> None:
     refs, queries = _rows(evalset / split / "references.csv"), _rows(evalset / split / "queries.csv")
-    assert list(refs[0]) == ["reference_id", "path", "class"]
+    assert list(refs[0]) == ["reference_id", "path", "class", "part"]
     assert list(queries[0]) == ["query_id", "path", "class", "reference_id", "transformation", "held_out",
-                               "source_id", "source_group"]
+                               "source_id", "source_group", "part"]
     assert len(refs) == COUNTS[split].references
     assert sum(bool(q["reference_id"]) for q in queries) == COUNTS[split].positive_queries
     assert sum(not q["reference_id"] for q in queries) == COUNTS[split].distractor_queries
@@ -209,7 +214,7 @@ def test_inconsistent_counts_fail_clearly() -> None:
         SplitCounts(references=5, positive_queries=3, distractor_queries=2)
     with pytest.raises(ValueError, match="unknown key.*evalset section: tset"):
         EvalsetConfig.from_params({"seed": 1, "test": {"references": 2, "positive_queries": 1,
-                                                         "distractor_queries": 1}, "tset": {}})
+                                                         "distractor_queries": 1}, "tset": {}, "photos": {}})
 
 
 def test_command_line_reads_the_evalset_section(corpus: Path, tmp_path: Path) -> None:
@@ -217,7 +222,53 @@ def test_command_line_reads_the_evalset_section(corpus: Path, tmp_path: Path) ->
     params.write_text(f"data: {{corpus_dir: {corpus.parent}}}\n"
                       f"evalset:\n  dir: {tmp_path / 'eval'}\n  seed: 1\n  workers: 1\n"
                       "  test: {references: 5, positive_queries: 2, distractor_queries: 2}\n"
-                      "  val: {references: 2, positive_queries: 1, distractor_queries: 1}\n")
+                      "  val: {references: 2, positive_queries: 1, distractor_queries: 1}\n"
+                      "  photos: {}\n")
     assert main(["--params", str(params), "--summary", str(tmp_path / "summary.json")]) == 0
     assert len(_rows(tmp_path / "eval" / "test" / "queries.csv")) == 4
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_photographs_get_a_part_of_their_own_searched_in_one_gallery(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    manifest = write_photo_corpus(root, {"train": 2, "val": 8, "test": 24}, photos_per_split=7)
+    photos = {r["id"] for r in _rows(manifest) if r["photo"] == "True"}
+    counts = {"test": SplitCounts(6, 5, 6), "val": SplitCounts(2, 2, 2)}
+    photo_counts = {"test": SplitCounts(4, 3, 4), "val": SplitCounts(0, 0, 0)}
+    build_evalset(manifest, root, tmp_path / "eval", evalset_config(seed=1, splits=counts, photos=photo_counts,
+                                                                    workers=1))
+    references = _rows(tmp_path / "eval" / "test" / "references.csv")
+    queries = _rows(tmp_path / "eval" / "test" / "queries.csv")
+    assert Counter(r["part"] for r in references) == {"general": 6, "photo": 4}
+    assert all((r["reference_id"] in photos) == (r["part"] == "photo") for r in references)
+    photo_queries = [q for q in queries if q["part"] == "photo"]
+    assert sum(bool(q["reference_id"]) for q in photo_queries) == 3 and len(photo_queries) == 7
+    # photo copies point at photo references; photo distractors are other photographs
+    assert all(q["source_id"] in photos for q in photo_queries)
+    photo_references = {r["reference_id"] for r in references if r["part"] == "photo"}
+    assert {q["reference_id"] for q in photo_queries if q["reference_id"]} <= photo_references
+    assert not {q["source_id"] for q in photo_queries if not q["reference_id"]} & photo_references
+    assert not {q["source_id"] for q in queries if q["part"] == "general"} & photos
+    assert {r["part"] for r in _rows(tmp_path / "eval" / "val" / "references.csv")} == {"general"}
+
+
+def test_too_few_photographs_fail_clearly(tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    manifest = write_photo_corpus(root, {"train": 2, "val": 8, "test": 24}, photos_per_split=2)
+    with pytest.raises(ValueError, match="2 distinct photographs.*evalset.photos.test.references"):
+        build_evalset(manifest, root, tmp_path / "eval", evalset_config(
+            seed=1, splits={"test": SplitCounts(6, 5, 6)}, photos={"test": SplitCounts(4, 3, 4)}, workers=1))
+
+
+def test_the_photo_part_is_named_in_the_parameters() -> None:
+    section = {"dir": "d", "seed": 0, "workers": 1, "test": {"references": 2, "positive_queries": 1,
+                                                             "distractor_queries": 1}}
+    with pytest.raises(ValueError, match="lacks `photos`"):
+        EvalsetConfig.from_params(section)
+    with pytest.raises(ValueError, match="names splits \\['val'\\]"):
+        EvalsetConfig.from_params({**section, "photos": {"val": {"references": 1, "positive_queries": 1,
+                                                                 "distractor_queries": 1}}})
+    cfg = EvalsetConfig.from_params({**section, "photos": {}})
+    assert cfg.photos == {"test": SplitCounts(0, 0, 0)}

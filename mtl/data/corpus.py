@@ -51,7 +51,7 @@ from mtl.data.corpus_report import (disk_report, make_report, per_package, summa
 from mtl.data.debian import debian_sources
 from mtl.data.decode import SourceImage, decode_all, remove_unkept, restore_files
 from mtl.data.manifest import MANIFEST_COLUMNS, SPLITS, rank_key, slug, unique_ids, write_manifest
-from mtl.data.packages import PACKAGE_SETS
+from mtl.data.packages import PACKAGE_SETS, is_photo_source
 from mtl.data.splits import assign_splits, cap_per_class, drop_duplicates
 from mtl.io import UserError, claim_folder, overlaps, refuse_foreign_folder
 from mtl.params import load_params, section_config
@@ -188,7 +188,7 @@ def made_before_the_marker(corpus_dir: Path) -> bool:
     manifest = corpus_dir / "manifest.csv"
     try:
         with manifest.open(newline="") as handle:
-            return next(csv.reader(handle), None) == list(MANIFEST_COLUMNS)
+            return next(csv.reader(handle), None) in (list(MANIFEST_COLUMNS), list(MANIFEST_COLUMNS[:-1]))
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -240,6 +240,8 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
 
     start = time.perf_counter()
     decoded, reasons, decode_counts = decode_all(items, cfg)
+    for image in decoded:  # from the table as it is now, never from a decode record
+        image.photo = is_photo_source(image.source)
     skipped += reasons
     timings["decode_s"] = round(time.perf_counter() - start, 2)
 

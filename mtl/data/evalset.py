@@ -15,11 +15,18 @@ deterministically from that split's originals (never seen in training):
                pictures hold fewer images than distractors, sources repeat (with
                different transformations and seeds).
 
+Each split has two parts, planned apart and searched together (one gallery): the
+*photo* part (`evalset.photos`) takes the split's real photographs (manifest `photo`):
+one reference per photograph, copies, and distractors made from other photographs; the
+*general* part takes every other image.  A photo query thus faces a mixed gallery, as
+an upload faces a real collection.
+
 Written to `<out_dir>/<split>/` (format in docs/architecture.md):
-  references.csv  reference_id, path, class
+  references.csv  reference_id, path, class, part
   queries.csv     query_id, path, class, reference_id (empty for distractors),
                   transformation, held_out, source_id, source_group (the corpus image
-                  a query was made from and its picture: the split can be audited)
+                  a query was made from and its picture: the split can be audited), part
+                  (photo | general)
   references/*.jpg, queries/*.jpg
 `<out_dir>` must be new, empty, or made by an earlier build, and apart from the
 corpus: a folder holding anything else is refused, untouched.
@@ -54,9 +61,10 @@ from mtl.runtime import progress
 
 EVAL_SPLITS = ("test", "val")
 QUERY_JPEG_QUALITY = 90  # queries are shared as JPEGs, as DISC21's are
-REFERENCE_COLUMNS = ("reference_id", "path", "class")
+REFERENCE_COLUMNS = ("reference_id", "path", "class", "part")
 QUERY_COLUMNS = ("query_id", "path", "class", "reference_id", "transformation", "held_out",
-                 "source_id", "source_group")
+                 "source_id", "source_group", "part")
+PARTS = ("general", "photo")
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ class EvalsetConfig:
 
     dir: str
     seed: int
-    splits: Mapping[str, SplitCounts]  # the section's `test` and `val` entries
+    splits: Mapping[str, SplitCounts]  # the section's `test` and `val` entries: the general part
+    photos: Mapping[str, SplitCounts]  # the section's `photos`: each split's photo part
     workers: int                       # render processes (the files do not depend on it)
 
     @classmethod
@@ -91,7 +100,15 @@ class EvalsetConfig:
         splits = {s: SplitCounts(**section.pop(s)) for s in EVAL_SPLITS if s in section}
         if not splits:
             raise ValueError(f"evalset parameters name none of the splits {EVAL_SPLITS}")
-        return section_config(cls, section, "evalset", splits=splits)
+        photos = section.pop("photos", None)
+        if not isinstance(photos, Mapping):
+            raise ValueError("the evalset section lacks `photos` (each split's photo part: "
+                             "{test: {references, positive_queries, distractor_queries}, val: ...}, zeros for none)")
+        unknown = sorted(set(photos) - set(splits))
+        if unknown:
+            raise ValueError(f"evalset.photos names splits {unknown} the evalset section does not build")
+        photo_counts = {s: SplitCounts(**photos[s]) if s in photos else SplitCounts(0, 0, 0) for s in splits}
+        return section_config(cls, section, "evalset", splits=splits, photos=photo_counts)
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,7 @@ class QueryJob:
     transformation: str
     seed: tuple[int, ...]
     out_path: Path
+    part: str = "general"
 
 
 # --------------------------------------------------------------------------- planning (pure)
@@ -116,9 +134,9 @@ def pictures_of(originals: list[Original]) -> dict[str, list[Original]]:
     return pictures
 
 
-def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_index: int,
-               out_dir: Path, split: str = "") -> tuple[list[Original], list[QueryJob]]:
-    """Choose references, positive and distractor sources and each query's transformation.
+def plan_part(originals: list[Original], counts: SplitCounts, rng: np.random.Generator, split: str, part: str
+              ) -> tuple[list[Original], list[tuple[Original, str]]]:
+    """One part's references and query sources: (references, [(source, reference_id or '')]).
 
     Ground truth is about pictures, not files: two tiles of one wallpaper are the same
     picture to a person.  So references come from distinct pictures (one seeded
@@ -126,15 +144,18 @@ def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_
     reference: no distractor is a piece of a reference's picture, and every positive
     has exactly one right answer.
     """
+    if counts.references == 0 and counts.distractor_queries == 0:
+        return [], []
     pictures = pictures_of(originals)
     needed = counts.references + (1 if counts.distractor_queries else 0)
     if len(pictures) < needed:
+        what = "photographs" if part == "photo" else "pictures"
+        key = f"evalset.photos.{split}" if part == "photo" else f"evalset.{split}"
         raise ValueError(
-            f"split {split!r} has {len(originals)} images of {len(pictures)} distinct pictures, too few for "
-            f"{counts.references} references (one per picture)"
+            f"split {split!r} has {len(originals)} {'photo ' if part == 'photo' else ''}images of {len(pictures)} "
+            f"distinct {what}, too few for {counts.references} references (one per picture)"
             f"{' plus at least one picture for distractors' if counts.distractor_queries else ''}: lower "
-            f"evalset.{split}.references or build a larger corpus")
-    rng = np.random.default_rng((seed, split_index))
+            f"{key}.references or build a larger corpus")
     names = sorted(pictures)
     order = [names[i] for i in rng.permutation(len(names))]
     reference_pictures, other_pictures = order[:counts.references], order[counts.references:]
@@ -146,19 +167,36 @@ def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_
     # Each distractor its own image while they last; sources repeat (other edits, other
     # seeds) only when the split has fewer non-reference images than distractors.
     distractor_sources = [others[i % len(others)] for i in range(counts.distractor_queries)] if others else []
+    return references, [(src, src.id) for src in positive_sources] + [(src, "") for src in distractor_sources]
 
+
+def plan_split(originals: list[Original], counts: SplitCounts, seed: int, split_index: int,
+               out_dir: Path, split: str = "", photo_counts: SplitCounts = SplitCounts(0, 0, 0)
+               ) -> tuple[list[Original], list[QueryJob]]:
+    """Choose references, positive and distractor sources and each query's transformation,
+    for the general part (every image but the photographs) and the photo part (see
+    plan_part); one gallery, one shuffled list of queries.  `references` carry their part
+    as `QueryJob.part` does (the photo flag of the original)."""
+    rng = np.random.default_rng((seed, split_index))
+    general = [o for o in originals if not o.photo]
+    references, sources = plan_part(general, counts, rng, split, "general")
+    photo_references, photo_sources = plan_part([o for o in originals if o.photo], photo_counts, rng, split, "photo")
     family = list(EVAL_FAMILY)
     offset = int(rng.integers(len(family)))  # distractors start elsewhere in the cycle
-    plans = [(src, src.id, family[i % len(family)]) for i, src in enumerate(positive_sources)]
-    plans += [(src, "", family[(offset + i) % len(family)]) for i, src in enumerate(distractor_sources)]
+    plans = []
+    for part, part_sources in (("general", sources), ("photo", photo_sources)):
+        positives = [(src, ref) for src, ref in part_sources if ref]
+        distractors = [(src, ref) for src, ref in part_sources if not ref]
+        plans += [(src, ref, family[i % len(family)], part) for i, (src, ref) in enumerate(positives)]
+        plans += [(src, ref, family[(offset + i) % len(family)], part) for i, (src, ref) in enumerate(distractors)]
     shuffled = rng.permutation(len(plans))
     jobs = []
     for number, p in enumerate(shuffled):
-        source, reference_id, name = plans[p]
+        source, reference_id, name, part = plans[p]
         query_id = f"{split or 'q'}_q{number:05d}"
         jobs.append(QueryJob(query_id, source, reference_id, name, (seed, split_index, number),
-                             out_dir / "queries" / f"{query_id}.jpg"))
-    return references, jobs
+                             out_dir / "queries" / f"{query_id}.jpg", part))
+    return sorted(references + photo_references, key=lambda o: o.id), jobs
 
 
 # --------------------------------------------------------------------------- rendering
@@ -199,10 +237,10 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: Iterable[Mapping[str,
 
 
 def build_split(originals: list[Original], counts: SplitCounts, seed: int, split: str, out_dir: Path,
-                workers: int) -> dict[str, Any]:
+                workers: int, photo_counts: SplitCounts = SplitCounts(0, 0, 0)) -> dict[str, Any]:
     """Write one split's references, queries and CSVs; return its counts."""
     split_dir = out_dir / split
-    references, jobs = plan_split(originals, counts, seed, EVAL_SPLITS.index(split), split_dir, split)
+    references, jobs = plan_split(originals, counts, seed, EVAL_SPLITS.index(split), split_dir, split, photo_counts)
     if split_dir.exists():
         shutil.rmtree(split_dir)  # stale queries of an earlier, larger build must not linger
     (split_dir / "references").mkdir(parents=True)
@@ -211,14 +249,15 @@ def build_split(originals: list[Original], counts: SplitCounts, seed: int, split
     for ref in progress(references, len(references), f"{split} references", unit="image", lines=0):
         copy_reference(ref, split_dir / "references" / f"{ref.id}.jpg")
     _write_csv(split_dir / "references.csv", REFERENCE_COLUMNS,
-               ({"reference_id": r.id, "path": f"references/{r.id}.jpg", "class": r.class_name} for r in references))
+               ({"reference_id": r.id, "path": f"references/{r.id}.jpg", "class": r.class_name,
+                 "part": "photo" if r.photo else "general"} for r in references))
 
     render_queries(jobs, workers, f"{split} queries")
     _write_csv(split_dir / "queries.csv", QUERY_COLUMNS, (
         {"query_id": j.query_id, "path": f"queries/{j.query_id}.jpg", "class": j.source.class_name,
          "reference_id": j.reference_id, "transformation": j.transformation,
          "held_out": is_held_out(j.transformation), "source_id": j.source.id,
-         "source_group": j.source.picture} for j in jobs))
+         "source_group": j.source.picture, "part": j.part} for j in jobs))
 
     positives = [j for j in jobs if j.reference_id]
     per_transformation = {name: sum(j.transformation == name for j in positives) for name in EVAL_FAMILY}
@@ -227,6 +266,9 @@ def build_split(originals: list[Original], counts: SplitCounts, seed: int, split
             "distinct_distractor_sources": len({j.source.id for j in jobs if not j.reference_id}),
             "reference_pictures": len({r.picture for r in references}),
             "references_per_class": dict(Counter(r.class_name for r in references)),
+            "photo_references": sum(r.photo for r in references),
+            "photo_positive_queries": sum(j.part == "photo" for j in positives),
+            "photo_distractor_queries": sum(j.part == "photo" and not j.reference_id for j in jobs),
             "held_out_positive_queries": sum(is_held_out(j.transformation) for j in positives),
             "positives_per_transformation": per_transformation}
 
@@ -257,10 +299,10 @@ def build_evalset(manifest_csv: str | Path, corpus_dir: str | Path, out_dir: str
                                "held_out": [n for n in EVAL_FAMILY if is_held_out(n)], "splits": {}}
     for split, counts in cfg.splits.items():
         originals = split_originals(manifest_csv, corpus_dir, split)
-        summary["splits"][split] = build_split(originals, counts, cfg.seed, split, out_dir, cfg.workers)
-        print(f"{split}: {summary['splits'][split]['references']} references, "
-              f"{summary['splits'][split]['positive_queries']} positive + "
-              f"{summary['splits'][split]['distractor_queries']} distractor queries")
+        summary["splits"][split] = built = build_split(originals, counts, cfg.seed, split, out_dir, cfg.workers,
+                                                       cfg.photos[split])
+        print(f"{split}: {built['references']} references ({built['photo_references']} photographs), "
+              f"{built['positive_queries']} positive + {built['distractor_queries']} distractor queries")
     gallery_split = "test" if "test" in cfg.splits else next(iter(cfg.splits))
     first_reference = sorted((out_dir / gallery_split / "references").glob("*.jpg"))[0]
     render_gallery(load_original(first_reference), out_dir / "gallery.png", seed=cfg.seed)

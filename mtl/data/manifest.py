@@ -16,7 +16,9 @@ from typing import Iterable, Sequence
 from mtl.io import atomic_path
 
 SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ("id", "path", "class", "source", "group", "split", "hash", "width", "height")
+MANIFEST_COLUMNS = ("id", "path", "class", "source", "group", "split", "hash", "width", "height", "photo")
+# photo: True for a real photograph (a package row marked so, mtl.data.packages): the eval
+# set gives photographs a part of their own.  Manifests written before it lack the column.
 
 
 # --------------------------------------------------------------------------- ids and orders
@@ -67,6 +69,7 @@ class CorpusImage:
     width: int
     height: int
     split: str = ""
+    photo: bool = False  # set by the build from the package table, never from a decode record
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Original:
     path: Path     # absolute (corpus dir joined)
     class_name: str
     group: str = ""  # the picture it comes from (tiles of one wallpaper share it); "" = its own id
+    photo: bool = False  # a real photograph (the manifest's `photo` column)
 
     @property
     def picture(self) -> str:
@@ -91,7 +95,7 @@ def write_manifest(images: Sequence[CorpusImage], path: Path) -> None:
         writer.writerow(MANIFEST_COLUMNS)
         for im in sorted(images, key=lambda im: (im.class_name, im.image_id)):
             writer.writerow([im.image_id, im.path, im.class_name, im.source, im.group, im.split, im.hash,
-                             im.width, im.height])
+                             im.width, im.height, im.photo])
 
 
 def read_manifest(manifest_csv: str | Path) -> list[dict[str, str]]:
@@ -117,5 +121,10 @@ def split_originals(manifest_csv: str | Path, corpus_dir: str | Path, split: str
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     corpus_dir = Path(corpus_dir)
     rows = [r for r in read_manifest(manifest_csv) if r["split"] == split]
-    return sorted((Original(r["id"], corpus_dir / r["path"], r["class"], r.get("group") or "") for r in rows),
-                  key=lambda o: o.id)
+    return sorted((Original(r["id"], corpus_dir / r["path"], r["class"], r.get("group") or "",
+                            is_photo_row(r)) for r in rows), key=lambda o: o.id)
+
+
+def is_photo_row(row: Mapping[str, str]) -> bool:
+    """A manifest row's `photo` flag (False in manifests written before the column)."""
+    return str(row.get("photo", "")).strip().lower() == "true"

@@ -65,6 +65,7 @@ class PackageSource:
     id_prefix: str | None = None   # None: the package name; "" for the rows the default set always had
     vector: bool = False           # SVG files are sources (rendered with rsvg-convert), not skipped
     sets: tuple[str, ...] = ("full",)
+    photo: bool = False            # real photographs (camera pictures of the world): the eval set's photo part
 
     def __post_init__(self) -> None:
         refuse_reserved(self.package)
@@ -212,6 +213,21 @@ def package_rows(package_set: str) -> list[PackageSource]:
 
 def package_names(package_set: str) -> list[str]:
     return list(dict.fromkeys(row.package for row in package_rows(package_set)))
+
+
+def photo_packages(rows: tuple[PackageSource, ...] = PACKAGES) -> set[str]:
+    """The packages whose rows are real photographs.  A package is all photographs or none:
+    the manifest knows an image's package (its `source`), not its row."""
+    photo = {row.package for row in rows if row.photo}
+    mixed = sorted({row.package for row in rows if not row.photo} & photo)
+    if mixed:
+        raise ValueError(f"packages {mixed} have photograph rows and other rows: a package is one or the other")
+    return photo
+
+
+def is_photo_source(source: str) -> bool:
+    """Whether a manifest `source` ('debian:<package>') is a package of real photographs."""
+    return source.startswith("debian:") and source.split(":", 1)[1] in photo_packages()
 
 
 # ---------------------------------------------------------------------------

@@ -94,11 +94,13 @@ def assign_splits(images: list[CorpusImage], fractions: Mapping[str, float], see
     images.  Pure hashing per group would also be stable, but with ~80 wallpapers
     of very unequal tile counts it misses the fractions by a lot; this meets them
     to within one group, and the same inputs and seed always give the same splits.
+    Real photographs are cut on their own (a stratum "<class>/photo"): each split gets
+    its share of them, and adding photographs moves no other image to another split.
     """
     sizes: Counter = Counter(im.group for im in images)
     class_votes: dict[str, Counter] = defaultdict(Counter)
     for image in images:
-        class_votes[image.group][image.class_name] += 1
+        class_votes[image.group][image.class_name + ("/photo" if image.photo else "")] += 1
     owner = {g: min(votes, key=lambda c: (-votes[c], c)) for g, votes in class_votes.items()}
     bounds = np.cumsum([fractions[s] for s in SPLITS])
     split_of: dict[str, str] = {}

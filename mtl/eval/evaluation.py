@@ -20,7 +20,10 @@ each method named in `decisions_from` by its decision rows, raw and normalized:
 A hash gets a normalized row only when val chooses a normalization for it (β > 0).
 
 Columns: muap, recall_at_p90, acc_at_1 (test split); muap_held_out, acc_at_1_held_out
-(copies made by held-out transformations, plus all distractors); fp_at_threshold and
+(copies made by held-out transformations, plus all distractors); per part of the eval set,
+each part's queries searched in the whole (mixed) gallery: muap_photo, recall_at_p90_photo,
+acc_at_1_photo, fp_photo (the photo part: real photographs, their copies and photo
+distractors) and muap_clipart, recall_at_p90_clipart (clip-art queries); fp_at_threshold and
 tp_at_threshold at `threshold`, chosen on the val split for the target precision;
 bytes_per_vector; dim; images_per_second (embedding, end to end with decoding);
 search_ms_per_query (exact faiss search over the test references); n_failed_images; beta
@@ -52,7 +55,8 @@ from mtl.eval.embeddings import EmbeddingResult, load_npz
 from mtl.eval.images import images_in_evalset
 from mtl.eval.metrics import (PrecisionRecallCurve, count_ground_truth, false_positives_at, held_out_metrics,
                               label_predictions, micro_average_precision, precision_recall_curve,
-                              recall_by_transformation, retrieval_metrics, threshold_for_precision)
+                              recall_by_transformation, retrieval_metrics, subset_metrics,
+                              threshold_for_precision)
 from mtl.eval.methods import SPLITS
 from mtl.eval.normalize import (BETA_GRID, K_GRID, Normalization, choose_parameters, collection_densities,
                                 densities_from_top, normalized_top_k, top_similarities)
@@ -61,7 +65,8 @@ from mtl.io import atomic_write_text, write_csv
 from mtl.params import section_config
 
 METRIC_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "fp_at_threshold",
-               "threshold", "bytes_per_vector", "norm_k", "norm_beta")
+               "threshold", "bytes_per_vector", "norm_k", "norm_beta", "muap_photo", "recall_at_p90_photo",
+               "acc_at_1_photo", "fp_photo", "muap_clipart", "recall_at_p90_clipart")
 
 
 @dataclass(frozen=True)
@@ -297,9 +302,33 @@ def _score_method(name: str, val: pd.DataFrame, test: pd.DataFrame, val_split: E
     row = {"method": name, "muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90,
            "acc_at_1": metrics.acc_at_1, "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1,
            "fp_at_threshold": operating.false_positives, "tp_at_threshold": operating.true_positives,
-           "threshold": threshold}
+           "threshold": threshold, **part_columns(test, test_split.queries, threshold, target_precision)}
     per = recall_by_transformation(test, test_split.queries, threshold).assign(method=name)
     return row, per, precision_recall_curve(test, test_split.n_ground_truth)
+
+
+def query_parts(queries: pd.DataFrame) -> dict[str, pd.Series]:
+    """Boolean masks of the eval set's parts: `photo` (the photo part) and `clipart` (the
+    clip-art queries of the general part); an eval set without the `part` column has no
+    photo part."""
+    part = queries["part"] if "part" in queries else pd.Series("general", index=queries.index)
+    return {"photo": part == "photo", "clipart": (part != "photo") & (queries["class"] == "clipart")}
+
+
+def part_columns(test: pd.DataFrame, queries: pd.DataFrame, threshold: float,
+                 target_precision: float) -> dict[str, float]:
+    """μAP, R@P90 (photo and clip art), acc@1 and false positives at the val threshold (photo)
+    of each part's queries in the whole gallery."""
+    columns = {}
+    for part, mask in query_parts(queries).items():
+        scored = subset_metrics(test, queries, mask, target_precision)
+        columns[f"muap_{part}"], columns[f"recall_at_p90_{part}"] = scored.muap, scored.recall_at_p90
+        if part == "photo":
+            ids = set(queries.loc[mask, "query_id"].astype(str))
+            photo = test[test["query_id"].astype(str).isin(ids)]
+            columns["acc_at_1_photo"] = scored.acc_at_1
+            columns["fp_photo"] = false_positives_at(photo, threshold).false_positives if mask.any() else np.nan
+    return columns
 
 
 def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str, str | Path]],
@@ -365,8 +394,9 @@ def evaluate_methods(eval_dir: str | Path, embeddings: Mapping[str, Mapping[str,
             add_decisions(f"{method}_norm", normalized, norm_extra)
     table = pd.DataFrame(rows)
     columns = ["method", "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out",
-               "fp_at_threshold", "tp_at_threshold", "threshold", "bytes_per_vector", "dim", "images_per_second",
-               "search_ms_per_query", "n_failed_images", "beta", "norm_k", "norm_beta"]
+               "fp_at_threshold", "tp_at_threshold", "threshold", "muap_photo", "recall_at_p90_photo",
+               "acc_at_1_photo", "fp_photo", "muap_clipart", "recall_at_p90_clipart", "bytes_per_vector", "dim",
+               "images_per_second", "search_ms_per_query", "n_failed_images", "beta", "norm_k", "norm_beta"]
     table = table.reindex(columns=[c for c in columns if c in table.columns])
     return MethodsEvaluation(table=table, per_transformation=pd.concat(per_transformation, ignore_index=True),
                              pr_curves=curves, test_predictions=test_predictions, test_split=splits["test"],

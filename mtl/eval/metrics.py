@@ -281,3 +281,15 @@ def held_out_metrics(labelled: pd.DataFrame, queries: pd.DataFrame,
     if count_ground_truth(subset) == 0:
         return RetrievalMetrics(float("nan"), float("nan"), float("nan"), 0, len(kept))
     return retrieval_metrics(kept, subset, target_precision)
+
+
+def subset_metrics(labelled: pd.DataFrame, queries: pd.DataFrame, mask,
+                   target_precision: float = 0.9) -> RetrievalMetrics:
+    """retrieval_metrics over the queries `mask` selects (a boolean Series over `queries`),
+    searched in the whole gallery; NaN when none of them has a copy."""
+    subset = queries[np.asarray(mask, dtype=bool)]
+    ids = set(subset["query_id"].astype(str))
+    kept = labelled[labelled["query_id"].astype(str).isin(ids)]
+    if count_ground_truth(subset) == 0:
+        return RetrievalMetrics(float("nan"), float("nan"), float("nan"), 0, len(kept))
+    return retrieval_metrics(kept, subset, target_precision)

@@ -18,6 +18,18 @@ exactly (the test suite checks this against PML as an oracle):
 ``memory_size=0`` is the conventional within-batch loss of Fig. 2 (top):
 PML's plain ``ContrastiveLoss``, where both sides of a pair carry gradient.
 
+Variants for a memory that holds less than an epoch (beyond the paper; README "The
+cross-batch memory at scale"; all off by default, each a ``loss`` setting):
+
+* ``keys``: what is enqueued may be another encoder's output for the same inputs (a
+  momentum encoder, MoCo), so that the memory moves slowly even when the model does not;
+* ``negative_reduction="all"``: the negative term is the mean over *every* compared
+  negative instead of over the active ones, so that a handful of active negatives is
+  not the whole gradient;
+* ``memory_positives``: a bank of each picture's last stored view, compared with the
+  batch as well, so that every anchor also meets an earlier view of its own picture
+  (a positive) -- what a memory longer than an epoch provides by itself.
+
 Across processes (``across_ranks=True`` under torchrun, :mod:`mtl.distributed`) each
 rank's anchors are its own rows of the global batch; the references are the global
 batch (gathered in rank order, so the memory is the same on every rank and equals the
@@ -42,6 +54,7 @@ from torch import nn
 
 from mtl import distributed
 
+NEGATIVE_REDUCTIONS = ("nonzero", "all")
 # Squared distances at or below this are treated as exactly zero: sqrt has an
 # infinite slope at 0 (NaN gradients for identical views).
 _SQ_DIST_EPS = 1e-12
@@ -108,10 +121,15 @@ class CrossBatchContrastiveLoss(nn.Module):
     ``state_dict()`` into checkpoints and with ``.to(device)``.
     """
 
-    def __init__(self, margin: float, memory_size: int, embed_dim: int):
+    def __init__(self, margin: float, memory_size: int, embed_dim: int, negative_reduction: str = "nonzero",
+                 memory_positives: bool = False):
         super().__init__()
         if margin <= 0:
             raise ValueError(f"margin must be > 0, got {margin}")
+        if negative_reduction not in NEGATIVE_REDUCTIONS:
+            raise ValueError(f"negative_reduction must be one of {NEGATIVE_REDUCTIONS}, got {negative_reduction!r}")
+        if memory_positives and memory_size == 0:
+            raise ValueError("memory_positives needs a memory (memory_size > 0)")
         if memory_size < 0:
             raise ValueError(f"memory_size must be >= 0, got {memory_size}")
         if embed_dim <= 0:
@@ -119,6 +137,11 @@ class CrossBatchContrastiveLoss(nn.Module):
         self.margin = float(margin)
         self.memory_size = int(memory_size)
         self.embed_dim = int(embed_dim)
+        self.negative_reduction = negative_reduction
+        self.memory_positives = bool(memory_positives)
+        # The positive bank: row = label, each picture's last stored view (grown on demand).
+        self.register_buffer("bank_embeddings", torch.zeros(0, self.embed_dim))
+        self.register_buffer("bank_filled", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("memory_embeddings", torch.zeros(self.memory_size, self.embed_dim))
         self.register_buffer("memory_labels", torch.zeros(self.memory_size, dtype=torch.long))
         # Next slot to write, and how many slots hold real entries.  Slots fill
@@ -133,7 +156,8 @@ class CrossBatchContrastiveLoss(nn.Module):
         self._last_counts: dict[str, torch.Tensor] = {}
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, memory_size={self.memory_size}, embed_dim={self.embed_dim}"
+        return (f"margin={self.margin}, memory_size={self.memory_size}, embed_dim={self.embed_dim}, "
+                f"negative_reduction={self.negative_reduction}, memory_positives={self.memory_positives}")
 
     # -- memory -----------------------------------------------------------------
 
@@ -143,6 +167,8 @@ class CrossBatchContrastiveLoss(nn.Module):
         self.memory_labels.zero_()
         self.write_pointer.zero_()
         self.filled.zero_()
+        self.bank_embeddings = self.bank_embeddings[:0]
+        self.bank_filled = self.bank_filled[:0]
         self._drop_selection_memory()
 
     @property
@@ -163,19 +189,30 @@ class CrossBatchContrastiveLoss(nn.Module):
         return slots
 
     def _references(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool,
-                    selection_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    selection_dtype: torch.dtype, keys: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What the batch is compared with: (reference embeddings, the same in the
         pre-selection dtype, their labels, each batch row's own column).  Only the
         within-batch case (memory_size=0, Fig. 2 top) has references that carry
-        gradient, as in PML's plain ContrastiveLoss."""
+        gradient, as in PML's plain ContrastiveLoss.  `keys` (the momentum encoder's
+        output for the batch) are stored instead of the batch itself."""
         batch_columns = torch.arange(len(labels), device=labels.device)
         if self.memory_size == 0:
             return embeddings, embeddings.detach().to(selection_dtype), labels, batch_columns
         if update_memory:
-            slots = self._enqueue(embeddings, labels)
+            banked = self._bank_lookup(labels) if self.memory_positives else None
+            slots = self._enqueue(embeddings if keys is None else keys, labels)
             n = self.stored
-            return (self.memory_embeddings[:n], self._selection_references(n, selection_dtype),
-                    self.memory_labels[:n], slots)
+            references = (self.memory_embeddings[:n], self._selection_references(n, selection_dtype),
+                          self.memory_labels[:n], slots)
+            if self.memory_positives:
+                self._bank_store(embeddings if keys is None else keys, labels)
+                if banked is not None:
+                    vectors, bank_labels = banked
+                    references = (torch.cat([references[0], vectors]),
+                                  torch.cat([references[1], vectors.to(selection_dtype)]),
+                                  torch.cat([references[2], bank_labels]), slots)
+            return references
         # Validation: the stored entries plus a detached copy of the batch, as training
         # would see them, but nothing is written.
         n = self.stored
@@ -196,17 +233,21 @@ class CrossBatchContrastiveLoss(nn.Module):
                              "use memory_size=0 (within-batch) or >= the batch size")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, update_memory: bool = True,
-                across_ranks: bool = False) -> torch.Tensor:
+                across_ranks: bool = False, keys: torch.Tensor | None = None) -> torch.Tensor:
         """``across_ranks``: `embeddings` are this rank's rows of a global batch (training
-        under torchrun); see the module docstring.  Ignored in a single process."""
+        under torchrun); see the module docstring.  Ignored in a single process.
+        ``keys``: what to store instead of the batch (a momentum encoder's output)."""
         across_ranks = across_ranks and distributed.is_active()
         self._check_inputs(embeddings, labels, distributed.world_size() if across_ranks else 1)
         # Always in fp32 (autocast may hand us fp16); renormalizing is a no-op for
         # the model's unit outputs and matches PML's LpDistance(normalize_embeddings=True).
         embeddings = F.normalize(embeddings.float(), dim=1)
         labels = labels.to(device=embeddings.device, dtype=torch.long)
+        if keys is not None:
+            keys = F.normalize(keys.detach().float(), dim=1)
         if across_ranks:
             batch, batch_labels = self._global_batch(embeddings, labels)
+            keys = distributed.gather_rows(keys) if keys is not None else None
         else:
             batch, batch_labels = embeddings, labels
         if self.memory_embeddings.device != embeddings.device:
@@ -214,7 +255,7 @@ class CrossBatchContrastiveLoss(nn.Module):
                              f"{embeddings.device}; move the loss with .to(device)")
         selection_dtype = fast_selection_dtype(embeddings.device)
         references, selection_references, ref_labels, self_columns = self._references(
-            batch, batch_labels, update_memory, selection_dtype)
+            batch, batch_labels, update_memory, selection_dtype, keys)
         if across_ranks:  # this rank's anchors are its rows of the global batch
             first = distributed.rank() * len(labels)
             self_columns = self_columns[first:first + len(labels)]
@@ -229,6 +270,8 @@ class CrossBatchContrastiveLoss(nn.Module):
             return self._global_means(terms)
         positive_loss, _ = mean_of_nonzero(terms.positive)
         negative_loss, active_negatives = mean_of_nonzero(terms.negative)
+        if self.negative_reduction == "all":  # the mean over every compared negative
+            negative_loss = terms.negative.sum() / terms.negatives_compared.clamp_min(1)
         self._last_counts = {
             "positive_pairs": terms.positive_pairs,
             "negatives_compared": terms.negatives_compared,
@@ -251,6 +294,8 @@ class CrossBatchContrastiveLoss(nn.Module):
             torch.count_nonzero(terms.negative > 0), terms.positive_pairs, terms.negatives_compared)])
         totals = distributed.all_reduce_sum(local)
         positive_count, negative_count = totals[1].clamp_min(1).float(), totals[3].clamp_min(1).float()
+        if self.negative_reduction == "all":
+            negative_count = totals[5].clamp_min(1).float()
         positive = distributed.global_share(positive_sum, totals[0].float()) / positive_count
         negative = distributed.global_share(negative_sum, totals[2].float()) / negative_count
         self._last_counts = {"positive_pairs": totals[4].long(), "negatives_compared": totals[5].long(),
@@ -281,6 +326,27 @@ class CrossBatchContrastiveLoss(nn.Module):
 
     def _drop_selection_memory(self) -> None:
         self.selection_memory = None
+
+    # -- the positive bank ------------------------------------------------------------
+
+    def _bank_lookup(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored views of the batch's pictures (one each, those the bank holds)."""
+        unique = torch.unique(labels)
+        unique = unique[unique < len(self.bank_filled)]
+        unique = unique[self.bank_filled[unique]] if len(unique) else unique
+        if not len(unique):
+            return None
+        return self.bank_embeddings[unique], unique
+
+    def _bank_store(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Each picture's last view in the batch becomes its bank entry."""
+        needed = int(labels.max()) + 1
+        if needed > len(self.bank_filled):
+            grow = needed - len(self.bank_filled)
+            self.bank_embeddings = torch.cat([self.bank_embeddings, self.bank_embeddings.new_zeros(grow, self.embed_dim)])
+            self.bank_filled = torch.cat([self.bank_filled, self.bank_filled.new_zeros(grow)])
+        self.bank_embeddings[labels] = embeddings.detach().to(self.bank_embeddings.dtype)
+        self.bank_filled[labels] = True
 
 
 # --------------------------------------------------------------------------- optimization: only the pairs that matter

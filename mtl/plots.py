@@ -137,6 +137,40 @@ def diagnosis(active: pd.DataFrame, staleness: pd.DataFrame, path: str | Path) -
     return _save(fig, path)
 
 
+def memory_probe(probe: pd.DataFrame, path: str | Path, smooth: int = 5) -> Path:
+    """The memory probe (mtl.memory_study) over a stage-1 run, one line per memory size:
+    how bunched the batch is, where it sits against the memory, and where the gradient
+    on the anchors comes from."""
+    panels = [("mean_norm", "|mean of the batch's embeddings|"),
+              ("batch_similarity", "mean cosine, different pictures in the batch"),
+              ("memory_alignment", "cos(batch mean, memory mean)"),
+              ("share_from_memory", "active negatives from the memory / all active"),
+              ("grad", "mean gradient norm on an anchor"),
+              ("grad_angle", "angle between memory and batch gradients (°)")]
+    with plt.style.context("default"):
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+        colours = dict(zip(sorted(probe["memory_size"].unique(), reverse=True), ["tab:red", "tab:blue", "tab:green",
+                                                                                  "tab:purple"]))
+        for ax, (column, title) in zip(axes.ravel(), panels):
+            for memory_size, run in probe.groupby("memory_size", sort=False):
+                label = f"memory {memory_size:,}" if memory_size else "no memory"
+                colour = colours[memory_size]
+                if column == "grad":
+                    ax.plot(run["step"], run["grad_memory"].rolling(smooth, min_periods=1).mean(), color=colour,
+                            label=f"{label}: from memory negatives")
+                    ax.plot(run["step"], run["grad_batch"].rolling(smooth, min_periods=1).mean(), color=colour,
+                            linestyle="--", label=f"{label}: from batch negatives")
+                else:
+                    ax.plot(run["step"], run[column].rolling(smooth, min_periods=1).mean(), color=colour, label=label)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Stage 1 with and without the cross-batch memory ({smooth}-record means)")
+        fig.tight_layout()
+        return _save(fig, path)
+
+
 def learning_curve(table: pd.DataFrame, baseline: dict, path: str | Path) -> Path:
     """μAP against the number of training pictures (log scale), val and test, with the
     ImageNet backbone's 1280-d output as a dashed line of each (matplotlib's own style)."""

@@ -112,3 +112,22 @@ def test_a_refresh_embeds_the_stored_views_again_with_the_current_network(tmp_pa
         stored = torch.cat([batches[2][0], batches[1][0]]).half().float()
         expected = run.model.heads(stored).embedding
     torch.testing.assert_close(run.criterion.contrastive.memory_embeddings[:16], expected, atol=1e-4, rtol=0)
+
+
+def test_the_probe_splits_the_gradient_between_memory_and_batch_negatives(tmp_path):
+    from mtl.memory_study import probe_step
+
+    run = stage_run(tmp_path, margin=1.9, memory_size=32)  # every negative inside the margin
+    run.model.train()
+    statistics = [m.running_mean.clone() for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    first = probe_step(run, taps_batch(0))
+    assert first["stored"] == 0 and first["active_memory"] == 0 and first["grad_memory"] == 0
+    assert first["active_batch"] == 8 * 6  # each anchor against the 6 views of other pictures
+    after = [m.running_mean for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(statistics, after))  # the probe leaves BatchNorm alone
+    run.train_step(taps_batch(0), 0)
+    second = probe_step(run, taps_batch(1))
+    assert second["stored"] == 8 and second["active_memory"] == 8 * 8
+    assert second["share_from_memory"] == 64 / (64 + 48)
+    assert second["grad_memory"] > 0 and second["grad_batch"] > 0 and 0 <= second["grad_angle"] <= 180
+    assert 0 <= second["mean_norm"] <= 1 and -1 <= second["memory_alignment"] <= 1

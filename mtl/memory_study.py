@@ -1,0 +1,197 @@
+"""The paper's cross-batch memory at scale: what a memory shorter than an epoch does to
+stage 1, recorded step by step.
+
+The hypothesis under test (README "The cross-batch memory at scale"): with no stored
+positive to anchor it, the cloud of current embeddings runs away from the memory's stale
+past as a whole and bunches.  At every `every`-th step of a stage-1 run (from the feature
+cache), before the step itself, the probe records for the batch's anchors a_i and the
+memory's older entries m_j (the batch excluded):
+
+    mean_norm          |mean_i a_i|: 1 when the batch lies in one direction, ~0 when spread
+    batch_similarity   mean cosine between anchors of different pictures
+    memory_alignment   cos(mean_i a_i, mean_j m_j): where the batch sits against the memory
+    active_memory,     negatives inside the margin, from the memory and from the batch
+    active_batch
+    grad_memory,       the mean gradient norm on an anchor from the memory's negatives and
+    grad_batch         from the batch's, each its part of the loss's mean over active terms
+    grad_angle         the angle (degrees) between those two gradients, all anchors together
+
+The hypothesis holds if, with the memory, mean_norm and batch_similarity climb while
+memory_alignment falls (the cloud moves away from the memory's mean), and neither happens
+without the memory.
+
+    python -m mtl.memory_study --profile profiles/full.yaml --set data.train_pictures=5000 \\
+        --memory-sizes 10240 0 --out results/memory/probe
+
+writes probe.csv (one row per recorded step and memory size), summary.csv (each run's
+first and last tenth, and its val μAP) and probe.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from mtl import plots
+from mtl.eval.evaluation import EvalConfig, checkpoint_scores
+from mtl.params import load_params, recipe_params
+from mtl.runtime import progress
+from mtl.training.config import StageConfig
+from mtl.training.loop import StageRun
+from mtl.training.stage import feature_batches, stage_model
+
+PROBE_COLUMNS = ("mean_norm", "batch_similarity", "memory_alignment", "memory_mean_norm", "active_memory",
+                 "active_batch", "share_from_memory", "grad_memory", "grad_batch", "grad_angle")
+
+
+class _FrozenStatistics:
+    """BatchNorm layers keep their running statistics during the probe's extra forward."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.momenta = [m.momentum for m in self.layers]
+        for layer in self.layers:
+            layer.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for layer, momentum in zip(self.layers, self.momenta):
+            layer.momentum = momentum
+
+
+def probe_step(run: StageRun, batch) -> dict[str, float]:
+    """The quantities of the module docstring for one batch, before its step."""
+    inputs, labels, _ = run._to_device(batch)
+    loss = run.criterion.contrastive
+    filled = loss.stored
+    old = loss.memory_embeddings[:filled].detach().clone()
+    old_labels = loss.memory_labels[:filled].clone()
+    with _FrozenStatistics(run.model):
+        anchors = F.normalize(run._forward(run.model, inputs).embedding.float(), dim=1)
+    margin = loss.margin
+    different = labels[:, None] != labels[None, :]
+    batch_distance = torch.cdist(anchors, anchors.detach()).clamp_min(1e-12)
+    batch_terms = F.relu(margin - batch_distance) * different
+    if filled:
+        memory_distance = torch.cdist(anchors, old).clamp_min(1e-12)
+        memory_terms = F.relu(margin - memory_distance) * (labels[:, None] != old_labels[None, :])
+    else:
+        memory_terms = anchors.new_zeros((len(anchors), 0))
+    active_memory, active_batch = int((memory_terms > 0).sum()), int((batch_terms > 0).sum())
+    count = max(active_memory + active_batch, 1)
+    grads = {}
+    for name, terms in (("memory", memory_terms), ("batch", batch_terms)):
+        part = terms.sum() / count
+        grads[name] = torch.autograd.grad(part, anchors, retain_graph=True, allow_unused=True)[0] \
+            if part.requires_grad else None
+        if grads[name] is None:
+            grads[name] = torch.zeros_like(anchors)
+    gm, gb = grads["memory"].flatten(), grads["batch"].flatten()
+    denominator = float(gm.norm() * gb.norm())
+    angle = math.degrees(math.acos(max(-1.0, min(1.0, float(gm @ gb) / denominator)))) if denominator > 0 else np.nan
+    with torch.no_grad():
+        mean = anchors.mean(dim=0)
+        cosine = anchors @ anchors.T
+        memory_mean = old.mean(dim=0) if filled else None
+        return {
+            "stored": filled,
+            "mean_norm": float(mean.norm()),
+            "batch_similarity": float(cosine[different].mean()),
+            "memory_alignment": float(F.cosine_similarity(mean, memory_mean, dim=0)) if filled else np.nan,
+            "memory_mean_norm": float(memory_mean.norm()) if filled else np.nan,
+            "active_memory": active_memory, "active_batch": active_batch,
+            "share_from_memory": active_memory / count if active_memory + active_batch else np.nan,
+            "grad_memory": float(grads["memory"].norm(dim=1).mean()),
+            "grad_batch": float(grads["batch"].norm(dim=1).mean()),
+            "grad_angle": angle,
+        }
+
+
+def probe_run(params: dict, memory_size: int, every: int, work_dir: Path,
+              epochs: int | None = None) -> tuple[pd.DataFrame, Path]:
+    """A stage-1 run of the recipe from the feature cache with `memory_size` entries,
+    probed every `every` steps; returns the records and the final checkpoint."""
+    cfg = StageConfig.from_params(params, "frozen")
+    cfg = replace(cfg, source="features", memory_size=memory_size, epochs=epochs or cfg.epochs)
+    model = stage_model(params, cfg)
+    make_train, _ = feature_batches(params, cfg, model)
+    run = StageRun(model, cfg, work_dir, len(make_train(1)))
+    rows, step = [], 0
+    run.model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        run.epoch = epoch - 1
+        batches = make_train(epoch)
+        for batch in progress(batches, len(batches), f"probe memory {memory_size} epoch {epoch}/{cfg.epochs}",
+                              unit="step", lines=0, leave=False):
+            if step % every == 0:
+                rows.append({"memory_size": memory_size, "step": step, "epoch": epoch, **probe_step(run, batch)})
+            parts, counts = run.train_step(batch, step)
+            if step % every == 0:
+                rows[-1].update(loss=float(parts.contrastive), active_negatives=int(counts["active_negatives"]),
+                                negatives_compared=int(counts["negatives_compared"]))
+            step += 1
+    run.epoch = cfg.epochs
+    final = work_dir / "final.pt"
+    run.save(final)
+    return pd.DataFrame(rows), final
+
+
+def summarize(probe: pd.DataFrame, scores: dict[int, dict]) -> pd.DataFrame:
+    """Per run: each quantity over the first and the last tenth of its steps, and val μAP."""
+    rows = []
+    for memory_size, run in probe.groupby("memory_size", sort=False):
+        tenth = max(1, len(run) // 10)
+        first, last = run.head(tenth), run.tail(tenth)
+        row = {"memory_size": memory_size, "steps": int(run["step"].max()) + 1}
+        for column in PROBE_COLUMNS:
+            row[f"{column}_first"], row[f"{column}_last"] = first[column].mean(), last[column].mean()
+        row.update({f"val_{k}": v for k, v in scores[memory_size].items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtl.memory_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default=None, help="a profiles/*.yaml overlay")
+    parser.add_argument("--recipe", default="best")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--memory-sizes", nargs="+", type=int, default=[10240, 0])
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's stage-1 epochs")
+    parser.add_argument("--every", type=int, default=10, help="steps between records")
+    parser.add_argument("--out", default="results/memory/probe")
+    parser.add_argument("--models", default="models/memory_probe")
+    args = parser.parse_args(argv)
+    params = recipe_params(load_params(args.params, args.set, args.profile), args.recipe)
+    out, models = Path(args.out), Path(args.models)
+    out.mkdir(parents=True, exist_ok=True)
+    records, scores = [], {}
+    for memory_size in args.memory_sizes:
+        work_dir = models / f"memory{memory_size}"
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        probe, final = probe_run(params, memory_size, args.every, work_dir, args.epochs)
+        records.append(probe)
+        scores[memory_size] = checkpoint_scores(final, params["evalset"]["dir"], "val",
+                                                EvalConfig.from_params(params["eval"]))["mtl"]
+        table = pd.concat(records, ignore_index=True)
+        table.to_csv(out / "probe.csv", index=False)
+        summary = summarize(table, scores)
+        summary.to_csv(out / "summary.csv", index=False)
+        print(summary.to_string(index=False), flush=True)
+    plots.memory_probe(table, out / "probe.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

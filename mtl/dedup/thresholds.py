@@ -14,6 +14,7 @@ from mtl.eval.normalize import Normalization
 from mtl.eval.operating_points import DEFAULT_OPERATING_POINTS, OperatingPoint, load_operating_points
 from mtl.io import file_digest
 from mtl.model import load_checkpoint, trained_image_size
+from mtl.release import load_release
 
 DEFAULT_IMAGE_SIZE = 112  # the untrained ImageNet backbone's input, when no operating point names one
 # imagededup's default max_distance_threshold: the radius its users already trust.
@@ -41,6 +42,7 @@ class DedupMethod:
     image_size: int = DEFAULT_IMAGE_SIZE
     normalization: Normalization | None = None  # the scale of `threshold`: None = raw cosine
     hamming_radius: int | None = None  # the combined decision: also pairs within this pHash radius
+    model_note: str = ""    # `best`: the pipeline's trained model, or the released one
 
     @property
     def cache_key(self) -> str:
@@ -65,8 +67,9 @@ class DedupMethod:
         gate = ", class gate on" if self.gate else ""
         name = self.checkpoint.name if self.checkpoint is not None else self.name
         combined = f", or pHash within {self.hamming_radius} bits" if self.hamming_radius is not None else ""
+        model = f"; {self.model_note}" if self.model_note else ""
         return (f"{name} ({self.descriptor}, {self.scale} score >= {self.threshold:.4g}{combined}, "
-                f"from {self.threshold_source}{gate})")
+                f"from {self.threshold_source}{gate}{model})")
 
 
 DECISIONS = ("auto", "threshold", "combined")
@@ -81,6 +84,12 @@ def resolve_method(method: str = "best", operating_points: str | Path = DEFAULT_
     if decision not in DECISIONS:
         raise DedupSetupError(f"decision must be one of {DECISIONS}, got {decision!r}")
     points = _operating_points_or_none(operating_points)
+    if method == "best" and (points is None or "best" not in points or _checkpoint_missing(points["best"],
+                                                                                        operating_points)):
+        release = load_release()
+        if release is not None:  # no pipeline model: the released one decides
+            chosen = resolve_method("best", release.operating_points_path, threshold, gate, image_size, raw, decision)
+            return replace(chosen, model_note=release.describe())
     if method in NAMED_METHODS:
         entry = (points or {}).get(method)
         if entry is None:
@@ -104,7 +113,17 @@ def resolve_method(method: str = "best", operating_points: str | Path = DEFAULT_
                                checkpoint, digest, image_size or _trained_image_size(checkpoint))
         entry, name = OperatingPoint(**{**asdict(entry), "checkpoint": str(checkpoint)}), method
     chosen = _from_entry(name, entry, operating_points, threshold, gate, image_size)
+    if name == "best" and chosen.checkpoint is not None and not chosen.model_note:
+        chosen = replace(chosen, model_note=f"the trained model {chosen.checkpoint}")
     return _with_scale(chosen, entry, threshold, raw, decision)
+
+
+def _checkpoint_missing(entry: OperatingPoint, points_path) -> bool:
+    """Whether the file an entry names is nowhere to be found (as written, or beside the points)."""
+    if not entry.checkpoint:
+        return False
+    written, points_path = Path(entry.checkpoint), Path(points_path)
+    return not any(c.is_file() for c in (written, points_path.parent / written, points_path.parent.parent / written))
 
 
 def _with_scale(chosen: DedupMethod, entry: OperatingPoint, threshold: float | None, raw: bool,

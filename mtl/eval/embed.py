@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mtl embed", description="Write embeddings (+ class probabilities) "
                                      "of images to .npz.", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n")[2])
-    parser.add_argument("--method", help="CKPT | backbone_gap1280:CKPT | phash | dhash")
+    parser.add_argument("--method", help="best (the pipeline's trained model, else the released one) | CKPT | "
+                        "backbone_gap1280:CKPT | phash | dhash")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--folder", type=Path, help="every image file under this folder")
     source.add_argument("--list", type=Path, help="a text file with one image path per line")
@@ -259,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         images = images_in_list(args.list)
     else:
         images = images_in_evalset(args.evalset)
+    if args.method == "best":
+        from mtl.release import best_model
+
+        checkpoint_path, _, which = best_model()
+        print(f"--method best: {which}")
+        args.method = str(checkpoint_path)
     kind, checkpoint = parse_method(args.method)
     if args.gap_out and kind != "mtl":
         parser.error("--gap-out needs a checkpoint as --method")

@@ -130,18 +130,23 @@ def search_normalization(queries: EmbeddingResult, operating_points: Path | None
     same file), else CSLS's default."""
     from mtl.eval.operating_points import load_operating_points
 
+    from mtl.release import load_release
+
     provenance = queries.provenance
-    points = {}
-    if operating_points is not None and provenance is not None:
+    release = load_release()
+    sources = [operating_points] + ([release.operating_points_path] if release is not None else [])
+    for source in sources:
+        if source is None or provenance is None:
+            continue
         try:
-            points = load_operating_points(operating_points)
+            points = load_operating_points(source)
         except FileNotFoundError:
-            points = {}
-    for name, point in points.items():
-        same_kind = point.descriptor == provenance.kind
-        same_model = point.descriptor != "mtl" or point.checkpoint_digest == provenance.checkpoint
-        if same_kind and same_model and point.search_normalization is not None:
-            return point.search_normalization, f"{operating_points} ({name}, chosen on val)"
+            continue
+        for name, point in points.items():
+            same_kind = point.descriptor == provenance.kind
+            same_model = point.descriptor != "mtl" or point.checkpoint_digest == provenance.checkpoint
+            if same_kind and same_model and point.search_normalization is not None:
+                return point.search_normalization, f"{source} ({name}, chosen on val)"
     return DEFAULT_NORMALIZATION, "CSLS's default (no operating point for these descriptors)"
 
 

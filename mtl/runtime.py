@@ -88,19 +88,39 @@ def stopwatch() -> Iterator[dict]:
     timing["seconds"] = round(time.perf_counter() - timing["started"], 2)
 
 
+def _quiet() -> bool:
+    return bool(os.environ.get("CI") or os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("MTL_NO_PROGRESS"))
+
+
 def is_interactive() -> bool:
     """True for a terminal session; False under papermill, CI or a pipe, where
     progress is printed as one line per epoch instead of a live bar."""
-    if os.environ.get("CI") or os.environ.get("PAPERMILL_EXECUTION") or os.environ.get("MTL_NO_PROGRESS"):
+    return not _quiet() and sys.stderr.isatty()
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel a person uses (JupyterLab, Notebook), not under papermill."""
+    if _quiet() or "ipykernel" not in sys.modules:
         return False
-    return sys.stderr.isatty()
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def progress(items: Iterable[T], total: int | None, desc: str, unit: str = "it", lines: int = 4,
              leave: bool = True) -> Iterator[T]:
     """Progress over a long loop, the one way the package reports it: a live tqdm bar when
-    a person watches; otherwise `lines` lines (at 25, 50, 75 and 100 % by default; none
-    with 0) with the elapsed time and the rate (papermill, CI, pipes)."""
+    a person watches (in a terminal; in JupyterLab a widget bar, tqdm.auto); otherwise
+    `lines` lines (at 25, 50, 75 and 100 % by default; none with 0) with the elapsed time
+    and the rate (papermill, CI, pipes)."""
+    if in_notebook():
+        from tqdm.auto import tqdm as notebook_tqdm
+
+        yield from notebook_tqdm(items, total=total, desc=desc, unit=unit, leave=leave)
+        return
     if is_interactive():
         yield from tqdm(items, total=total, desc=desc, unit=unit, leave=leave)
         return
@@ -132,7 +152,9 @@ def install_kernel(name: str = "mtl") -> Path:
         spec_dir = Path(ksm.get_kernel_spec(name).resource_dir)
     except Exception:  # noqa: BLE001 - jupyter raises NoSuchKernel, a plain KeyError subclass
         pass
-    wanted_env = {**FAST_MALLOC_ENV, "PAPERMILL_EXECUTION": "1"}
+    # papermill runs set PAPERMILL_EXECUTION themselves (scripts/stage, mtl.sweep): a person
+    # using the kernel in JupyterLab gets live progress bars
+    wanted_env = dict(FAST_MALLOC_ENV)
     if spec_dir is not None:
         spec = json.loads((spec_dir / "kernel.json").read_text())
         if spec.get("argv", [""])[0] == KERNEL_PYTHON and spec.get("env") == wanted_env:
@@ -148,15 +170,37 @@ def install_kernel(name: str = "mtl") -> Path:
     return spec_dir
 
 
-def main(argv: list[str] | None = None) -> None:
+def timed_run(name: str, command: list[str], out_dir: Path) -> int:
+    """Run `command`, then write out_dir/<name>.json: its wall time (the interpreter's and a
+    notebook kernel's start included) and exit status.  Returns the exit status."""
+    started, clock = time.time(), time.perf_counter()
+    status = subprocess.run(command).returncode
+    record = {"stage": name, "wall_seconds": round(time.perf_counter() - clock, 2),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "status": status}
+    if status == 0:  # a failed stage leaves the last good record
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / f"{name}.json", json.dumps(record, indent=1) + "\n")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtl.runtime")
     sub = parser.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("install-kernel", help="register the Jupyter kernel used by the notebooks")
     k.add_argument("--name", default="mtl")
+    t = sub.add_parser("timed", help="run a command and record its wall time (a pipeline stage)")
+    t.add_argument("--name", required=True)
+    t.add_argument("--out", type=Path, default=Path("results/timing"))
+    t.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     args = parser.parse_args(argv)
     if args.cmd == "install-kernel":
         install_kernel(args.name)
+        return 0
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("timed needs a command after --")
+    return timed_run(args.name, command, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -21,6 +21,7 @@ feature cache).  The DVC-experiments equivalent is in each sweep file.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ def run_notebook(recipe: str, run_name: str, stage: str, out_dir: Path, init: Pa
     import papermill
 
     notebooks_out.mkdir(parents=True, exist_ok=True)
+    os.environ["PAPERMILL_EXECUTION"] = "1"  # the kernel inherits it: progress as lines, not live bars
     papermill.execute_notebook(
         "notebooks/train.ipynb", str(notebooks_out / f"{run_name.replace('/', '__')}.ipynb"), kernel_name="mtl",
         parameters={"params_path": params_path, "overrides": overrides, "recipe": recipe, "stage": stage,

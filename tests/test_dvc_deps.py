@@ -97,7 +97,7 @@ def stage_seeds(cmd: str) -> dict[str, set[str] | None]:
     notebook = re.search(r"(notebooks/\S+\.ipynb)", cmd)
     if notebook:
         return notebook_seeds(ROOT / notebook.group(1))
-    module = re.search(r"python -m (mtl[\w.]*)", cmd)
+    module = re.search(r"(?:python|scripts/stage \S+) -m (mtl[\w.]*)", cmd)
     return {module.group(1): None} if module else {}
 
 

@@ -65,17 +65,30 @@ class FolderTruth:
         if missing:
             raise ValueError(f"{len(missing)} embedded ids are not in {what}, e.g. {missing[0]!r}")
 
+    def codes(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Integer codes of each id's reference and picture (-1: none), for vectorized labels."""
+        copies = pd.Series([self.copy_of.get(i) for i in ids], dtype=object)
+        groups = pd.Series([self.group_of.get(i) for i in ids], dtype=object)
+        return pd.factorize(copies)[0], pd.factorize(groups)[0]  # None -> -1
+
     def label(self, a_ids, b_ids) -> tuple[np.ndarray, np.ndarray]:
         """(correct, unknown) for pairs of ids; an id outside the truth is a distractor of
         no known picture (every pair with it is wrong)."""
-        copy_a = np.array([self.copy_of.get(i) for i in a_ids], dtype=object)
-        copy_b = np.array([self.copy_of.get(i) for i in b_ids], dtype=object)
-        group_a = np.array([self.group_of.get(i) for i in a_ids], dtype=object)
-        group_b = np.array([self.group_of.get(i) for i in b_ids], dtype=object)
-        correct = (copy_a != None) & (copy_a == copy_b)  # noqa: E711 (elementwise)
-        # An eval set without source groups has no unknown pairs (None == None is no picture).
-        unknown = (copy_a == None) & (copy_b == None) & (group_a != None) & (group_a == group_b)  # noqa: E711
-        return correct.astype(bool), unknown.astype(bool)
+        a_ids, b_ids = list(a_ids), list(b_ids)
+        copy, group = self.codes(a_ids + b_ids)
+        return self.label_codes(copy[:len(a_ids)], copy[len(a_ids):], group[:len(a_ids)], group[len(a_ids):])
+
+    @staticmethod
+    def label_codes(copy_a, copy_b, group_a, group_b) -> tuple[np.ndarray, np.ndarray]:
+        correct = (copy_a >= 0) & (copy_a == copy_b)
+        # An eval set without source groups has no unknown pairs (no picture is no picture).
+        unknown = (copy_a < 0) & (copy_b < 0) & (group_a >= 0) & (group_a == group_b)
+        return correct, unknown
+
+    def pair_labels(self, ids, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(correct, unknown) of the pairs (a[k], b[k]) of rows of `ids`."""
+        copy, group = self.codes(ids)
+        return self.label_codes(copy[a], copy[b], group[a], group[b])
 
     def n_true_pairs(self, ids) -> int:
         """Correct pairs among `ids`: each reference with its copies, and copies among themselves."""
@@ -104,7 +117,7 @@ def folder_pairs(result: EmbeddingResult, split, gate: bool = False,
     truth = FolderTruth.of_split(split)
     truth.check(result.ids, f"the {split.name} split")
     a, b, scores = pair_scores(result, normalization)
-    correct, unknown = truth.label(result.ids[a], result.ids[b])
+    correct, unknown = truth.pair_labels(result.ids, a, b)
     keep = ~unknown
     if gate:
         keep &= _same_class_pairs(result, a, b)
@@ -193,7 +206,7 @@ def pairs_at(result: EmbeddingResult, truth: FolderTruth, threshold: float, **de
     """Precision and recall of one decision (see accepted_pairs) over a folder of any size;
     unknown pairs are left out."""
     a, b = accepted_pairs(result, threshold, **decision)
-    correct, unknown = truth.label(result.ids[a], result.ids[b])
+    correct, unknown = truth.pair_labels(result.ids, a, b)
     return FolderScore(len(result.ids), int((~unknown).sum()), int((correct & ~unknown).sum()),
                        truth.n_true_pairs(result.ids))
 
@@ -231,7 +244,7 @@ def choose_combined(result: EmbeddingResult, hashes: EmbeddingResult, split, tar
     truth.check(result.ids, f"the {split.name} split")
     a, b, scores = pair_scores(result, normalization)
     hamming = hamming_of_scores(np.einsum("ij,ij->i", hashes.embeddings[a], hashes.embeddings[b]))
-    correct, unknown = truth.label(result.ids[a], result.ids[b])
+    correct, unknown = truth.pair_labels(result.ids, a, b)
     passes_gate = _same_class_pairs(result, a, b) if gate else np.ones(len(a), bool)
     keep = ~unknown
     n_correct = int(correct.sum())

@@ -18,7 +18,7 @@ import pandas as pd
 from mtl.io import atomic_write_text
 from mtl.params import load_params, recipe_params
 from mtl.scale_report import scale_tables
-from mtl.tables import RETRIEVAL_COLUMNS, fmt, markdown_table
+from mtl.tables import HEADLINE_COLUMNS, RETRIEVAL_COLUMNS, fmt, markdown_table, scientific, split_normalized
 from mtl.training.config import StageConfig
 
 RESULTS = Path("results")
@@ -52,6 +52,64 @@ def retrieval_table(methods_csv: Path) -> str:
     return markdown_table(rows, present)
 
 
+# The headline rows: the hashes, the ImageNet backbone, each recipe's final model and the
+# larger input; each raw and normalized (when it has a normalized row).
+HEADLINE_METHODS = ("phash", "dhash", "backbone_gap1280", "paper_finetune", "best_finetune", "backbone_gap1280_160px",
+                    "best_finetune_160px")
+
+
+def headline_table(methods_csv: Path) -> str:
+    """The README's retrieval table: the headline methods, each raw and normalized."""
+    frame = pd.read_csv(methods_csv).set_index("method")
+    rows = []
+    for method in HEADLINE_METHODS:
+        for name in (method, f"{method}_norm"):
+            if name in frame.index:
+                base, scale = split_normalized(name)
+                rows.append({**frame.loc[name].to_dict(), "method": f"`{base}`", "scale": scale})
+    return markdown_table(rows, [(k, h) for k, h in HEADLINE_COLUMNS if k in frame.columns or k in ("scale",)])
+
+
+def backgrounds_table(backgrounds_csv: Path) -> str:
+    """The normalization's backgrounds side by side (results/evaluate/backgrounds.csv)."""
+    rows = pd.read_csv(backgrounds_csv).to_dict("records")
+    for row in rows:
+        row["method"] = f"`{row['method']}`"
+        row["k"] = int(row["k"]) if row.get("k") == row.get("k") and row.get("k") is not None else None
+        row["beta"] = f"{row['beta']:g}"
+        row["background"] = {"raw": "none (cosine)", "references": "the references",
+                             "fixed": f"{int(row['background_images']):,} training pictures"
+                             if row.get("background_images") == row.get("background_images") else "training pictures"
+                             }.get(row["background"], row["background"])
+    columns = [("method", "method"), ("background", "background"), ("k", "k"), ("beta", "β"),
+               ("val_muap", "val μAP"), ("muap", "test μAP"), ("recall_at_p90", "test R@P90"),
+               ("acc_at_1", "test acc@1")]
+    return markdown_table(rows, columns)
+
+
+def folder_table(folder_csv: Path, extra: Path | None = None) -> str:
+    """The operating points' folder decisions on val (where they were chosen) and test
+    (results/evaluate/folder.csv), and on the large folder of the dedup benchmark when it
+    has been run: how far a threshold transfers to a larger folder."""
+    frame = pd.read_csv(folder_csv)
+    if extra is not None and extra.is_file():
+        frame = pd.concat([frame, pd.read_csv(extra)], ignore_index=True)
+    order = {"best": 0, "imagenet": 1, "phash": 2, "dhash": 3}
+    frame = frame.sort_values(["name", "decision", "images"], key=lambda c: c.map(order) if c.name == "name" else c,
+                              kind="stable")
+    rows = frame.to_dict("records")
+    for row in rows:
+        row["name"] = f"`{row['name']}`" + (" (default)" if row.get("default") in (True, "True") else "")
+        row["decision"] = {"raw": "raw", "normalized": "normalized",
+                           "combined": f"normalized or pHash ≤ {int(row['hamming_radius'])} bits"
+                           if row.get("hamming_radius") == row.get("hamming_radius") else "combined"
+                           }.get(row["decision"], row["decision"])
+    columns = [("name", "operating point"), ("decision", "scores"), ("split", "folder"), ("images", "images"),
+               ("threshold", "threshold"), ("accepted", "pairs accepted"), ("precision", "precision"),
+               ("recall", "recall"), ("f1", "F1")]
+    return markdown_table(rows, columns)
+
+
 def training_table(metrics: dict) -> str:
     rows = [{"run": run, **metrics[f"train/{run}"]} for run in TRAINING_RUNS if f"train/{run}" in metrics]
     columns = [("run", "recipe / stage"), ("epochs", "epochs"), ("steps", "steps"), ("final_train_total", "train loss"),
@@ -75,25 +133,50 @@ def features_table(metrics: dict) -> str:
 
 
 RECIPE_SETTINGS = [
-    ("margin", "margin α"), ("memory_size", "memory"), ("lambda_koleo", "KoLeo λ"), ("views", "views"),
-    ("source", "stage-1 input"), ("epochs", "epochs"), ("lr", "lr"), ("warmup_steps", "warm-up steps"),
-    ("branch_lr_scale", "branch lr ×"), ("bn", "backbone BatchNorm"),
+    ("margin", "margin α"), ("memory_size", "memory"), ("memory_fix", "memory remedy"), ("lambda_koleo", "KoLeo λ"),
+    ("views", "views"), ("source", "stage-1 input"), ("epochs", "epochs"), ("lr", "lr"),
+    ("warmup_steps", "warm-up steps"), ("branch_lr_scale", "branch lr ×"), ("bn", "backbone BatchNorm"),
+    ("embed_pool", "pooling"),
 ]
 
 
+def _memory_fix(cfg: StageConfig) -> str:
+    parts = []
+    if cfg.memory_momentum:
+        parts.append(f"momentum {cfg.memory_momentum:g}")
+    if cfg.memory_warmup_steps:
+        parts.append(f"warm-up {cfg.memory_warmup_steps:,} steps")
+    if cfg.memory_refresh_steps:
+        parts.append(f"refresh every {cfg.memory_refresh_steps:,}")
+    if cfg.negative_reduction != "nonzero":
+        parts.append("mean over all pairs")
+    if cfg.memory_positives:
+        parts.append("stored positives")
+    return ", ".join(parts) or "none (the paper's)"
+
+
 def recipes_table(params: dict) -> str:
-    """The settings of both recipes, per stage, read from the parameters themselves."""
-    rows = []
+    """The settings of both recipes, per stage, read from the parameters themselves, as a
+    reader writes them (learning rates in scientific notation); a `paper` cell that
+    differs from `best` is in bold."""
+    values = {}
     for recipe in RECIPES:
         resolved = recipe_params(params, recipe)
         for stage in ("frozen", "finetune"):
             cfg = StageConfig.from_params(resolved, stage)
-            row = {"run": f"{recipe} / {stage}", **{k: getattr(cfg, k) for k, _ in RECIPE_SETTINGS}}
-            row["embed_pool"] = resolved["model"].get("embed_pool", "avg")
+            row = {k: getattr(cfg, k) for k, _ in RECIPE_SETTINGS if hasattr(cfg, k)}
+            row.update(memory_fix=_memory_fix(cfg), embed_pool=resolved["model"].get("embed_pool", "avg"),
+                       lr=scientific(cfg.lr), margin=f"{cfg.margin:g}", lambda_koleo=f"{cfg.lambda_koleo:g}",
+                       branch_lr_scale=f"{cfg.branch_lr_scale:g}")
             if stage == "frozen":
                 row["bn"], row["branch_lr_scale"] = "frozen (whole backbone)", "–"
-            rows.append(row)
-    return markdown_table(rows, [("run", "recipe / stage"), *RECIPE_SETTINGS, ("embed_pool", "pooling")])
+            values[(recipe, stage)] = {k: fmt(v) if not isinstance(v, str) else v for k, v in row.items()}
+    rows = []
+    for (recipe, stage), row in values.items():
+        best = values[("best", stage)]
+        shown = {k: f"**{v}**" if recipe != "best" and v != best[k] else v for k, v in row.items()}
+        rows.append({"run": f"{recipe} / {stage}", **shown})
+    return markdown_table(rows, [("run", "recipe / stage"), *RECIPE_SETTINGS])
 
 
 def sweep_tables(results_dir: Path) -> dict[str, str]:
@@ -351,6 +434,13 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     methods_csv = results_dir / "evaluate" / "methods.csv"
     if methods_csv.is_file():
         tables["retrieval"] = retrieval_table(methods_csv)
+        tables["headline"] = headline_table(methods_csv)
+    backgrounds_csv = results_dir / "evaluate" / "backgrounds.csv"
+    if backgrounds_csv.is_file():
+        tables["backgrounds"] = backgrounds_table(backgrounds_csv)
+    folder_csv = results_dir / "evaluate" / "folder.csv"
+    if folder_csv.is_file():
+        tables["folder"] = folder_table(folder_csv, results_dir / "dedup" / "large_folder.csv")
     generalization_csv = results_dir / "generalization" / "table.csv"
     if generalization_csv.is_file():
         tables["generalization"] = generalization_table(generalization_csv)

@@ -36,6 +36,34 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 RETRIEVAL_COLUMNS = [
     ("method", "method"), ("muap", "μAP"), ("recall_at_p90", "R@P90"), ("acc_at_1", "acc@1"),
     ("muap_held_out", "μAP held-out"), ("acc_at_1_held_out", "acc@1 held-out"),
-    ("fp_at_threshold", "FP @ val thr."), ("bytes_per_vector", "bytes/vector"),
+    ("muap_photo", "μAP photos"), ("recall_at_p90_photo", "R@P90 photos"), ("muap_clipart", "μAP clip art"),
+    ("recall_at_p90_clipart", "R@P90 clip art"),
+    ("fp_at_threshold", "FP @ val thr."), ("fp_photo", "FP photos"), ("bytes_per_vector", "bytes/vector"),
     ("images_per_second", "embed img/s"), ("search_ms_per_query", "search ms/query"),
 ]
+# The README's headline: what a reader compares first (the rest: docs/study.md).
+HEADLINE_COLUMNS = [
+    ("method", "method"), ("scale", "scores"), ("muap", "μAP"), ("recall_at_p90", "R@P90"), ("acc_at_1", "acc@1"),
+    ("muap_held_out", "μAP held-out edits"), ("muap_photo", "μAP photos"), ("recall_at_p90_photo", "R@P90 photos"),
+    ("muap_clipart", "μAP clip art"), ("fp_at_threshold", "FP @ val thr."),
+]
+
+
+def split_normalized(method: str) -> tuple[str, str]:
+    """('best_finetune', 'normalized') for 'best_finetune_norm', (name, 'raw') otherwise;
+    decision rows keep their suffix ('best_finetune_gate', 'normalized')."""
+    if method.endswith("_norm"):
+        return method[:-len("_norm")], "normalized"
+    for suffix in ("_gate", "_fusion"):
+        if method.endswith(f"_norm{suffix}"):
+            return method[:-len(f"_norm{suffix}")] + suffix, "normalized"
+    return method, "raw"
+
+
+def scientific(value) -> str:
+    """4e-06 -> 4e-6, 2e-05 -> 2e-5: learning rates as a reader writes them."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value == 0:
+        return fmt(value)
+    mantissa, exponent = f"{value:.1e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"

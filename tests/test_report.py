@@ -34,7 +34,9 @@ def test_gather_and_readme_tables(tmp_path):
     assert "| phash | 0.250 | 0.100 | 0.500 | 3 | 8 |" in text
     assert "| best/frozen | 2 | 40 | 0.500 | 0.600 |" in text
     assert "| memory_0 | loss.memory_size=0 | 0.500 | 0.700 |" in text
-    assert "| paper / frozen | 0.450 | 10,240 |" in text  # the recipes, read from params.yaml
+    # the recipes, read from params.yaml: real learning rates, the paper's differing cells in bold
+    assert "| paper / frozen | 0.45 | 10,240 | none (the paper's) | 0 | chain | features |" in text
+    assert "| **4e-6** |" in text and "| best / frozen |" in text and "| 1e-4 |" in text
 
 
 def test_replace_block_fills_an_empty_block_and_replaces_it_again():
@@ -75,3 +77,12 @@ def test_index_scale_table_marks_a_flat_index_too_large_to_build(tmp_path):
     table = index_scale_table(csv)
     assert "| 10,000,000 | Flat (not built: 11.9 GB) | – | – | – |" in table
     assert "| 10,000,000 | IVF4096,PQ64x4fs | 32 | 600 | 400 | 2,500 | 0.100 | 0.200 | 0.800 | 0.100 |" in table
+
+
+def test_scientific_notation_and_the_normalized_rows():
+    from mtl.tables import scientific, split_normalized
+
+    assert [scientific(v) for v in (4e-6, 2e-5, 1.5e-4, 0.0)] == ["4e-6", "2e-5", "1.5e-4", "0.000"]
+    assert split_normalized("best_finetune_norm") == ("best_finetune", "normalized")
+    assert split_normalized("best_finetune_norm_gate") == ("best_finetune_gate", "normalized")
+    assert split_normalized("phash") == ("phash", "raw")

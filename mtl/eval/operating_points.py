@@ -7,7 +7,8 @@ Scores are normalized by default, the folder as background (mtl.eval.normalize):
 with the highest folder average precision on val, then the lowest threshold keeping pair
 precision >= target at the highest recall.  The raw-cosine threshold is kept beside it
 (`--raw`), and the combined decision (pHash within r bits, or the embedding's score) is
-chosen on val too; `decision` names the one with the higher val recall.  The query ->
+chosen on val too; `decision` names it the default only when its val recall is higher by
+COMBINED_MIN_GAIN.  The query ->
 reference thresholds of `mtl search` (the references as background) are lower: among all
 pairs of a folder there are many more wrong ones to pass.
 
@@ -44,6 +45,10 @@ from mtl.eval.normalize import Normalization, choose_parameters
 from mtl.io import file_digest, write_json
 
 DEFAULT_OPERATING_POINTS = Path("models/operating_points.json")
+# The combined decision becomes the default only when it finds this much more of the val
+# folder's true pairs than the embedding alone (both at the target precision): a pair or
+# two of 160 is noise, and the hash's part does not normalize with the folder's size.
+COMBINED_MIN_GAIN = 0.02
 DESCRIPTORS = ("mtl", "gap1280", "phash", "dhash")
 # name in operating_points.json: (the evaluation's method, its descriptor, the class gate)
 OPERATING_POINTS = {
@@ -178,7 +183,7 @@ def write_operating_points(val_embeddings: Mapping[str, EmbeddingResult], val_sp
                 combined = {"hamming_radius": chosen.hamming_radius, "threshold": chosen.threshold,
                             "val_recall": chosen.val_recall}
                 alone = folder_recall(result, val_split, threshold, gate, normalization)
-                decision = "combined" if chosen.val_recall > alone else "threshold"
+                decision = "combined" if chosen.val_recall >= alone + COMBINED_MIN_GAIN else "threshold"
         points[name] = {"descriptor": descriptor, "threshold": threshold, "raw_threshold": raw,
                         "normalization": None if normalization is None else normalization.as_dict(),
                         "combined": combined, "decision": decision, "search": search_entry(evaluation_table, method),

@@ -133,22 +133,24 @@ def recipe_params(params: dict, recipe: str) -> dict:
     return merged
 
 
-def flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """Leaves of a nested mapping as (dotted key, value), in file order."""
+def flatten(tree: dict, prefix: str = "", base: dict | None = None) -> list[tuple[str, Any]]:
+    """Leaves of a nested mapping as (dotted key, value), in file order.  With `base`, a
+    mapping whose key is not a mapping in `base` (null there, say) stays one leaf."""
     leaves: list[tuple[str, Any]] = []
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            leaves.extend(flatten(value, dotted + "."))
+        below = base.get(key) if isinstance(base, dict) else None
+        if isinstance(value, dict) and value and (base is None or isinstance(below, dict)):
+            leaves.extend(flatten(value, dotted + ".", below if base is not None else None))
         else:
             leaves.append((dotted, value))
     return leaves
 
 
-def dvc_set_args(profile: str | Path) -> list[str]:
-    """`-S key=value` arguments for `dvc exp run` that apply a profile overlay."""
+def dvc_set_args(profile: str | Path, base: str | Path = "params.yaml") -> list[str]:
+    """`-S key=value` arguments for `dvc exp run` that apply a profile overlay to `base`."""
     args: list[str] = []
-    for key, value in flatten(read_yaml(profile)):
+    for key, value in flatten(read_yaml(profile), base=read_yaml(base) if Path(base).is_file() else None):
         rendered = yaml.safe_dump(value, default_flow_style=True).strip()
         rendered = rendered.removesuffix("...").strip()
         args += ["-S", f"{key}={rendered}"]

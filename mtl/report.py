@@ -262,9 +262,18 @@ def corpus_table(metrics: dict) -> str:
     return markdown_table(rows, columns)
 
 
-# Stage order of dvc.yaml, and where each stage's own work time is in results/metrics.json.
-PIPELINE_STAGES = ["corpus", "evalset", "features", *(f"train_frozen@{r}" for r in (*RECIPES, "paper_mem0", "best_mem0")),
-                   *(f"train_finetune@{r}" for r in RECIPES), "embeddings", "evaluate", "diagnose", "report"]
+# Stage order of dvc.yaml (a stage's runs in their foreach order), and where each stage's
+# own work time is in results/metrics.json.
+PIPELINE_ORDER = ["corpus", "evalset", "features", "train_frozen@paper", "train_frozen@best", "train_frozen@paper_mem0",
+                  "train_frozen@best_mem0", "train_frozen", "train_finetune@paper", "train_finetune@best",
+                  "train_finetune", "embeddings", "evaluate", "diagnose", "report"]
+
+
+def _stage_rank(stage: str) -> tuple[int, str]:
+    for rank, name in enumerate(PIPELINE_ORDER):
+        if stage == name or (name in ("train_frozen", "train_finetune", "diagnose") and stage.startswith(name + "@")):
+            return rank, stage
+    return len(PIPELINE_ORDER), stage
 
 
 def _work_key(stage: str) -> str:
@@ -280,15 +289,12 @@ def timing_table(metrics: dict, results_dir: Path = RESULTS) -> str:
     work (the stage's metrics), and the difference; the total is what a user waits, but
     for DVC's own bookkeeping between stages.  A fresh clone's measured `make repro`
     (scripts/time_fresh_clone.sh) closes the table when it has been recorded."""
+    records = [*(results_dir / "timing").glob("*.json"), *(results_dir / "report_timing").glob("report.json")]
+    walls = {path.stem: json.loads(path.read_text())["wall_seconds"] for path in records if path.stem != "fresh_clone"}
     rows = []
-    for stage in PIPELINE_STAGES:
-        record = results_dir / "timing" / f"{stage}.json"
-        wall = json.loads(record.read_text())["wall_seconds"] if record.is_file() else None
-        work = (metrics.get(_work_key(stage)) or {}).get("wall_seconds")
-        if wall is None and work is None:
-            continue
-        rows.append({"stage": stage, "wall": wall, "work": work,
-                     "overhead": wall - work if wall is not None and work is not None else None})
+    for stage in sorted(walls, key=_stage_rank):
+        wall, work = walls[stage], (metrics.get(_work_key(stage)) or {}).get("wall_seconds")
+        rows.append({"stage": stage, "wall": wall, "work": work, "overhead": wall - work if work is not None else None})
     total = sum(r["wall"] for r in rows if r["wall"] is not None)
     rows.append({"stage": "**all stages**", "wall": total,
                  "work": sum(r["work"] for r in rows if r["work"] is not None)})

@@ -98,6 +98,9 @@ class CorpusConfig:
     max_per_class: int            # cap per class (seeded subset)
     near_dup_hamming: int         # pHash distance <= this counts as the same picture
     split_fractions: dict
+    # The real photographs' own split (a stratum of their own, mtl.data.splits): null = the
+    # same fractions; a profile whose test share is small keeps enough photographs to test on.
+    photo_split_fractions: dict | None
     max_source_pixels: int        # larger files are skipped as decompression bombs
     jpeg_quality: int
     contact_sheet_images: int
@@ -116,11 +119,14 @@ class CorpusConfig:
             raise ValueError(f"data.source must be 'debian' or 'folder', not {self.source!r}")
         if self.source == "folder" and not self.folder:
             raise ValueError("data.source=folder needs data.folder: a folder with one sub-folder per class")
-        fractions = dict(self.split_fractions)
-        if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()):
-            raise ValueError(f"data.split_fractions needs non-negative train, val and test; got {fractions}")
-        if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-            raise ValueError(f"data.split_fractions must sum to 1; got {fractions}")
+        for key in ("split_fractions", "photo_split_fractions"):
+            if getattr(self, key) is None and key == "photo_split_fractions":
+                continue
+            fractions = dict(getattr(self, key))
+            if set(fractions) != set(SPLITS) or any(v < 0 for v in fractions.values()):
+                raise ValueError(f"data.{key} needs non-negative train, val and test; got {fractions}")
+            if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+                raise ValueError(f"data.{key} must sum to 1; got {fractions}")
         if self.packages not in PACKAGE_SETS:
             raise ValueError(f"data.packages must be one of {PACKAGE_SETS}, not {self.packages!r}")
         for name in ("max_side", "tile_size", "max_tiles_per_picture", "max_per_class", "min_side", "workers"):
@@ -251,7 +257,7 @@ def build_corpus(cfg: CorpusConfig | Mapping[str, Any]) -> dict:
     skipped["over_class_cap"] += over_cap
     decode_counts["restored"] = restore_files(kept, items, cfg)
     remove_unkept(kept, cfg)
-    split_of = assign_splits(kept, cfg.split_fractions, cfg.seed)
+    split_of = assign_splits(kept, cfg.split_fractions, cfg.seed, cfg.photo_split_fractions)
     for image in kept:
         image.split = split_of[image.group]
     timings["dedup_split_s"] = round(time.perf_counter() - start, 2)

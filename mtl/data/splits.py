@@ -85,7 +85,8 @@ def cap_per_class(images: list[CorpusImage], max_per_class: int, seed: int) -> t
     return kept, len(images) - len(kept)
 
 
-def assign_splits(images: list[CorpusImage], fractions: Mapping[str, float], seed: int) -> dict[str, str]:
+def assign_splits(images: list[CorpusImage], fractions: Mapping[str, float], seed: int,
+                  photo_fractions: Mapping[str, float] | None = None) -> dict[str, str]:
     """group -> split; every image of a group gets its group's split.
 
     Per class (a group spanning classes belongs to its majority class), groups
@@ -94,17 +95,19 @@ def assign_splits(images: list[CorpusImage], fractions: Mapping[str, float], see
     images.  Pure hashing per group would also be stable, but with ~80 wallpapers
     of very unequal tile counts it misses the fractions by a lot; this meets them
     to within one group, and the same inputs and seed always give the same splits.
-    Real photographs are cut on their own (a stratum "<class>/photo"): each split gets
-    its share of them, and adding photographs moves no other image to another split.
+    Real photographs are cut on their own (a stratum "<class>/photo"), at `photo_fractions`
+    when given: each split gets its share of them, and adding photographs moves no other
+    image to another split.
     """
     sizes: Counter = Counter(im.group for im in images)
     class_votes: dict[str, Counter] = defaultdict(Counter)
     for image in images:
         class_votes[image.group][image.class_name + ("/photo" if image.photo else "")] += 1
     owner = {g: min(votes, key=lambda c: (-votes[c], c)) for g, votes in class_votes.items()}
-    bounds = np.cumsum([fractions[s] for s in SPLITS])
     split_of: dict[str, str] = {}
     for class_name in sorted(set(owner.values())):
+        stratum = photo_fractions if photo_fractions is not None and class_name.endswith("/photo") else fractions
+        bounds = np.cumsum([stratum[s] for s in SPLITS])
         groups = sorted((g for g in owner if owner[g] == class_name), key=lambda g: rank_key(seed, g))
         total, before = sum(sizes[g] for g in groups), 0
         for group in groups:

@@ -68,20 +68,31 @@ def checkpoint_path(recipe: str, stage: str) -> Path:
     return MODELS / recipe / stage / "final.pt"
 
 
+def pipeline_runs(params: dict) -> tuple[list[str], list[str]]:
+    """(stage-1 runs, stage-2 runs) the pipeline trains (params.yaml `pipeline`)."""
+    pipeline = params.get("pipeline") or {"frozen": [*RECIPES, *CONTROLS], "finetune": list(RECIPES)}
+    return list(pipeline["frozen"]), list(pipeline["finetune"])
+
+
 def evaluation_passes(params: dict) -> list:
-    """Which checkpoints the evaluation embeds, and the methods each pass yields."""
+    """Which checkpoints the evaluation embeds (the runs the pipeline trains), and the
+    methods each pass yields."""
     larger = EvalConfig.from_params(params["eval"]).larger_image_size
+    frozen, finetune = pipeline_runs(params)
+    if "best" not in frozen or "best" not in finetune:
+        raise ValueError("the pipeline must train both stages of `best` (params.yaml pipeline.frozen and .finetune)")
     passes = []
     for recipe in RECIPES:
         imagenet = recipe == "best"  # a frozen stage's backbone is the untouched ImageNet one
-        passes += [
-            CheckpointPass(checkpoint_path(recipe, "frozen"), mtl=f"{recipe}_frozen",
-                           gap1280="backbone_gap1280" if imagenet else None,
-                           pca320="backbone_pca320" if imagenet else None),
-            CheckpointPass(checkpoint_path(f"{recipe}_mem0", "frozen"), mtl=f"{recipe}_frozen_mem0"),
-            CheckpointPass(checkpoint_path(recipe, "finetune"), mtl=f"{recipe}_finetune",
-                           gap1280=f"{recipe}_finetune_gap1280"),
-        ]
+        if recipe in frozen:
+            passes.append(CheckpointPass(checkpoint_path(recipe, "frozen"), mtl=f"{recipe}_frozen",
+                                         gap1280="backbone_gap1280" if imagenet else None,
+                                         pca320="backbone_pca320" if imagenet else None))
+        if f"{recipe}_mem0" in frozen:
+            passes.append(CheckpointPass(checkpoint_path(f"{recipe}_mem0", "frozen"), mtl=f"{recipe}_frozen_mem0"))
+        if recipe in finetune:
+            passes.append(CheckpointPass(checkpoint_path(recipe, "finetune"), mtl=f"{recipe}_finetune",
+                                         gap1280=f"{recipe}_finetune_gap1280"))
     # Evaluated larger than trained (SSCD's finding), next to the ImageNet baseline at that size.
     passes += [CheckpointPass(checkpoint_path("best", "frozen"), gap1280=f"backbone_gap1280_{larger}px",
                               image_size=larger),

@@ -1,28 +1,32 @@
-"""`mtl dedup` against imagededup on the same folder: pair precision, recall, F1, wall time.
+"""`mtl dedup` against imagededup on the same folders: pair precision, recall, F1, time and
+memory, and how far each operating point's threshold transfers from the val folder it was
+chosen on to larger folders.
 
-The folder is an eval split's references, their copies and the distractors, copied
-flat into a temporary folder (the eval set itself is never touched).  Ground truth: a
-reference and its copies are all copies of each other; every other pair is distinct,
-except that two distractors made from the same picture (queries.csv `source_group`:
-a repeated source, or another original of that picture) may or may not look alike, so
-such pairs are left out of the scores, neither right nor wrong.
+Folders (each copied flat into a temporary folder; the eval set is never touched):
+  test    the test split's references, their copies and the distractors (2,400 images)
+  large   `test` plus distractor pictures the default study never trains on, up to
+          --large-size images (default 10,000): full-corpus images from packages outside
+          the default set (--full-corpus, built by `mtl corpus --profile profiles/full.yaml`)
+Ground truth: a reference and its copies are all copies of each other; every other pair
+is distinct, except pairs of two images from one picture that is no reference (two
+distractors made from one source, two tiles of one wallpaper): neither the eval set nor a
+person can say, so they are left out of the scores.
 
-Rows, each at its default settings:
-  imagededup_phash   imagededup 0.3.3, PHash().find_duplicates(max_distance_threshold=10)
-  mtl_phash          mtl dedup --method phash (the operating point's radius, else 10 bits)
-  mtl_imagenet       mtl dedup --method imagenet: the untrained ImageNet backbone (1280-d)
-  mtl_trained        mtl dedup with the trained model, class gate on: --checkpoint, or the
-                     operating points' `best` (skipped when there is neither)
-A threshold comes from the operating points; where they have none (imagenet, or a
-checkpoint they do not know) from --imagenet-threshold, else it is chosen here on the
-val split: the lowest whose all-pairs precision on the val folder is >= 0.9.
+Rows, each at its settings:
+  imagededup_phash         imagededup 0.3.3, PHash().find_duplicates(max_distance_threshold=10)
+  mtl_<method>_raw         mtl dedup --method <method> --raw: the raw score, its val threshold
+  mtl_<method>             mtl dedup --method <method>: its default (normalized by the folder)
+  mtl_trained_combined     the trained model's combined decision (pHash within r bits, or the
+                           normalized score), when the operating points hold one
+for <method> phash, imagenet and trained (the operating points' `best`, or --checkpoint).
 
-Pairs are the direct pairs each method accepts.  Time: wall seconds per 1,000 images
-of one cold run (empty cache: decoding, hashing or embedding, all-pairs search); then
-each mtl row runs again on the same folder and must embed nothing new.
+Time: wall seconds per 1,000 images of one cold run (empty cache: decoding, hashing or
+embedding, densities, all-pairs search), then the same folder again (nothing new to
+embed); images/s of the cold run; peak memory: the maximum resident set of the process
+that ran it (each row runs in a process of its own).
 
-    python benchmarks/dedup_vs_imagededup.py [--eval-dir data/eval] [--split test]
-        [--operating-points models/operating_points.json] [--checkpoint CKPT]
+    python benchmarks/dedup_vs_imagededup.py [--eval-dir data/eval] [--full-corpus data/corpus_full]
+        [--large-size 10000] [--operating-points models/operating_points.json] [--checkpoint CKPT]
         [--out results/dedup/benchmark.csv]
 """
 
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -41,18 +47,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtl.dedup import find_duplicates
+from mtl.data.manifest import rank_key, read_manifest
+from mtl.data.packages import package_names
 from mtl.eval.evaluation import EvalSplit
-from mtl.eval.metrics import threshold_for_precision
 from mtl.eval.folder import folder_keys
 
-TARGET_PRECISION = 0.9
 
-
-def build_folder(split_dir: Path, folder: Path) -> tuple[set[frozenset[str]], set[frozenset[str]]]:
-    """Copy references and queries into `folder` (flat); return (the true copy pairs,
-    the unknown pairs: distractors of one picture), by file name, from the ground truth the
-    operating points are chosen with (mtl.eval.folder.folder_keys)."""
+def build_folder(split_dir: Path, folder: Path, extra: list[tuple[Path, str]] = ()
+                 ) -> tuple[set[frozenset[str]], set[frozenset[str]]]:
+    """Copy an eval split's references and queries, and `extra` (path, picture) distractor
+    images, into `folder` (flat); return (the true copy pairs, the unknown pairs), by file
+    name, from the ground truth the operating points are chosen with (mtl.eval.folder)."""
     split = EvalSplit.load(split_dir.parent, split_dir.name)
     copy_of, source_of = folder_keys(split)
     paths = {**dict(zip(split.references["reference_id"], split.references["path"])),
@@ -65,7 +70,23 @@ def build_folder(split_dir: Path, folder: Path) -> tuple[set[frozenset[str]], se
             copies[copy_of[image_id]].add(Path(path).name)
         elif source_of[image_id] is not None:
             pictures[source_of[image_id]].add(Path(path).name)
+    for path, picture in extra:
+        name = f"extra-{path.name}"
+        shutil.copy2(path, folder / name)
+        pictures[f"extra:{picture}"].add(name)
     return _pairs_within(copies.values()), _pairs_within(pictures.values())
+
+
+def unseen_pictures(full_corpus: Path, n: int, seed: int = 0) -> list[tuple[Path, str]]:
+    """`n` images (seeded) of the full corpus from packages outside the default set: the
+    default study never trains on them, and none is a copy of an eval-set picture."""
+    default = set(package_names("default"))
+    rows = [r for r in read_manifest(full_corpus / "manifest.csv")
+            if r["source"].removeprefix("debian:") not in default]
+    if len(rows) < n:
+        raise ValueError(f"{full_corpus} holds {len(rows)} images outside the default packages; need {n}")
+    chosen = sorted(rows, key=lambda r: rank_key(seed, r["id"]))[:n]
+    return [(full_corpus / r["path"], r.get("group") or r["id"]) for r in chosen]
 
 
 def _pairs_within(sets) -> set[frozenset[str]]:
@@ -76,14 +97,18 @@ def scores(predicted: set[frozenset[str]], truth: set[frozenset[str]],
            unknown: set[frozenset[str]]) -> dict[str, float]:
     predicted = predicted - unknown
     tp = len(predicted & truth)
-    precision = tp / len(predicted) if predicted else 0.0
+    precision = tp / len(predicted) if predicted else 1.0
     recall = tp / len(truth)
     f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
     return {"true_pairs": len(truth), "predicted_pairs": len(predicted), "true_positives": tp,
             "precision": precision, "recall": recall, "f1": f1}
 
 
-def imagededup_phash(folder: Path) -> tuple[set[frozenset[str]], float]:
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def imagededup_phash(folder: str) -> dict:
     # imagededup.methods imports its CNN, which downloads ImageNet weights at import time;
     # only the hash methods are used here, so that module is stood in for.
     stub = types.ModuleType("imagededup.methods.cnn")
@@ -92,114 +117,121 @@ def imagededup_phash(folder: Path) -> tuple[set[frozenset[str]], float]:
     from imagededup.methods import PHash
 
     start = time.perf_counter()
-    found = PHash(verbose=False).find_duplicates(image_dir=folder, max_distance_threshold=10)
+    found = PHash(verbose=False).find_duplicates(image_dir=Path(folder), max_distance_threshold=10)
     seconds = time.perf_counter() - start
-    return {frozenset((a, b)) for a, dups in found.items() for b in dups}, seconds
+    return {"pairs": {frozenset((a, b)) for a, dups in found.items() for b in dups}, "seconds": seconds,
+            "peak_mb": _peak_mb()}
 
 
-def mtl_dedup(folder: Path, cache: Path, **options) -> tuple[object, float]:
+def mtl_dedup(folder: str, cache: str, options: dict) -> dict:
+    """One cold run and one warm run of `mtl dedup`, in this (fresh) process."""
+    from mtl.dedup import find_duplicates
+
     start = time.perf_counter()
-    result = find_duplicates(folder, cache_dir=cache, **options)
-    return result, time.perf_counter() - start
-
-
-def kept_pairs(result) -> set[frozenset[str]]:
+    result = find_duplicates(Path(folder), cache_dir=Path(cache), **options)
+    seconds = time.perf_counter() - start
+    peak = _peak_mb()
+    start = time.perf_counter()
+    rerun = find_duplicates(Path(folder), cache_dir=Path(cache), **options)
+    warm = time.perf_counter() - start
     kept = result.pairs[result.pairs["kept"]]
-    return {frozenset(pair) for pair in zip(kept["a"], kept["b"])}
+    m = result.method
+    return {"pairs": {frozenset(p) for p in zip(kept["a"], kept["b"])}, "seconds": seconds, "warm_seconds": warm,
+            "new_on_rerun": rerun.embedded.n_new, "unreadable": len(result.embedded.failed), "peak_mb": peak,
+            "embedded": result.embedded.n_new, "embed_seconds": result.embedded.embed_seconds,
+            "threshold": m.threshold, "scale": "raw" if m.normalization is None else "normalized",
+            "hamming_radius": m.hamming_radius, "source": m.threshold_source + (", class gate on" if m.gate else ""),
+            "model": m.model_note}
 
 
-def calibrate_on_val(eval_dir: Path, work: Path, method: str, floor: float = 0.3, **options) -> float:
-    """The lowest threshold whose all-pairs precision on the val folder is >= 0.9."""
-    truth, unknown = build_folder(eval_dir / "val", work / "val")
-    result, _ = mtl_dedup(work / "val", work / "cache", method=method, threshold=floor, **options)
-    pairs = [frozenset(p) for p in zip(result.pairs["a"], result.pairs["b"])]
-    known = result.pairs.assign(correct=[p in truth for p in pairs])[[p not in unknown for p in pairs]]
-    return threshold_for_precision(known, len(truth), TARGET_PRECISION)
+def in_own_process(function, *args) -> dict:
+    """Run `function(*args)` in a fresh process (its peak memory is its own)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def mtl_rows(checkpoint: Path | None, points: Path) -> dict[str, dict]:
+    """Each mtl row's dedup options (see the module docstring)."""
+    from mtl.dedup.thresholds import DedupSetupError, resolve_method
+
+    trained = str(checkpoint) if checkpoint else "best"
+    rows = {}
+    for name, method in (("phash", "phash"), ("imagenet", "imagenet"), ("trained", trained)):
+        try:
+            default = resolve_method(method, points, decision="threshold")
+        except DedupSetupError as error:
+            print(f"mtl_{name} skipped: {error}", flush=True)
+            continue
+        rows[f"mtl_{name}_raw"] = {"method": method, "raw": True, "decision": "threshold"}
+        if default.normalization is not None:
+            rows[f"mtl_{name}"] = {"method": method, "decision": "threshold"}
+        if name == "trained":
+            try:
+                resolve_method(method, points, decision="combined")
+                rows["mtl_trained_combined"] = {"method": method, "decision": "combined"}
+            except DedupSetupError:
+                pass
+    return rows
+
+
+def run_folder(name: str, folder: Path, truth, unknown, work: Path, rows_options: dict, points: Path) -> list[dict]:
+    n_images = sum(1 for _ in folder.iterdir())
+    print(f"{name} folder: {n_images:,} images, {len(truth):,} true copy pairs, {len(unknown):,} unknown; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    found = in_own_process(imagededup_phash, str(folder))
+    rows = [{"folder": name, "images": n_images, "method": "imagededup_phash", "scale": "hash",
+             "threshold": "10 bits", "threshold_source": "imagededup default",
+             **scores(found["pairs"], truth, unknown), "s_per_1000_images": 1000 * found["seconds"] / n_images,
+             "images_per_second": n_images / found["seconds"], "peak_mb": found["peak_mb"],
+             "load_average": os.getloadavg()[0]}]
+    for row_name, options in rows_options.items():
+        cache = work / f"cache-{name}-{row_name}"
+        run = in_own_process(mtl_dedup, str(folder), str(cache), {**options, "operating_points": points})
+        rows.append({"folder": name, "images": n_images, "method": row_name, "scale": run["scale"],
+                     "threshold": f"{run['threshold']:.4f}" + (f" or pHash ≤ {run['hamming_radius']} bits"
+                                                               if run["hamming_radius"] is not None else ""),
+                     "threshold_source": run["source"], **scores(run["pairs"], truth, unknown),
+                     "s_per_1000_images": 1000 * run["seconds"] / n_images,
+                     "warm_s_per_1000_images": 1000 * run["warm_seconds"] / n_images,
+                     "images_per_second": n_images / run["seconds"], "new_on_rerun": run["new_on_rerun"],
+                     "unreadable": run["unreadable"], "peak_mb": run["peak_mb"], "model": run["model"],
+                     "load_average": os.getloadavg()[0]})
+        print(f"{name} {row_name}: F1 {rows[-1]['f1']:.3f} (precision {rows[-1]['precision']:.3f}, recall "
+              f"{rows[-1]['recall']:.3f}) in {run['seconds']:.1f} s, peak {run['peak_mb']:.0f} MB", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--eval-dir", type=Path, default=Path("data/eval"))
     parser.add_argument("--split", default="test")
+    parser.add_argument("--full-corpus", type=Path, default=Path("data/corpus_full"),
+                        help="the large folder's extra pictures come from it (skipped when it is not built)")
+    parser.add_argument("--large-size", type=int, default=10_000)
     parser.add_argument("--operating-points", type=Path, default=Path("models/operating_points.json"))
     parser.add_argument("--checkpoint", type=Path, help="the trained model (default: the operating points' best)")
-    parser.add_argument("--imagenet-threshold", type=float, help="instead of the operating point or val calibration")
     parser.add_argument("--out", type=Path, default=Path("results/dedup/benchmark.csv"))
     args = parser.parse_args(argv)
 
+    rows_options = mtl_rows(args.checkpoint, args.operating_points)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dedup-bench-") as tmp:
         work = Path(tmp)
-        truth, unknown = build_folder(args.eval_dir / args.split, work / "folder")
-        n_images = sum(1 for _ in (work / "folder").iterdir())
-        print(f"{n_images} images, {len(truth)} true copy pairs, {len(unknown)} unknown ({args.split} split); "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-
-        predicted, seconds = imagededup_phash(work / "folder")
-        rows.append({"method": "imagededup_phash", "threshold": "10 bits", "threshold_source": "imagededup default",
-                     **scores(predicted, truth, unknown), "s_per_1000_images": 1000 * seconds / n_images,
-                     "load_average": os.getloadavg()[0]})
-
-        mtl_runs = {"mtl_phash": {"method": "phash"},
-                    "mtl_imagenet": {"method": "imagenet", "threshold": args.imagenet_threshold}}
-        if args.checkpoint or _has_entry(args.operating_points, "best"):
-            mtl_runs["mtl_trained"] = {"method": str(args.checkpoint) if args.checkpoint else "best"}
+        truth, unknown = build_folder(args.eval_dir / args.split, work / "test")
+        rows += run_folder("test", work / "test", truth, unknown, work, rows_options, args.operating_points)
+        if (args.full_corpus / "manifest.csv").is_file():
+            base = sum(1 for _ in (work / "test").iterdir())
+            extra = unseen_pictures(args.full_corpus, args.large_size - base)
+            truth, unknown = build_folder(args.eval_dir / args.split, work / "large", extra)
+            rows += run_folder("large", work / "large", truth, unknown, work, rows_options, args.operating_points)
         else:
-            print(f"mtl_trained skipped: no --checkpoint and no 'best' in {args.operating_points} (make repro)")
-        calibrated = set()
-        for name, options in mtl_runs.items():
-            if options.get("threshold") is None and _needs_threshold(options["method"], args.operating_points):
-                calibrated.add(name)
-                options["threshold"] = calibrate_on_val(args.eval_dir, work / name, options["method"],
-                                                        operating_points=args.operating_points)
-                print(f"{name}: threshold chosen on val for pair precision {TARGET_PRECISION}: "
-                      f"{options['threshold']:.4f}", flush=True)
-        for name, options in mtl_runs.items():
-            cache = work / f"cache-{name}"
-            result, seconds = mtl_dedup(work / "folder", cache, operating_points=args.operating_points, **options)
-            rerun, warm = mtl_dedup(work / "folder", cache, operating_points=args.operating_points, **options)
-            source = "val folder, pair precision 0.9" if name in calibrated else result.method.threshold_source
-            rows.append({"method": name, "threshold": f"{result.method.threshold:.4f}",
-                         "threshold_source": source + (", class gate on" if result.method.gate else ""),
-                         **scores(kept_pairs(result), truth, unknown), "s_per_1000_images": 1000 * seconds / n_images,
-                         "warm_s_per_1000_images": 1000 * warm / n_images, "new_on_rerun": rerun.embedded.n_new,
-                         "unreadable": len(result.embedded.failed), "load_average": os.getloadavg()[0]})
-            print(f"{name}: done in {seconds:.1f} s (rerun {warm:.1f} s, {rerun.embedded.n_new} new)", flush=True)
-
+            print(f"large folder skipped: {args.full_corpus} is not built (mtl corpus --profile profiles/full.yaml)")
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    print(table.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else table.to_string(index=False))
+    print(table.drop(columns=["threshold_source", "model"], errors="ignore").to_string(index=False))
     print(f"-> {args.out}")
     return 0
-
-
-def _needs_threshold(method: str, operating_points: Path) -> bool:
-    """True when the operating points hold no threshold for this method."""
-    from mtl.dedup.thresholds import DedupSetupError, resolve_method
-
-    try:
-        resolve_method(method, operating_points)
-        return False
-    except DedupSetupError:
-        return True
-
-
-def _has_entry(path: Path, name: str) -> bool:
-    from mtl.eval.operating_points import load_operating_points
-
-    try:
-        return name in load_operating_points(path)
-    except FileNotFoundError:
-        return False
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401 - pandas' to_markdown needs it
-        return True
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

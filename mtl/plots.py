@@ -67,18 +67,38 @@ def projections(panels: Mapping[str, np.ndarray], group: np.ndarray, is_anchor: 
     return _save(fig, path)
 
 
-def pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | Path) -> Path:
-    """Precision–recall of every method, pooled over all queries (μAP's curve)."""
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for name, (recall, precision) in curves.items():
-        ax.plot(recall, precision, label=name, lw=1.5)
-    ax.axhline(0.9, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8, loc="lower left")
-    return _save(fig, path)
+# One look per method, the same in every panel: a distinct colour and line style each.
+_LOOKS = [("tab:gray", ":"), ("tab:brown", "-."), ("tab:blue", "--"), ("tab:orange", "-"), ("tab:green", "-"),
+          ("tab:red", "--"), ("tab:purple", "-."), ("tab:olive", ":"), ("tab:cyan", "-"), ("black", "--")]
+
+
+def pr_curves(panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]], path: str | Path,
+              title: str = "") -> Path:
+    """Precision–recall curves pooled over all queries (μAP's curve), one panel per entry
+    of `panels` ({panel title: {method: (recall, precision)}}, methods in the order of the
+    table); a method keeps its colour and line style in every panel."""
+    names = list(dict.fromkeys(name for curves in panels.values() for name in curves))
+    if len(names) > len(_LOOKS):
+        raise ValueError(f"{len(names)} methods in one figure: at most {len(_LOOKS)} can be told apart")
+    looks = dict(zip(names, _LOOKS))
+    with plt.style.context("default"):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), sharey=True, squeeze=False)
+        for ax, (panel, curves) in zip(axes[0], panels.items()):
+            for name, (recall, precision) in curves.items():
+                colour, style = looks[name]
+                ax.plot(recall, precision, label=name, color=colour, linestyle=style, lw=1.8)
+            ax.axhline(0.9, color="grey", lw=0.8, ls=":")
+            ax.set_title(panel, fontsize=10)
+            ax.set_xlabel("recall (all ground-truth pairs)")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("precision (all queries pooled)")
+        axes[0][-1].legend(fontsize=8, loc="lower left")
+        if title:
+            fig.suptitle(title, fontsize=11)
+        fig.tight_layout()
+        return _save(fig, path)
 
 
 def bar_chart(frame: pd.DataFrame, x: str, y: str, hue: str | None, path: str | Path, title: str = "") -> Path:

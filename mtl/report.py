@@ -1,8 +1,10 @@
-"""Gather every stage's numbers into results/metrics.json and write the README's
-measured tables from it, so no number in the README is typed by hand.
+"""Gather every stage's numbers into results/metrics.json and write the measured tables of
+the README and of the docs/ pages from it, so no number in them is typed by hand.
 
-Tables live between marker comments in the README:
+Tables live between marker comments in any of those pages:
     <!-- table:NAME -->  ...generated...  <!-- /table:NAME -->
+
+    python -m mtl.report --readme README.md      # README.md and every docs/*.md page
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mtl.io import atomic_write_text
@@ -87,13 +90,43 @@ def backgrounds_table(backgrounds_csv: Path) -> str:
     return markdown_table(rows, columns)
 
 
-def folder_table(folder_csv: Path, extra: Path | None = None) -> str:
+BENCHMARK_DECISIONS = {"mtl_trained_raw": ("best", "raw"), "mtl_trained": ("best", "normalized"),
+                       "mtl_trained_combined": ("best", "combined"), "mtl_imagenet_raw": ("imagenet", "raw"),
+                       "mtl_imagenet": ("imagenet", "normalized"), "mtl_phash_raw": ("phash", "raw"),
+                       "mtl_phash": ("phash", "normalized")}
+
+
+def large_folder_rows(benchmark_csv: Path) -> pd.DataFrame:
+    """The dedup benchmark's large folder (`mtl dedup` itself, with the same operating
+    points) in the layout of results/evaluate/folder.csv."""
+    frame = pd.read_csv(benchmark_csv)
+    if "folder" not in frame:
+        return pd.DataFrame()
+    large = frame[(frame["folder"] == "large") & frame["method"].isin(list(BENCHMARK_DECISIONS))]
+    rows = []
+    for row in large.to_dict("records"):
+        name, decision = BENCHMARK_DECISIONS[row["method"]]
+        threshold = str(row["threshold"]).split(" ")[0]
+        radius = str(row["threshold"]).split("≤ ")[1].split(" ")[0] if "≤" in str(row["threshold"]) else None
+        rows.append({"name": name, "decision": decision, "split": "large", "images": row["images"],
+                     "threshold": float(threshold), "hamming_radius": float(radius) if radius else np.nan,
+                     "accepted": row["predicted_pairs"], "true_positives": row["true_positives"],
+                     "n_true_pairs": row["true_pairs"], "precision": row["precision"], "recall": row["recall"],
+                     "f1": row["f1"]})
+    return pd.DataFrame(rows)
+
+
+def folder_table(folder_csv: Path, benchmark_csv: Path | None = None) -> str:
     """The operating points' folder decisions on val (where they were chosen) and test
     (results/evaluate/folder.csv), and on the large folder of the dedup benchmark when it
     has been run: how far a threshold transfers to a larger folder."""
     frame = pd.read_csv(folder_csv)
-    if extra is not None and extra.is_file():
-        frame = pd.concat([frame, pd.read_csv(extra)], ignore_index=True)
+    if benchmark_csv is not None and benchmark_csv.is_file():
+        large = large_folder_rows(benchmark_csv)
+        if not large.empty:
+            defaults = frame.drop_duplicates(["name", "decision"]).set_index(["name", "decision"])["default"]
+            large["default"] = [defaults.get((n, d), False) for n, d in zip(large["name"], large["decision"])]
+            frame = pd.concat([frame, large], ignore_index=True)
     order = {"best": 0, "imagenet": 1, "phash": 2, "dhash": 3}
     frame = frame.sort_values(["name", "decision", "images"], key=lambda c: c.map(order) if c.name == "name" else c,
                               kind="stable")
@@ -383,10 +416,10 @@ def replace_block(text: str, name: str, content: str) -> str:
 
 
 DEDUP_COLUMNS = [
-    ("method", "method"), ("threshold", "threshold"), ("threshold_source", "threshold from"),
+    ("folder", "folder"), ("images", "images"), ("method", "method"), ("scale", "scores"), ("threshold", "threshold"),
     ("predicted_pairs", "pairs"), ("precision", "precision"), ("recall", "recall"), ("f1", "F1"),
-    ("s_per_1000_images", "s / 1,000 images"), ("warm_s_per_1000_images", "rerun s / 1,000"),
-    ("new_on_rerun", "new on rerun"),
+    ("s_per_1000_images", "s / 1,000 images"), ("images_per_second", "img/s"),
+    ("warm_s_per_1000_images", "rerun s / 1,000"), ("peak_mb", "peak MB"),
 ]
 
 
@@ -396,10 +429,10 @@ def dedup_table(benchmark_csv: Path) -> str:
     frame = pd.read_csv(benchmark_csv, dtype={"threshold": str})
     rows = frame.to_dict("records")
     for row in rows:
-        for key in ("predicted_pairs", "new_on_rerun"):
+        for key in ("predicted_pairs", "new_on_rerun", "images"):
             if isinstance(row.get(key), float) and not math.isnan(row[key]):
                 row[key] = int(row[key])
-    if "mtl_trained" not in set(frame["method"]):
+    if "mtl_trained" not in set(frame["method"]) and "mtl_trained_raw" not in set(frame["method"]):
         rows.append({**{k: float("nan") for k, _ in DEDUP_COLUMNS}, "method": "mtl_trained",
                      "threshold": "*to be regenerated*", "threshold_source": "`make repro`, then rerun the benchmark"})
     return markdown_table(rows, [(k, h) for k, h in DEDUP_COLUMNS if k in frame.columns])
@@ -446,7 +479,7 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
         tables["backgrounds"] = backgrounds_table(backgrounds_csv)
     folder_csv = results_dir / "evaluate" / "folder.csv"
     if folder_csv.is_file():
-        tables["folder"] = folder_table(folder_csv, results_dir / "dedup" / "large_folder.csv")
+        tables["folder"] = folder_table(folder_csv, results_dir / "dedup" / "benchmark.csv")
     generalization_csv = results_dir / "generalization" / "table.csv"
     if generalization_csv.is_file():
         tables["generalization"] = generalization_table(generalization_csv)
@@ -463,7 +496,8 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtl.report", description=__doc__)
     parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--readme", default=None, help="README to update between table markers")
+    parser.add_argument("--readme", default=None, help="README to update between table markers (the docs/ "
+                        "pages beside it too)")
     parser.add_argument("--params", default="params.yaml", help="the parameters (for the recipes table)")
     args = parser.parse_args(argv)
     results_dir = Path(args.results)
@@ -474,10 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(results_dir / "tables.md", "\n\n".join(f"## {k}\n\n{v}" for k, v in tables.items()) + "\n")
     if args.readme and Path(args.readme).is_file():
         readme = Path(args.readme)
-        text = readme.read_text()
-        for name, table in tables.items():
-            text = replace_block(text, name, table)
-        atomic_write_text(readme, text)
+        for page in [readme, *sorted((readme.parent / "docs").glob("*.md"))]:
+            text = page.read_text()
+            for name, table in tables.items():
+                text = replace_block(text, name, table)
+            if text != page.read_text():
+                atomic_write_text(page, text)
     print(f"wrote {results_dir / 'metrics.json'} ({len(metrics)} sections)")
     return 0
 

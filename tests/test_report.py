@@ -54,15 +54,15 @@ def test_dedup_table_says_how_to_add_the_trained_model(tmp_path):
     from mtl.report import dedup_table
 
     csv = tmp_path / "benchmark.csv"
-    csv.write_text("method,threshold,threshold_source,predicted_pairs,precision,recall,f1,s_per_1000_images,"
-                   "warm_s_per_1000_images,new_on_rerun\n"
-                   "imagededup_phash,10 bits,imagededup default,1266,0.336,0.532,0.412,3.6,,\n"
-                   "mtl_phash,0.6875,default radius,1284,0.333,0.535,0.411,2.3,0.17,0.0\n")
+    csv.write_text("folder,images,method,scale,threshold,threshold_source,predicted_pairs,precision,recall,f1,"
+                   "s_per_1000_images,images_per_second,warm_s_per_1000_images,peak_mb,new_on_rerun\n"
+                   "test,2400,imagededup_phash,hash,10 bits,imagededup default,1266,0.336,0.532,0.412,3.6,280,,150,\n"
+                   "test,2400,mtl_phash,normalized,0.0833,val,1284,0.333,0.535,0.411,2.3,430,0.17,300,0.0\n")
     table = dedup_table(csv).splitlines()
-    assert table[2].startswith("| imagededup_phash | 10 bits | imagededup default | 1,266 | 0.336 |")
-    assert table[3].endswith("| 0.170 | 0 |")
-    assert table[4].startswith("| mtl_trained | *to be regenerated* |")
-    csv.write_text(csv.read_text() + "mtl_trained,0.9400,best,900,0.6,0.6,0.6,30,0.3,0\n")
+    assert table[2].startswith("| test | 2,400 | imagededup_phash | hash | 10 bits | 1,266 | 0.336 |")
+    assert table[3].endswith("| 430 | 0.170 | 300 |")
+    assert "| mtl_trained | – | *to be regenerated* |" in table[4]
+    csv.write_text(csv.read_text() + "test,2400,mtl_trained,normalized,0.0100,best,900,0.6,0.6,0.6,30,70,0.3,900,0\n")
     assert "to be regenerated" not in dedup_table(csv)
 
 

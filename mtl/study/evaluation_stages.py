@@ -59,6 +59,11 @@ def embeddings_stage(params: dict, after_checkpoint: str | Path = "models/best/f
 RECIPES = ("paper", "best")
 CONTROLS = ("paper_mem0", "best_mem0")
 MODELS = Path("models")
+# The headline precision-recall figure (at most 7 methods, in the table's order), and the
+# ablations' figure.
+HEADLINE_CURVES = ("phash", "dhash", "backbone_gap1280", "paper_finetune", "best_finetune", "best_finetune_160px")
+ABLATION_CURVES = ("backbone_pca320", "paper_frozen", "paper_frozen_mem0", "best_frozen", "best_frozen_mem0",
+                   "best_finetune", "best_finetune_gate", "best_finetune_fusion", "best_finetune_gap1280")
 # The methods whose normalization is also measured with a fixed background of training pictures.
 BACKGROUND_METHODS = ("backbone_gap1280", "paper_finetune", "best_finetune")
 
@@ -145,7 +150,15 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
     evaluation.save(results_dir)
     write_csv(background_table, results_dir / "backgrounds.csv")
     write_csv(folder_table, results_dir / "folder.csv")
-    plots.pr_curves(evaluation.pr_curve_arrays(), results_dir / "pr_curves.png")
+    curves = evaluation.pr_curve_arrays()
+    headline = [m for m in HEADLINE_CURVES if m in curves]
+    plots.pr_curves({"raw scores": {m: curves[m] for m in headline},
+                     "normalized scores": {m: curves[f"{m}_norm"] for m in headline if f"{m}_norm" in curves}},
+                    results_dir / "pr_curves.png", title="test split, every query pooled")
+    ablations = [m for m in ABLATION_CURVES if m in curves]
+    plots.pr_curves({"raw scores": {m: curves[m] for m in ablations},
+                     "normalized scores": {m: curves[f"{m}_norm"] for m in ablations if f"{m}_norm" in curves}},
+                    results_dir / "pr_curves_ablations.png", title="test split: the stages, controls and decisions")
     per_t = evaluation.per_transformation
     shown = per_t[per_t["method"].isin(["phash", "backbone_gap1280", "paper_finetune", "best_finetune"])]
     plots.bar_chart(shown, x="transformation", y="recall_at_threshold", hue="method",

@@ -403,7 +403,7 @@ def _claims_of_recipe(r: dict, recipe: str) -> list[str]:
         if norm and norm_gate:
             text += (f"; with normalized scores {_verdict(suppresses_false_positives(norm, norm_gate))}: "
                      f"{_fp_claim(norm, norm_gate, r.get(f'{recipe}_finetune_norm_fusion'))}")
-        if _number(fine.get("fp_photo")) and _number(gate.get("fp_photo")) is not None:
+        if _number(fine.get("fp_photo")) is not None and _number(gate.get("fp_photo")) is not None:
             cut = gate["fp_photo"] <= (1 - FP_CUT) * fine["fp_photo"] and gate["muap_photo"] >= fine["muap_photo"] - MUAP_TOLERANCE
             text += (f"; where it can bite, photo queries in the mixed gallery, {_verdict(cut)}: "
                      f"{fine['fp_photo']:.0f} → {gate['fp_photo']:.0f} (photo μAP {fine['muap_photo']:.3f} → "

@@ -1,12 +1,15 @@
 """The whole study, end to end: `dvc repro` of the tiny profile in a copy of the
-repository.  Every declared output must exist and every number must be finite
-and in range.  (The numbers of the tiny profile mean nothing; the plumbing does.)"""
+repository, run as `.venv/bin/dvc repro` from a shell that has not activated the venv
+(its PATH lacks .venv/bin).  Every declared output must exist, every number must be
+finite and in range, and no executed notebook may carry Jupyter's "IProgress not found"
+warning.  (The numbers of the tiny profile mean nothing; the plumbing does.)"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,12 +37,32 @@ def copy_repository(dest: Path) -> None:
         shutil.copy2(ROOT / rel, target)
 
 
-def declared_outputs(dvc_yaml: dict) -> list[str]:
+def render(template: str, params: dict, item: str | None = None) -> str:
+    """dvc.yaml's ${a.b} from the parameters, ${item} from a foreach list."""
+    def value(match) -> str:
+        key = match.group(1)
+        if key == "item":
+            return str(item)
+        node = params
+        for part in key.split("."):
+            node = node[part]
+        return str(node)
+    return re.sub(r"\$\{([\w.]+)\}", value, template)
+
+
+def declared_outputs(dvc_yaml: dict, params: dict) -> list[str]:
     paths = []
     for stage in dvc_yaml["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+        runs = [(stage, None)]
+        if "foreach" in stage:
+            items = stage["foreach"]
+            items = render(items, params) if isinstance(items, str) else items
+            items = yaml.safe_load(items) if isinstance(items, str) else items
+            runs = [(stage["do"], item) for item in items]
+        for body, item in runs:
+            for kind in ("outs", "metrics", "plots"):
+                for entry in body.get(kind, []):
+                    paths.append(render(next(iter(entry)) if isinstance(entry, dict) else entry, params, item))
     return paths
 
 
@@ -61,8 +84,11 @@ def tiny_study(tmp_path_factory) -> Path:
     (ROOT / "data" / "raw").mkdir(parents=True, exist_ok=True)
     (repo / "data").mkdir(exist_ok=True)
     (repo / "data" / "raw").symlink_to(ROOT / "data" / "raw")
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    dvc = str(VENV_BIN / "dvc")
+    (repo / ".venv").symlink_to(VENV_BIN.parent)  # the copy's own .venv, as `make setup` makes it
+    # Not activated: the venv's bin is not on PATH (scripts/stage finds the interpreter itself).
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != VENV_BIN.resolve())
+    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1"}
+    dvc = str(repo / ".venv" / "bin" / "dvc")
     subprocess.run([dvc, "config", "core.no_scm", "true"], cwd=repo, check=True, env=env)
     result = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
     if result.returncode != 0:
@@ -72,9 +98,19 @@ def tiny_study(tmp_path_factory) -> Path:
 
 def test_every_declared_output_exists(tiny_study):
     dvc_yaml = yaml.safe_load((tiny_study / "dvc.yaml").read_text())
-    missing = [p for p in declared_outputs(dvc_yaml) if not (tiny_study / p).exists()]
+    params = yaml.safe_load((tiny_study / "params.yaml").read_text())
+    outputs = declared_outputs(dvc_yaml, params)
+    assert "results/timing/train_frozen@best.json" in outputs and "data/corpus" in outputs
+    missing = [p for p in outputs if not (tiny_study / p).exists()]
     assert not missing, f"declared but not produced: {missing}"
     assert (tiny_study / "dvc.lock").is_file()
+
+
+def test_executed_notebooks_show_no_progress_warning(tiny_study):
+    executed = sorted((tiny_study / "results" / "notebooks").glob("*.ipynb"))
+    assert len(executed) >= 10
+    warned = [p.name for p in executed if "IProgress not found" in p.read_text()]
+    assert not warned, f"Jupyter's IProgress warning in {warned}"
 
 
 def test_metrics_are_gathered_finite_and_in_range(tiny_study):

@@ -279,12 +279,16 @@ def evalset_table(metrics: dict) -> str:
         per_class = counts.get("references_per_class", {})
         rows.append({"split": split, "references": counts["references"],
                      "by_class": ", ".join(f"{c} {n:,}" for c, n in sorted(per_class.items())),
+                     "photos": counts.get("photo_references"),
+                     "photo_queries": (f"{counts['photo_positive_queries']:,} + {counts['photo_distractor_queries']:,}"
+                                       if "photo_positive_queries" in counts else None),
                      "positive_queries": counts["positive_queries"],
                      "held_out": counts["held_out_positive_queries"], "distractors": counts["distractor_queries"],
                      "distinct": counts["distinct_distractor_sources"]})
     columns = [("split", "split"), ("references", "references (one per picture)"), ("by_class", "by class"),
-               ("positive_queries", "copies"), ("held_out", "of them by held-out edits"),
-               ("distractors", "distractors"), ("distinct", "distinct distractor images")]
+               ("photos", "of them photographs"), ("positive_queries", "copies"),
+               ("held_out", "of them by held-out edits"), ("distractors", "distractors"),
+               ("distinct", "distinct distractor images"), ("photo_queries", "photo part: copies + distractors")]
     return markdown_table(rows, columns)
 
 

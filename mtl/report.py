@@ -292,6 +292,14 @@ def evalset_table(metrics: dict) -> str:
     return markdown_table(rows, columns)
 
 
+def packages_default_table(metrics: dict) -> str | None:
+    """The default corpus per package (results/corpus/metrics.json)."""
+    from mtl.scale_report import packages_table
+
+    corpus = metrics.get("corpus", {})
+    return packages_table(corpus) if corpus.get("per_package") else None
+
+
 def corpus_table(metrics: dict) -> str:
     counts = metrics.get("corpus", {}).get("counts", {})
     rows = [{"class": c, **splits} for c, splits in counts.items()]
@@ -570,6 +578,8 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     }
     if params is not None:
         tables["recipes"] = recipes_table(params)
+    if (packages := packages_default_table(metrics)) is not None:
+        tables["packages_default"] = packages
     methods_csv = results_dir / "evaluate" / "methods.csv"
     if methods_csv.is_file():
         tables["retrieval"] = retrieval_table(methods_csv)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from mtl.data.corpus_report import read_report
 from mtl.data.manifest import rank_key, read_manifest
-from mtl.data.packages import PACKAGES
+from mtl.data.packages import PACKAGES, read_listing
 from mtl.data.sheets import side_by_side, thumbnail_grid
 from mtl.tables import RETRIEVAL_COLUMNS, fmt, markdown_table
 
@@ -85,17 +85,22 @@ def save_profile(name: str, results_dir: Path = RESULTS) -> Path:
 
 def packages_table(corpus: dict) -> str:
     """Per package and class: the table's reason, files decoded, images and pictures kept."""
-    reasons = defaultdict(list)
+    reasons, photos = defaultdict(list), set()
     for row in PACKAGES:
         reasons[f"{row.package}:{row.class_name}"].append(row.reason)
+        if row.photo:
+            photos.add(row.package)
     rows = []
     for key, counts in corpus.get("per_package", {}).items():
         package, class_name = key.rsplit(":", 1)
-        rows.append({"package": package, "class": class_name, **counts,
+        kind = f"{class_name} (photographs)" if package in photos else class_name
+        listed = read_listing(f"{package}.txt") if package in photos else {}
+        rows.append({"package": package, "class": kind, **counts, "listed": len(set(listed.values())) or None,
                      "reason": "; ".join(reasons.get(key, ["(not in the table)"]))})
     rows.sort(key=lambda r: (r["class"], -r["images"]))
-    columns = [("package", "package"), ("class", "class"), ("files", "files decoded"), ("images", "images kept"),
-               ("groups", "pictures"), ("reason", "why this class")]
+    columns = [("package", "package"), ("class", "class"), ("listed", "photographs listed"),
+               ("files", "files decoded"), ("images", "images kept"), ("groups", "pictures"),
+               ("reason", "why this class")]
     return markdown_table(rows, columns)
 
 

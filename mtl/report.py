@@ -264,6 +264,25 @@ def diagnosis_tables(results_dir: Path) -> dict[str, str]:
     return tables
 
 
+PROBE_QUANTITIES = [("mean_norm", "|batch mean|"), ("batch_similarity", "cos within batch"),
+                    ("memory_alignment", "cos(batch mean, memory mean)"),
+                    ("share_from_memory", "active negatives from memory"),
+                    ("grad_memory", "gradient from memory"), ("grad_batch", "gradient from batch"),
+                    ("grad_angle", "angle between them (°)")]
+
+
+def memory_probe_table(summary_csv: Path) -> str:
+    """The memory probe (mtl.memory_study): each quantity over the first and the last tenth
+    of a stage-1 run, with and without the memory, and each run's val μAP."""
+    rows = []
+    for run in pd.read_csv(summary_csv).to_dict("records"):
+        label = f"memory {int(run['memory_size']):,}" if run["memory_size"] else "no memory"
+        for when in ("first", "last"):
+            rows.append({"run": f"{label}, {when} tenth", **{k: run.get(f"{k}_{when}") for k, _ in PROBE_QUANTITIES},
+                         "val_muap": run.get("val_muap") if when == "last" else None})
+    return markdown_table(rows, [("run", "run (stage 1, steps)"), *PROBE_QUANTITIES, ("val_muap", "val μAP")])
+
+
 def embeddings_table(metrics: dict) -> str:
     space = metrics.get("embeddings", {})
     rows = [{"when": when, **space[when]} for when in ("before", "after") if when in space]
@@ -593,6 +612,9 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     if methods_csv.is_file():
         tables["normalization_summary"] = normalization_summary(methods_csv, folder_csv, backgrounds_csv,
                                                                 results_dir / "dedup" / "benchmark.csv")
+    probe_csv = results_dir / "memory" / "probe" / "summary.csv"
+    if probe_csv.is_file():
+        tables["memory_probe"] = memory_probe_table(probe_csv)
     generalization_csv = results_dir / "generalization" / "table.csv"
     if generalization_csv.is_file():
         tables["generalization"] = generalization_table(generalization_csv)

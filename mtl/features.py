@@ -178,12 +178,15 @@ def _write_taps(dataset: InstanceViews, views: int, model: MTLNet, path: Path, b
 # --------------------------------------------------------------------------- batches
 
 def cache_batches(cache: FeatureCache, instances_per_batch: int, views_per_instance: int, seed: int,
-                  train: bool, shard: tuple[int, int] = (0, 1)) -> Callable[[int], Iterable[Batch]]:
+                  train: bool, shard: tuple[int, int] = (0, 1),
+                  repeats: Sequence[int] | None = None) -> Callable[[int], Iterable[Batch]]:
     """`batches(epoch)` of (taps [K*V', C, h, w] float32, instance labels, class ids),
     in the same K x V' structure as image batches.  `train`: drop the last incomplete
     batch and draw V' of the stored views per instance and epoch; otherwise keep every
     instance and take views 0..V'-1 (the image path's validation views).  `shard` =
-    (rank, processes): this process's part of each batch, as for image batches."""
+    (rank, processes): this process's part of each batch, as for image batches.  `repeats`:
+    instances that appear more than once per epoch (real photographs) draw other stored
+    views for each appearance while they last, then the same ones again."""
     if views_per_instance > cache.views:
         raise ValueError(f"{cache.directory} stores {cache.views} views per image; batches need "
                          f"{views_per_instance}: rebuild it with more views")
@@ -191,7 +194,7 @@ def cache_batches(cache: FeatureCache, instances_per_batch: int, views_per_insta
         raise ValueError(f"{cache.directory} has {cache.num_instances} images, fewer than "
                          f"instances_per_batch={instances_per_batch}: no full batch")
     sampler = InstanceBatchSampler(cache.num_instances, instances_per_batch, views_per_instance, seed,
-                                   drop_last=train, shard=shard)
+                                   drop_last=train, shard=shard, repeats=repeats if train else None)
 
     def batches(epoch: int = 0) -> Iterable[Batch]:
         return CachedEpoch(cache, sampler, epoch, seed, random_views=train)
@@ -214,7 +217,7 @@ class CachedEpoch:
             return key.view
         # Per (epoch, instance), a seeded choice of distinct stored views.
         chosen = np.random.default_rng((self.seed, self.epoch, key.instance)).permutation(self.cache.views)
-        return int(chosen[key.view])
+        return int(chosen[key.view % self.cache.views])
 
     def rows(self, keys: Sequence[ViewKey]) -> np.ndarray:
         """The cache rows of one batch's view keys."""

@@ -20,6 +20,11 @@ class LossParts(NamedTuple):
     contrastive: torch.Tensor
     cross_entropy: torch.Tensor
     koleo: torch.Tensor  # the entropy regularizer's value (0 when its weight is 0)
+    distill: torch.Tensor | None = None  # stage 2's distance to ImageNet's pooled output (None when off)
+
+    def with_distillation(self, distance: torch.Tensor, weight: float) -> "LossParts":
+        """The parts with `weight` x `distance` added to the total (mtl.training.loop)."""
+        return self._replace(total=self.total + weight * distance, distill=distance)
 
 
 def koleo_loss(embeddings: torch.Tensor, labels: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

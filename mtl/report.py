@@ -219,7 +219,9 @@ def sweep_tables(results_dir: Path) -> dict[str, str]:
         frame = pd.read_csv(table_csv)
         columns = [("variant", "variant"), ("overrides", "overrides"), ("val_muap", "val μAP"),
                    ("val_acc_at_1", "val acc@1"), ("val_recall_at_p90", "val R@P90"),
-                   ("val_muap_held_out", "val μAP held-out"), ("val_muap_160px", "val μAP at 160 px"),
+                   ("val_muap_held_out", "val μAP held-out"), ("val_muap_photo", "val μAP photos"),
+                   ("val_muap_clipart", "val μAP clip art"), ("val_muap_norm", "val μAP normalized"),
+                   ("val_muap_photo_norm", "val μAP photos, normalized"), ("val_muap_160px", "val μAP at 160 px"),
                    ("wall_seconds", "wall s")]
         tables[f"sweep_{table_csv.parent.name}"] = markdown_table(
             frame.to_dict("records"), [(k, h) for k, h in columns if k in frame.columns])

@@ -35,7 +35,8 @@ from mtl.params import load_params, read_yaml, recipe_params, set_dotted
 
 RESULTS = Path("results")
 STAGE_PLANS = {"frozen": ("frozen",), "finetune": ("finetune",), "both": ("frozen", "finetune")}
-SCORE_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out")
+SCORE_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "muap_photo",
+              "muap_clipart", "muap_norm", "recall_at_p90_norm", "muap_photo_norm", "muap_clipart_norm")
 
 
 @dataclass(frozen=True)

@@ -196,3 +196,24 @@ def test_evaluation_input_is_byte_identical_to_the_pinned_one() -> None:
     img = Image.fromarray(data.chelsea())
     img.thumbnail((96, 96))
     assert _digest(to_model_input(img, 40, *NORM).numpy()) == PINNED_MODEL_INPUT
+
+
+def test_a_repeated_instance_appears_that_often_per_epoch_with_other_views():
+    from collections import Counter
+
+    from mtl.data.batches import InstanceBatchSampler
+
+    repeats = [3, 1, 1, 1, 1, 1, 1, 3]  # instances 0 and 7: photographs shown three times
+    sampler = InstanceBatchSampler(8, 4, 2, seed=0, repeats=repeats)
+    sampler.epoch = 1
+    keys = [k for batch in sampler for k in batch]
+    assert len(sampler) == sum(repeats) // 4 and len(keys) == len(sampler) * 4 * 2
+    seen = Counter(k.instance for k in keys)
+    assert seen[0] <= 6 and seen[7] <= 6 and seen[0] + seen[7] > 2 * 2  # up to 3 appearances x 2 views
+    views = {(k.instance, k.view) for k in keys}
+    assert len(views) == len(keys)  # every appearance brings its own views
+    plain, ones = InstanceBatchSampler(8, 4, 2, seed=0), InstanceBatchSampler(8, 4, 2, seed=0, repeats=[1] * 8)
+    plain.epoch = ones.epoch = 1
+    assert list(plain) == list(ones)  # no repeats: the order as it always was
+    with pytest.raises(ValueError, match="repeats"):
+        InstanceBatchSampler(8, 4, 2, seed=0, repeats=[0] * 8)

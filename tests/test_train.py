@@ -335,3 +335,25 @@ def test_a_finished_run_is_not_returned_for_another_starting_point(photos, froze
     assert train_stage(frozen_final, cfg, *batches, tmp_path, fingerprint={"init": "a"}).stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="another model, starting point or data"):
         train_stage(frozen_final, cfg, *batches, tmp_path, fingerprint={"init": "b"})
+
+
+def test_distillation_keeps_the_backbone_near_its_start_and_is_logged(photos, frozen_run, tmp_path):
+    from mtl.training.loop import StageRun
+
+    _, frozen_final, _ = frozen_run
+    settings = {"epochs": 1, "lr": 3e-3, "max_steps_per_epoch": 2, "warmup_steps": 0}
+    distilled = run(photos, frozen_final, stage_config("finetune", lambda_distill=50.0, **settings),
+                    tmp_path / "distilled", val=False)
+    plain = run(photos, frozen_final, stage_config("finetune", **settings), tmp_path / "plain", val=False)
+    images = torch.nn.functional.interpolate(photos, size=IMAGE_SIZE, mode="bilinear", antialias=True)
+    with torch.no_grad():
+        start = MTLNet.from_checkpoint(frozen_final).eval().backbone_gap(images)
+        drift = {name: float((1 - torch.nn.functional.cosine_similarity(
+                     MTLNet.from_checkpoint(path).eval().backbone_gap(images), start)).mean())
+                 for name, path in (("distilled", distilled), ("plain", plain))}
+    assert 0 < drift["distilled"] < drift["plain"], drift
+    log = list(csv.DictReader((tmp_path / "distilled" / "log.csv").open()))
+    assert float(log[-1]["train_distill"]) > 0
+    assert float(list(csv.DictReader((tmp_path / "plain" / "log.csv").open()))[-1]["train_distill"]) == 0
+    run_ = StageRun(MTLNet.from_checkpoint(frozen_final), stage_config("finetune", lambda_distill=1.0), tmp_path, 2)
+    assert run_.teacher is not None and not any(p.requires_grad for p in run_.teacher.parameters())

@@ -186,10 +186,14 @@ class InstanceBatchSampler(Sampler):
 
     `shard` = (rank, processes): this process's part of every batch, a contiguous
     K / processes of its instances with all their views, so the processes' parts in rank
-    order are the single-process batch (training under torchrun, mtl.distributed)."""
+    order are the single-process batch (training under torchrun, mtl.distributed).
+
+    `repeats[i]`: how many times instance i appears per epoch (default once); its r-th
+    appearance takes views r·V .. r·V + V - 1, so a repeated instance brings other views
+    (two appearances may share a batch: they are positives of each other)."""
 
     def __init__(self, num_instances: int, instances_per_batch: int, views_per_instance: int, seed: int,
-                 drop_last: bool = True, shard: tuple[int, int] = (0, 1)):
+                 drop_last: bool = True, shard: tuple[int, int] = (0, 1), repeats: Sequence[int] | None = None):
         if instances_per_batch < 1 or views_per_instance < 1:
             raise ValueError("instances_per_batch and views_per_instance must be >= 1")
         rank, processes = shard
@@ -200,6 +204,9 @@ class InstanceBatchSampler(Sampler):
                              "equally: instances_per_batch must be a multiple of the number of processes "
                              "(and incomplete batches dropped)")
         self.num_instances = num_instances
+        self.repeats = np.ones(num_instances, np.int64) if repeats is None else np.asarray(repeats, np.int64)
+        if len(self.repeats) != num_instances or (self.repeats < 1).any():
+            raise ValueError(f"repeats must give each of the {num_instances} instances a count >= 1")
         self.instances_per_batch = instances_per_batch
         self.views_per_instance = views_per_instance
         self.seed = seed
@@ -208,18 +215,27 @@ class InstanceBatchSampler(Sampler):
         self.epoch = 0
 
     def __len__(self) -> int:
-        full, rest = divmod(self.num_instances, self.instances_per_batch)
+        full, rest = divmod(int(self.repeats.sum()), self.instances_per_batch)
         return full + (0 if self.drop_last or rest == 0 else 1)
 
     def __iter__(self) -> Iterator[list[ViewKey]]:
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.num_instances)
+        rng = np.random.default_rng((self.seed, self.epoch))
+        if (self.repeats == 1).all():  # every instance once: the order as it always was
+            order, rounds = rng.permutation(self.num_instances), np.zeros(self.num_instances, np.int64)
+        else:
+            instances = np.repeat(np.arange(self.num_instances), self.repeats)
+            appearance = np.concatenate([np.arange(r) for r in self.repeats])
+            shuffled = rng.permutation(len(instances))
+            order, rounds = instances[shuffled], appearance[shuffled]
         rank, processes = self.shard
         share = self.instances_per_batch // processes
+        v = self.views_per_instance
         for b in range(len(self)):
-            chunk = order[b * self.instances_per_batch:(b + 1) * self.instances_per_batch]
+            part = slice(b * self.instances_per_batch, (b + 1) * self.instances_per_batch)
+            chunk, chunk_rounds = order[part], rounds[part]
             if processes > 1:
-                chunk = chunk[rank * share:(rank + 1) * share]
-            yield [ViewKey(self.epoch, int(i), v) for i in chunk for v in range(self.views_per_instance)]
+                chunk, chunk_rounds = chunk[rank * share:(rank + 1) * share], chunk_rounds[rank * share:(rank + 1) * share]
+            yield [ViewKey(self.epoch, int(i), int(r) * v + k) for i, r in zip(chunk, chunk_rounds) for k in range(v)]
 
 
 # --------------------------------------------------------------------------- what the trainer calls
@@ -237,12 +253,13 @@ def corpus_labels(manifest_csv: str | Path, originals: Sequence[Original]) -> li
 def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: str, instances_per_batch: int,
                        views_per_instance: int, image_size: int, normalization: Normalization, seed: int,
                        num_workers: int = 0, class_names: Sequence[str] | None = None, views: str = "single",
-                       shard: tuple[int, int] = (0, 1)) -> Callable[[int], Iterable[Batch]]:
+                       shard: tuple[int, int] = (0, 1), photo_repeats: int = 1) -> Callable[[int], Iterable[Batch]]:
     """`batches(epoch) -> iterable of (images [K*V,3,S,S], instance_ids [K*V], class_ids [K*V])`.
 
     Train drops the last incomplete batch (every batch is exactly K x V); val keeps it, so
     every val original is scored.  The same epoch gives the same batches.  `shard` =
-    (rank, processes): this process's K/processes x V part of each batch."""
+    (rank, processes): this process's K/processes x V part of each batch.  Train takes each
+    real photograph `photo_repeats` times per epoch (InstanceBatchSampler's repeats)."""
     originals = split_originals(manifest_csv, corpus_dir, split)
     if len(originals) < 2:
         raise ValueError(f"split {split!r} of {manifest_csv} has {len(originals)} images; need at least 2")
@@ -253,7 +270,9 @@ def make_stage_batches(manifest_csv: str | Path, corpus_dir: str | Path, split: 
     class_names = list(class_names) if class_names is not None else class_names_from_manifest(manifest_csv)
     dataset = InstanceViews(originals, class_names, image_size, normalization, seed,
                             labels=corpus_labels(manifest_csv, originals), views=views)
-    sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last, shard)
+    repeats = [photo_repeats if o.photo else 1 for o in originals] if drop_last and photo_repeats > 1 else None
+    sampler = InstanceBatchSampler(len(dataset), instances_per_batch, views_per_instance, seed, drop_last, shard,
+                                   repeats)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=dataset.collate,
                         persistent_workers=num_workers > 0)
 

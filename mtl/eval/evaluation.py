@@ -436,19 +436,35 @@ def compare_backgrounds(eval_dir: str | Path, embeddings: Mapping[str, Mapping[s
 
 
 def checkpoint_scores(checkpoint: str | Path, eval_dir: str | Path, split: str, cfg: EvalConfig,
-                      image_size: int | None = None) -> dict[str, dict[str, float]]:
-    """μAP, R@P90 and acc@1 (all queries, and the held-out ones) of a checkpoint's MTL
-    embedding and of its backbone's 1280-d output on one eval split, embedded at
-    `image_size` (default: the evaluation's): how diagnostics and recipe choices are
-    scored (on val, never on test)."""
+                      image_size: int | None = None,
+                      normalizations: Mapping[str, Normalization] | None = None) -> dict[str, dict[str, float]]:
+    """μAP, R@P90 and acc@1 (all queries, the held-out ones, the photo part and the clip-art
+    queries) of a checkpoint's MTL embedding and of its backbone's 1280-d output on one eval
+    split, embedded at `image_size` (default: the evaluation's): how diagnostics and recipe
+    choices are scored (on val, never on test).  Normalized too (`*_norm` keys, and the
+    norm_k, norm_beta used): on val with k and β chosen there, on another split only with
+    the `normalizations` ({kind: Normalization}) chosen on val."""
     eval_split = EvalSplit.load(eval_dir, split)
     many = embed_many(checkpoint, images_in_evalset(Path(eval_dir) / split), image_size or cfg.image_size,
                       cfg.batch_size, cfg.device)
     scores = {}
     for kind in ("mtl", "gap1280"):
         predictions = _search_split(many[kind], eval_split, cfg.top_k).predictions
-        metrics = retrieval_metrics(predictions, eval_split.queries, cfg.target_precision)
-        held_out = held_out_metrics(predictions, eval_split.queries, cfg.target_precision)
-        scores[kind] = {"muap": metrics.muap, "recall_at_p90": metrics.recall_at_p90, "acc_at_1": metrics.acc_at_1,
-                        "muap_held_out": held_out.muap, "acc_at_1_held_out": held_out.acc_at_1}
+        scored = [("", predictions)]
+        normalization = (normalizations or {}).get(kind)
+        if normalization is None and split == "val":
+            normalization, _ = choose_normalization(many[kind], eval_split, cfg.top_k, cfg.norm_k_grid,
+                                                    cfg.norm_beta_grid)
+        scores[kind] = {}
+        if normalization is not None:
+            scored.append(("_norm", _normalized_split(many[kind], eval_split, cfg.top_k, normalization).predictions))
+            scores[kind].update(norm_k=normalization.k, norm_beta=normalization.beta)
+        for suffix, found in scored:
+            metrics = retrieval_metrics(found, eval_split.queries, cfg.target_precision)
+            held_out = held_out_metrics(found, eval_split.queries, cfg.target_precision)
+            scores[kind].update({f"muap{suffix}": metrics.muap, f"recall_at_p90{suffix}": metrics.recall_at_p90,
+                                 f"acc_at_1{suffix}": metrics.acc_at_1, f"muap_held_out{suffix}": held_out.muap,
+                                 f"acc_at_1_held_out{suffix}": held_out.acc_at_1})
+            for part, mask in query_parts(eval_split.queries).items():
+                scores[kind][f"muap_{part}{suffix}"] = subset_metrics(found, eval_split.queries, mask).muap
     return scores

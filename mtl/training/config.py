@@ -46,6 +46,9 @@ class StageConfig:
     margin: float                 # contrastive margin alpha (paper: 0.45)
     lambda_cls: float             # weight of the content-type cross-entropy
     lambda_koleo: float           # weight of the entropy regularizer (beyond the paper; 0 = off)
+    lambda_distill: float         # stage 2: weight of 1 - cos(backbone's pooled output, ImageNet's), keeping
+                                  # ImageNet's generality where data is thin (LwF / L2-SP style; 0 = off)
+    photo_repeats: int            # each real photograph appears this many times per epoch, with other views
     final_lr_fraction: float      # cosine ends at lr * this
     warmup_steps: int             # linear warm-up of the learning rate, in optimizer steps
     branch_lr_scale: float        # finetune: the branches' lr = lr * this (the backbone's is lr)
@@ -75,6 +78,9 @@ class StageConfig:
             raise ValueError("source 'features' (stored backbone taps) needs a frozen backbone: stage 'frozen'")
         if self.views_per_instance < 2:
             raise ValueError("views_per_instance must be >= 2: positives are views of one original")
+        if self.lambda_distill < 0 or int(self.photo_repeats) < 1:
+            raise ValueError(f"need lambda_distill >= 0 and photo_repeats >= 1, got {self.lambda_distill}, "
+                             f"{self.photo_repeats}")
         if not 0 <= self.memory_momentum < 1:
             raise ValueError(f"memory_momentum must be in [0, 1), got {self.memory_momentum}")
         if self.memory_warmup_steps < 0 or self.memory_refresh_steps < 0:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from mtl import distributed
+from mtl.backbones import forward_head, forward_tap
 from mtl.data.batches import Batch
 from mtl.io import atomic_path
 from mtl.loss import CrossBatchContrastiveLoss
@@ -105,6 +106,7 @@ class EpochMeans:
     def add(self, parts: LossParts, counts: dict[str, torch.Tensor]) -> None:
         values = {"contrastive": parts.contrastive.detach(), "cross_entropy": parts.cross_entropy.detach(),
                   "koleo": parts.koleo.detach(), "total": parts.total.detach(),
+                  "distill": _zero_if_none(parts.distill, parts.total),
                   **{k: v.float() for k, v in counts.items()}}
         self.sums = values if self.sums is None else {k: self.sums[k] + v for k, v in values.items()}
         self.steps += 1
@@ -113,6 +115,10 @@ class EpochMeans:
         if not self.steps:
             return {}
         return {f"{prefix}_{k}": float(v) / self.steps for k, v in (self.sums or {}).items()}
+
+
+def _zero_if_none(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like).detach() if value is None else value.detach()
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, final_fraction: float) -> Callable[[int], float]:
@@ -167,6 +173,11 @@ class StageRun:
             self.key_model = copy.deepcopy(self.model).requires_grad_(False)
         # The stored taps of the memory's entries, to embed them again (from the cache only).
         self.memory_inputs: torch.Tensor | None = None
+        # Stage 2's distillation: the backbone as the stage starts (ImageNet's after stage 1),
+        # frozen, whose pooled output the learning backbone is kept close to.
+        self.teacher = None
+        if cfg.lambda_distill > 0 and not self.from_taps:
+            self.teacher = copy.deepcopy(self.model.backbone).requires_grad_(False).eval()
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
         """The branches at lr * branch_lr_scale, the backbone (when it learns) at lr."""
@@ -221,7 +232,11 @@ class StageRun:
 
     def _loss(self, batch: Batch, update_memory: bool, across_ranks: bool = False) -> tuple[LossParts, torch.Tensor]:
         inputs, instance_ids, class_ids = batch  # images, or stored backbone taps
-        output = self._forward(self.model, inputs)
+        distance = None
+        if self.teacher is not None:
+            output, distance = self._forward_distilled(inputs)
+        else:
+            output = self._forward(self.model, inputs)
         keys = None
         if update_memory and self.key_model is not None:
             with torch.no_grad():
@@ -231,7 +246,21 @@ class StageRun:
         # need more than fp16's 3 digits.
         parts = self.criterion(output.embedding, output.logits, instance_ids, class_ids, update_memory, across_ranks,
                                keys)
+        if distance is not None:
+            parts = parts.with_distillation(distance, self.cfg.lambda_distill)
         return parts, output.logits
+
+    def _forward_distilled(self, images: torch.Tensor):
+        """The branches' output and 1 - cos between the learning backbone's pooled 1280-d
+        output and the frozen teacher's, from one pass of each (the tap is shared)."""
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            tap = forward_tap(self.model.backbone, images)
+            output = self.model.heads(tap)
+            student = forward_head(self.model.backbone, tap)
+            with torch.no_grad():
+                teacher = forward_head(self.teacher, forward_tap(self.teacher, images))
+        cosine = torch.nn.functional.cosine_similarity(student.float(), teacher.float(), dim=1)
+        return output, (1.0 - cosine).mean()
 
     # -- the memory at scale (see the module docstring) ---------------------------
 
@@ -300,7 +329,8 @@ class StageRun:
         self.step_rows.append({"step": len(self.step_rows) + 1, "epoch": self.epoch + 1,
                                "lr": self.optimizer.param_groups[-1]["lr"], "total": total,
                                "contrastive": parts.contrastive.detach(), "cross_entropy": parts.cross_entropy.detach(),
-                               "koleo": parts.koleo.detach(), **counts})
+                               "koleo": parts.koleo.detach(), "distill": _zero_if_none(parts.distill, parts.total),
+                               **counts})
         self.scheduler.step()
         return parts, counts
 

@@ -23,15 +23,15 @@ from mtl.training.config import StageConfig
 
 LOG_COLUMNS = (
     "epoch",
-    "train_contrastive", "train_cross_entropy", "train_koleo", "train_total",
-    "val_contrastive", "val_cross_entropy", "val_koleo", "val_total", "val_class_accuracy",
+    "train_contrastive", "train_cross_entropy", "train_koleo", "train_distill", "train_total",
+    "val_contrastive", "val_cross_entropy", "val_koleo", "val_distill", "val_total", "val_class_accuracy",
     "train_positive_pairs", "train_negatives_compared", "train_active_negatives",
     "val_positive_pairs", "val_negatives_compared", "val_active_negatives",
     "lr", "train_steps", "images_per_second", "wall_seconds",
 )
 PAIR_COUNTS = ("positive_pairs", "negatives_compared", "active_negatives")
 # One row per optimizer step (steps.csv): how the loss and its active pairs evolve.
-STEP_COLUMNS = ("step", "epoch", "lr", "total", "contrastive", "cross_entropy", "koleo", *PAIR_COUNTS)
+STEP_COLUMNS = ("step", "epoch", "lr", "total", "contrastive", "cross_entropy", "koleo", "distill", *PAIR_COUNTS)
 # What a training run writes in its folder (besides temporary files of these).
 RUN_FILES = ("run.json", "last.pt", "final.pt", "log.csv", "steps.csv")
 

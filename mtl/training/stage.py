@@ -15,7 +15,7 @@ import numpy as np
 
 from mtl import distributed
 from mtl.data.batches import Batch, make_stage_batches
-from mtl.data.manifest import class_names_from_manifest, read_manifest, split_originals
+from mtl.data.manifest import class_names_from_manifest, is_photo_row, read_manifest, split_originals
 from mtl.data.splits import write_train_subset
 from mtl.features import cache_batches, split_caches
 from mtl.io import file_digest
@@ -52,7 +52,8 @@ def corpus_batches(params: dict, cfg: StageConfig, model: MTLNet
     def batches_for(split: str, shard: tuple[int, int] = (0, 1)) -> Callable[[int], Iterable[Batch]]:
         return make_stage_batches(manifest, corpus_dir, split, cfg.instances_per_batch, cfg.views_per_instance,
                                   cfg.image_size, model.normalization, cfg.seed, num_workers=cfg.num_workers,
-                                  class_names=model.config.class_names, views=cfg.views, shard=shard)
+                                  class_names=model.config.class_names, views=cfg.views, shard=shard,
+                                  photo_repeats=cfg.photo_repeats)
 
     val_batches = batches_for("val")  # not sharded: every rank validates on all of it
     return batches_for("train", distributed.shard()), lambda: val_batches(0)
@@ -84,8 +85,12 @@ def feature_batches(params: dict, cfg: StageConfig, model: MTLNet
     if params["data"].get("train_pictures") is not None:  # the full split's cache, cut to the subset
         subset = split_originals(training_manifest(params), corpus_dir, "train")
         train_cache = train_cache.subset([original.id for original in subset])
+    repeats = None
+    if cfg.photo_repeats > 1:
+        photos = {row["id"] for row in read_manifest(training_manifest(params)) if is_photo_row(row)}
+        repeats = [cfg.photo_repeats if image_id in photos else 1 for image_id in train_cache.ids]
     train = cache_batches(train_cache, cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=True,
-                          shard=distributed.shard())
+                          shard=distributed.shard(), repeats=repeats)
     val = cache_batches(caches["val"], cfg.instances_per_batch, cfg.views_per_instance, cfg.seed, train=False)
     return train, lambda: val(0)
 

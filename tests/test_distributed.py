@@ -120,7 +120,8 @@ def take_steps(cfg: StageConfig, batches, rank: int = 0, world: int = 1) -> list
         local = tuple(part[rank * rows:(rank + 1) * rows] for part in batch)
         parts, counts = run.train_step(local, step)
         records.append({
-            "loss": {name: getattr(parts, name).detach().clone() for name in parts._fields},
+            "loss": {name: getattr(parts, name).detach().clone() for name in parts._fields
+                     if getattr(parts, name) is not None},
             "counts": {name: int(value) for name, value in counts.items()},
             "gradients": {name: p.grad.clone() for name, p in run.model.named_parameters() if p.grad is not None},
             "memory": {name: value.clone() for name, value in run.criterion.contrastive.state_dict().items()},

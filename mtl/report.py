@@ -21,7 +21,8 @@ import pandas as pd
 from mtl.io import atomic_write_text
 from mtl.params import load_params, recipe_params
 from mtl.scale_report import scale_tables
-from mtl.tables import HEADLINE_COLUMNS, RETRIEVAL_COLUMNS, fmt, markdown_table, scientific, split_normalized
+from mtl.tables import (HEADLINE_COLUMNS, RETRIEVAL_COLUMNS, fmt, markdown_table, scientific, split_normalized,
+                        stage_rank)
 from mtl.training.config import StageConfig
 
 RESULTS = Path("results")
@@ -358,20 +359,6 @@ def corpus_table(metrics: dict) -> str:
     return markdown_table(rows, columns)
 
 
-# Stage order of dvc.yaml (a stage's runs in their foreach order), and where each stage's
-# own work time is in results/metrics.json.
-PIPELINE_ORDER = ["corpus", "evalset", "features", "train_frozen@paper", "train_frozen@best", "train_frozen@paper_mem0",
-                  "train_frozen@best_mem0", "train_frozen", "train_finetune@paper", "train_finetune@best",
-                  "train_finetune", "embeddings", "evaluate", "diagnose", "report"]
-
-
-def _stage_rank(stage: str) -> tuple[int, str]:
-    for rank, name in enumerate(PIPELINE_ORDER):
-        if stage == name or (name in ("train_frozen", "train_finetune", "diagnose") and stage.startswith(name + "@")):
-            return rank, stage
-    return len(PIPELINE_ORDER), stage
-
-
 def _work_key(stage: str) -> str:
     if "@" in stage:
         kind, recipe = stage.split("@")
@@ -388,7 +375,7 @@ def timing_table(metrics: dict, results_dir: Path = RESULTS) -> str:
     records = [*(results_dir / "timing").glob("*.json"), *(results_dir / "report_timing").glob("report.json")]
     walls = {path.stem: json.loads(path.read_text())["wall_seconds"] for path in records if path.stem != "fresh_clone"}
     rows = []
-    for stage in sorted(walls, key=_stage_rank):
+    for stage in sorted(walls, key=stage_rank):
         wall, work = walls[stage], (metrics.get(_work_key(stage)) or {}).get("wall_seconds")
         rows.append({"stage": stage, "wall": wall, "work": work, "overhead": wall - work if work is not None else None})
     total = sum(r["wall"] for r in rows if r["wall"] is not None)

@@ -25,11 +25,13 @@ from mtl.data.corpus_report import read_report
 from mtl.data.manifest import rank_key, read_manifest
 from mtl.data.packages import PACKAGES, read_listing
 from mtl.data.sheets import side_by_side, thumbnail_grid
-from mtl.tables import RETRIEVAL_COLUMNS, fmt, markdown_table
+from mtl.tables import HEADLINE_COLUMNS, RETRIEVAL_COLUMNS, fmt, markdown_table, split_normalized, stage_rank
 
 RESULTS = Path("results")
 PROFILE_FILES = ("corpus/metrics.json", "corpus/contact_sheets.png", "corpus/packages.png", "evaluate/methods.csv",
+                 "evaluate/folder.csv", "evaluate/backgrounds.csv", "evaluate/pr_curves.png", "evalset/metrics.json",
                  "metrics.json")
+PROFILE_FOLDERS = ("timing", "report_timing")  # every stage's wall time (scripts/stage)
 
 
 # --------------------------------------------------------------------------- corpus summaries
@@ -78,6 +80,10 @@ def save_profile(name: str, results_dir: Path = RESULTS) -> Path:
         if (results_dir / rel).is_file():
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(results_dir / rel, out / rel)
+    for folder in PROFILE_FOLDERS:
+        if (results_dir / folder).is_dir():
+            shutil.rmtree(out / folder, ignore_errors=True)
+            shutil.copytree(results_dir / folder, out / folder)
     return out
 
 
@@ -146,21 +152,44 @@ def learning_curve_table(results_dir: Path, name: str = "learning_curve") -> str
     return markdown_table(rows, [c for c in columns if c[0] != "stages" or "stages" in rows[0]])
 
 
-def profiles_table(results_dir: Path, methods: tuple[str, ...] = ("phash", "backbone_gap1280", "best_frozen",
-                                                                   "best_finetune", "best_finetune_gate")) -> str | None:
-    """The default profile's and the full profile's retrieval, side by side."""
+HEADLINE_PROFILE_METHODS = ("phash", "backbone_gap1280", "best_finetune", "best_finetune_160px")
+
+
+def profiles_table(results_dir: Path, methods: tuple[str, ...] | None = None, headline: bool = False) -> str | None:
+    """The default profile's and the full profile's retrieval, side by side: every method
+    of the full profile (each raw and normalized), or the headline methods only."""
     sources = {"default": results_dir / "evaluate" / "methods.csv",
                "full": results_dir / "profiles" / "full" / "evaluate" / "methods.csv"}
     if not sources["full"].is_file():
         return None
+    full_methods = list(pd.read_csv(sources["full"])["method"])
+    wanted = [m for m in full_methods if methods is None or split_normalized(m)[0] in methods]
     rows = []
     for profile, path in sources.items():
         if path.is_file():
-            frame = pd.read_csv(path)
-            rows += [{"profile": profile, **r} for r in frame[frame["method"].isin(methods)].to_dict("records")]
-    columns = [("profile", "profile"), *[c for c in RETRIEVAL_COLUMNS if c[0] in ("method", "muap", "recall_at_p90",
-                                                                                  "acc_at_1", "fp_at_threshold")]]
-    return markdown_table(rows, columns)
+            frame = pd.read_csv(path).set_index("method")
+            for method in wanted:
+                if method in frame.index:
+                    base, scale = split_normalized(method)
+                    rows.append({"profile": profile, **frame.loc[method].to_dict(), "method": f"`{base}`",
+                                 "scale": scale})
+    keys = ("method", "scale", "muap", "recall_at_p90", "acc_at_1", "muap_photo", "muap_clipart") if headline else \
+        ("method", "scale", "muap", "recall_at_p90", "acc_at_1", "muap_held_out", "acc_at_1_held_out", "muap_photo",
+         "recall_at_p90_photo", "muap_clipart", "fp_at_threshold")
+    columns = [("profile", "profile"), *[c for c in HEADLINE_COLUMNS + RETRIEVAL_COLUMNS if c[0] in keys]]
+    return markdown_table(rows, list(dict.fromkeys(columns)))
+
+
+def profile_timing_table(results_dir: Path, name: str = "full") -> str | None:
+    """A saved profile's wall time per stage, as it ran (results/profiles/<name>/timing/)."""
+    folder = results_dir / "profiles" / name
+    records = [*(folder / "timing").glob("*.json"), *(folder / "report_timing").glob("*.json")]
+    if not records:
+        return None
+    rows = sorted((json.loads(p.read_text()) for p in records), key=lambda r: stage_rank(r["stage"]))
+    rows = [{"stage": r["stage"], "minutes": r["wall_seconds"] / 60, "started": r.get("started")} for r in rows]
+    rows.append({"stage": "**all stages**", "minutes": sum(r["minutes"] for r in rows)})
+    return markdown_table(rows, [("stage", "stage"), ("started", "started"), ("minutes", "minutes")])
 
 
 def scale_tables(results_dir: Path = RESULTS) -> dict[str, str]:
@@ -173,7 +202,9 @@ def scale_tables(results_dir: Path = RESULTS) -> dict[str, str]:
                       corpus_full=counts_table(corpus))
     for name, table in (("learning_curve", learning_curve_table(results_dir)),
                         ("learning_curve_mem0", learning_curve_table(results_dir, "learning_curve_mem0")),
-                        ("retrieval_profiles", profiles_table(results_dir))):
+                        ("retrieval_profiles", profiles_table(results_dir)),
+                        ("retrieval_profiles_headline", profiles_table(results_dir, HEADLINE_PROFILE_METHODS, True)),
+                        ("timing_full", profile_timing_table(results_dir))):
         if table is not None:
             tables[name] = table
     return tables

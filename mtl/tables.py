@@ -67,3 +67,17 @@ def scientific(value) -> str:
     mantissa, exponent = f"{value:.1e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
+
+
+# Stage order of dvc.yaml (a stage's runs in their foreach order), and where each stage's
+# own work time is in results/metrics.json.
+PIPELINE_ORDER = ["corpus", "evalset", "features", "train_frozen@paper", "train_frozen@best", "train_frozen@paper_mem0",
+                  "train_frozen@best_mem0", "train_frozen", "train_finetune@paper", "train_finetune@best",
+                  "train_finetune", "embeddings", "evaluate", "diagnose", "report"]
+
+
+def stage_rank(stage: str) -> tuple[int, str]:
+    for rank, name in enumerate(PIPELINE_ORDER):
+        if stage == name or (name in ("train_frozen", "train_finetune", "diagnose") and stage.startswith(name + "@")):
+            return rank, stage
+    return len(PIPELINE_ORDER), stage

@@ -20,7 +20,7 @@ help:
 	@echo "make repro              set up, then run the whole DVC pipeline (default CPU profile)"
 	@echo "make repro PROFILE=paper   the paper's settings (MobileNetV2, 224 px, GPU)"
 	@echo "make test               set up, then run the test suite"
-	@echo "make repro PROFILE=full    every package of the table, no caps (CPU, <= 3 h)"
+	@echo "make repro PROFILE=full    every package of the table, no caps (CPU, <= 100 min): results/profiles/full/"
 	@echo "make learning-curve PROFILE=full   the best recipe on 1k..all training pictures (results/learning_curve/)"
 	@echo "make sweep              a papermill parameter sweep, scored on val (SWEEP=sweeps/stage1.yaml)"
 	@echo "make setup              only install (.venv, Debian tools, Jupyter kernel, DVC config)"
@@ -52,7 +52,7 @@ repro: setup
 ifeq ($(PROFILE),default)
 	$(VENV)/bin/dvc repro
 else
-	$(VENV)/bin/dvc exp run -n $(PROFILE)-$$(date +%Y%m%d-%H%M%S) $$($(PY) -m mtl.params set-args profiles/$(PROFILE).yaml)
+	scripts/profile_run.sh $(PROFILE)
 endif
 
 # One thread per process: the tests run many small processes (DataLoader workers, two
@@ -78,7 +78,9 @@ ifeq ($(PROFILE),default)
 	$(VENV)/bin/dvc repro evalset features
 	$(PY) -m mtl.learning_curve sweeps/learning_curve.yaml
 else
-	$(VENV)/bin/dvc exp run -n $(PROFILE)-data-$$(date +%Y%m%d-%H%M%S) $$($(PY) -m mtl.params set-args profiles/$(PROFILE).yaml) evalset features
+	# the profile's own data folders: its corpus and eval set (the feature cache is built on first use)
+	$(VENV)/bin/mtl corpus --profile profiles/$(PROFILE).yaml
+	$(VENV)/bin/mtl evalset --profile profiles/$(PROFILE).yaml
 	$(PY) -m mtl.learning_curve sweeps/learning_curve.yaml --profile profiles/$(PROFILE).yaml
 endif
 	$(PY) -m mtl.report --readme README.md

@@ -68,9 +68,14 @@ ABLATION_CURVES = ("backbone_pca320", "paper_frozen", "paper_frozen_mem0", "best
 BACKGROUND_METHODS = ("backbone_gap1280", "paper_finetune", "best_finetune")
 
 
-def checkpoint_path(recipe: str, stage: str) -> Path:
-    """models/<recipe>/<stage>/final.pt: where the pipeline keeps a recipe's stage."""
-    return MODELS / recipe / stage / "final.pt"
+def models_dir(params: dict | None = None) -> Path:
+    """Where the pipeline keeps its checkpoints and operating points (params `pipeline.models`)."""
+    return Path(((params or {}).get("pipeline") or {}).get("models", MODELS))
+
+
+def checkpoint_path(recipe: str, stage: str, params: dict | None = None) -> Path:
+    """<models>/<recipe>/<stage>/final.pt: where the pipeline keeps a recipe's stage."""
+    return models_dir(params) / recipe / stage / "final.pt"
 
 
 def pipeline_runs(params: dict) -> tuple[list[str], list[str]]:
@@ -90,18 +95,19 @@ def evaluation_passes(params: dict) -> list:
     for recipe in RECIPES:
         imagenet = recipe == "best"  # a frozen stage's backbone is the untouched ImageNet one
         if recipe in frozen:
-            passes.append(CheckpointPass(checkpoint_path(recipe, "frozen"), mtl=f"{recipe}_frozen",
+            passes.append(CheckpointPass(checkpoint_path(recipe, "frozen", params), mtl=f"{recipe}_frozen",
                                          gap1280="backbone_gap1280" if imagenet else None,
                                          pca320="backbone_pca320" if imagenet else None))
         if f"{recipe}_mem0" in frozen:
-            passes.append(CheckpointPass(checkpoint_path(f"{recipe}_mem0", "frozen"), mtl=f"{recipe}_frozen_mem0"))
+            passes.append(CheckpointPass(checkpoint_path(f"{recipe}_mem0", "frozen", params),
+                                         mtl=f"{recipe}_frozen_mem0"))
         if recipe in finetune:
-            passes.append(CheckpointPass(checkpoint_path(recipe, "finetune"), mtl=f"{recipe}_finetune",
+            passes.append(CheckpointPass(checkpoint_path(recipe, "finetune", params), mtl=f"{recipe}_finetune",
                                          gap1280=f"{recipe}_finetune_gap1280"))
     # Evaluated larger than trained (SSCD's finding), next to the ImageNet baseline at that size.
-    passes += [CheckpointPass(checkpoint_path("best", "frozen"), gap1280=f"backbone_gap1280_{larger}px",
+    passes += [CheckpointPass(checkpoint_path("best", "frozen", params), gap1280=f"backbone_gap1280_{larger}px",
                               image_size=larger),
-               CheckpointPass(checkpoint_path("best", "finetune"), mtl=f"best_finetune_{larger}px",
+               CheckpointPass(checkpoint_path("best", "finetune", params), mtl=f"best_finetune_{larger}px",
                               image_size=larger)]
     return passes
 
@@ -144,8 +150,9 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
         splits = {split: EvalSplit.load(eval_dir, split) for split in SPLITS}
         embedded = {split: {method: load_npz(files[split]) for method, files in paths.items()
                             if method in OPERATING_POINT_METHODS} for split in SPLITS}
-        points_path = write_operating_points(embedded["val"], splits["val"], cfg, checkpoint_path("best", "finetune"),
-                                             MODELS / "operating_points.json", evaluation.table)
+        points_path = write_operating_points(embedded["val"], splits["val"], cfg,
+                                             checkpoint_path("best", "finetune", params),
+                                             models_dir(params) / "operating_points.json", evaluation.table)
         folder_table = folder_decisions(load_operating_points(points_path), embedded, splits)
     evaluation.save(results_dir)
     write_csv(background_table, results_dir / "backgrounds.csv")

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A profile's whole pipeline (profiles/NAME.yaml over params.yaml), then its results kept in
+# results/profiles/NAME/ and the workspace back to the default profile:
+#   scripts/profile_run.sh full          (what `make repro PROFILE=full` runs)
+# The profile's data and models live in their own folders (its data.corpus_dir, evalset.dir,
+# features.dir, pipeline.models), so the default profile's stay as they are.  Its wall time
+# goes to results/profiles/NAME/run.json and its log to results/profiles/NAME/repro.log.
+set -euo pipefail
+name="$1"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="$root/.venv/bin/python"; [ -x "$python" ] || python="$(command -v python3)"
+dvc="$root/.venv/bin/dvc"; [ -x "$dvc" ] || dvc="$(command -v dvc)"
+if ! git diff --quiet -- params.yaml dvc.lock; then
+    echo "profile_run: params.yaml or dvc.lock has uncommitted changes; commit or restore them first" >&2
+    exit 2
+fi
+keep="$(mktemp -d)"
+trap 'git checkout -- params.yaml dvc.lock; rm -rf "$keep"' EXIT
+"$python" -m mtl.params write "profiles/$name.yaml" --out params.yaml
+start=$(date +%s)
+"$dvc" repro 2>&1 | tee "$keep/repro.log"
+end=$(date +%s)
+"$python" -m mtl.scale_report save-profile "$name"
+cp -r "results/profiles/$name" "$keep/saved"
+cp "$keep/repro.log" "$keep/saved/repro.log"
+printf '{"profile": "%s", "wall_seconds": %s, "date": "%s", "commit": "%s"}\n' \
+    "$name" "$((end - start))" "$(date +%Y-%m-%d)" "$(git rev-parse --short HEAD)" > "$keep/saved/run.json"
+# Back to the default: its parameters, lock and committed results; the profile's saved ones.
+git checkout -- params.yaml dvc.lock results README.md docs
+rm -rf "results/profiles/$name" && cp -r "$keep/saved" "results/profiles/$name"
+"$dvc" checkout --quiet || true
+echo "profile $name: $((end - start)) s; results in results/profiles/$name/ (workspace back to the default profile)"

@@ -11,8 +11,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="$root/.venv/bin/python"; [ -x "$python" ] || python="$(command -v python3)"
 dvc="$root/.venv/bin/dvc"; [ -x "$dvc" ] || dvc="$(command -v dvc)"
-if ! git diff --quiet -- params.yaml dvc.lock; then
-    echo "profile_run: params.yaml or dvc.lock has uncommitted changes; commit or restore them first" >&2
+# The run rewrites these and puts them back as committed: they must hold nothing uncommitted.
+if ! git diff --quiet -- params.yaml dvc.lock results README.md docs; then
+    echo "profile_run: params.yaml, dvc.lock, results/, README.md or docs/ have uncommitted changes;" \
+         "commit or restore them first (the run puts them back as committed)" >&2
     exit 2
 fi
 keep="$(mktemp -d)"

@@ -343,7 +343,8 @@ class CrossBatchContrastiveLoss(nn.Module):
         needed = int(labels.max()) + 1
         if needed > len(self.bank_filled):
             grow = needed - len(self.bank_filled)
-            self.bank_embeddings = torch.cat([self.bank_embeddings, self.bank_embeddings.new_zeros(grow, self.embed_dim)])
+            more = self.bank_embeddings.new_zeros(grow, self.embed_dim)
+            self.bank_embeddings = torch.cat([self.bank_embeddings, more])
             self.bank_filled = torch.cat([self.bank_filled, self.bank_filled.new_zeros(grow)])
         self.bank_embeddings[labels] = embeddings.detach().to(self.bank_embeddings.dtype)
         self.bank_filled[labels] = True

@@ -307,7 +307,8 @@ def memory_reading(summary_csv: Path) -> str:
     return (f"{verdict}: with the memory of {size:,}, the batch mean's norm goes "
             f"{with_memory['mean_norm_first']:.3f} → {with_memory['mean_norm_last']:.3f} and the within-batch "
             f"cosine {with_memory['batch_similarity_first']:.3f} → {with_memory['batch_similarity_last']:.3f}, while "
-            f"the cosine between the batch's mean and the memory's goes {with_memory['memory_alignment_first']:.3f} → "
+            f"the cosine between the batch's mean and the memory's goes "
+            f"{with_memory['memory_alignment_first']:.3f} → "
             f"{with_memory['memory_alignment_last']:.3f}; without the memory the norm goes "
             f"{without['mean_norm_first']:.3f} → {without['mean_norm_last']:.3f} and the cosine "
             f"{without['batch_similarity_first']:.3f} → {without['batch_similarity_last']:.3f}. The memory's "
@@ -454,7 +455,8 @@ def _claims_of_recipe(r: dict, recipe: str) -> list[str]:
             text += (f"; with normalized scores {_verdict(suppresses_false_positives(norm, norm_gate))}: "
                      f"{_fp_claim(norm, norm_gate, r.get(f'{recipe}_finetune_norm_fusion'))}")
         if _number(fine.get("fp_photo")) is not None and _number(gate.get("fp_photo")) is not None:
-            cut = gate["fp_photo"] <= (1 - FP_CUT) * fine["fp_photo"] and gate["muap_photo"] >= fine["muap_photo"] - MUAP_TOLERANCE
+            cut = (gate["fp_photo"] <= (1 - FP_CUT) * fine["fp_photo"]
+                   and gate["muap_photo"] >= fine["muap_photo"] - MUAP_TOLERANCE)
             text += (f"; where it can bite, photo queries in the mixed gallery, {_verdict(cut)}: "
                      f"{fine['fp_photo']:.0f} → {gate['fp_photo']:.0f} (photo μAP {fine['muap_photo']:.3f} → "
                      f"{gate['muap_photo']:.3f})")
@@ -486,7 +488,8 @@ def findings(metrics: dict) -> str:
     if best and best_norm and gap_norm:
         lines.append(
             f"- *Normalized scores* (every score minus the mean of each image's similarity to its nearest "
-            f"neighbours, k and β chosen on val) — `best_finetune` μAP {best['muap']:.3f} → {best_norm['muap']:.3f}, "
+            f"neighbours, k and β chosen on val) — `best_finetune` μAP {best['muap']:.3f} → "
+            f"{best_norm['muap']:.3f}, "
             f"R@P90 {best['recall_at_p90']:.3f} → {best_norm['recall_at_p90']:.3f}, false positives at the val "
             f"threshold {best['fp_at_threshold']:.0f} → {best_norm['fp_at_threshold']:.0f}; the ImageNet backbone "
             f"μAP {gap['muap']:.3f} → {gap_norm['muap']:.3f}.")
@@ -517,9 +520,11 @@ def normalization_summary(methods_csv: Path, folder_csv: Path | None, background
     top = max(normalized, key=lambda m: frame.at[m, "muap"])
     raw = top[:-len("_norm")]
     t, b = frame.loc[top], frame.loc[raw]
-    lines.append(f"- **Test split:** the best normalized method, `{raw}` (k={int(t['norm_k'])}, β={t['norm_beta']:g}), "
+    lines.append(f"- **Test split:** the best normalized method, `{raw}` (k={int(t['norm_k'])}, "
+                 f"β={t['norm_beta']:g}), "
                  f"μAP {b['muap']:.3f} → {t['muap']:.3f} ({t['muap'] - b['muap']:+.3f}), R@P90 "
-                 f"{b['recall_at_p90']:.3f} → {t['recall_at_p90']:.3f} ({t['recall_at_p90'] - b['recall_at_p90']:+.3f}); "
+                 f"{b['recall_at_p90']:.3f} → {t['recall_at_p90']:.3f} "
+                 f"({t['recall_at_p90'] - b['recall_at_p90']:+.3f}); "
                  f"μAP gained elsewhere: " + ", ".join(
                      f"`{m[:-5]}` {frame.at[m, 'muap'] - frame.at[m[:-5], 'muap']:+.3f}"
                      for m in normalized if m[:-5] in ("phash", "dhash", "backbone_gap1280", "paper_finetune",

@@ -234,7 +234,8 @@ class InstanceBatchSampler(Sampler):
             part = slice(b * self.instances_per_batch, (b + 1) * self.instances_per_batch)
             chunk, chunk_rounds = order[part], rounds[part]
             if processes > 1:
-                chunk, chunk_rounds = chunk[rank * share:(rank + 1) * share], chunk_rounds[rank * share:(rank + 1) * share]
+                mine = slice(rank * share, (rank + 1) * share)
+                chunk, chunk_rounds = chunk[mine], chunk_rounds[mine]
             yield [ViewKey(self.epoch, int(i), int(r) * v + k) for i, r in zip(chunk, chunk_rounds) for k in range(v)]
 
 

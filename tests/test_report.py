@@ -86,3 +86,57 @@ def test_scientific_notation_and_the_normalized_rows():
     assert split_normalized("best_finetune_norm") == ("best_finetune", "normalized")
     assert split_normalized("best_finetune_norm_gate") == ("best_finetune_gate", "normalized")
     assert split_normalized("phash") == ("phash", "raw")
+
+
+def test_the_folder_table_adds_the_benchmarks_large_folder_and_marks_the_defaults(tmp_path):
+    from mtl.report import folder_table, normalization_summary
+
+    folder = tmp_path / "folder.csv"
+    folder.write_text("name,decision,default,split,threshold,hamming_radius,images,accepted,true_positives,"
+                      "n_true_pairs,precision,recall,f1\n"
+                      "best,raw,False,val,0.97,,480,91,82,160,0.90,0.51,0.65\n"
+                      "best,normalized,True,val,0.01,,480,153,141,160,0.92,0.88,0.90\n"
+                      "best,raw,False,test,0.97,,2400,854,414,800,0.48,0.52,0.50\n"
+                      "best,normalized,True,test,0.01,,2400,729,645,800,0.88,0.81,0.84\n")
+    bench = tmp_path / "benchmark.csv"
+    bench.write_text("folder,images,method,scale,threshold,threshold_source,true_pairs,predicted_pairs,true_positives,"
+                     "precision,recall,f1\n"
+                     "large,10000,mtl_trained_raw,raw,0.9700,x,900,4000,450,0.11,0.50,0.18\n"
+                     "large,10000,mtl_trained,normalized,0.0100,x,900,800,700,0.87,0.78,0.82\n"
+                     "large,10000,imagededup_phash,hash,10 bits,x,900,3000,500,0.17,0.55,0.26\n")
+    table = folder_table(folder, bench).splitlines()
+    large = [line for line in table if "| large |" in line]
+    assert len(large) == 2 and "| `best` (default) | normalized | large | 10,000 |" in large[0] + large[1]
+    methods = tmp_path / "methods.csv"
+    methods.write_text("method,muap,recall_at_p90,norm_k,norm_beta\nbest_finetune,0.80,0.60,,\n"
+                       "best_finetune_norm,0.85,0.70,1,0.75\n")
+    summary = normalization_summary(methods, folder, None, bench)
+    assert "μAP 0.800 → 0.850 (+0.050)" in summary and "(k=1, β=0.75)" in summary
+    assert "raw 0.90 → 0.48 → 0.11; normalized 0.92 → 0.88 → 0.87" in summary
+    assert "480 → 2,400 → 10,000 images" in summary
+
+
+def test_the_memory_probe_reads_as_a_verdict(tmp_path):
+    from mtl.report import memory_probe_table, memory_reading
+
+    columns = ["mean_norm", "batch_similarity", "memory_alignment", "memory_mean_norm", "active_memory",
+               "active_batch", "share_from_memory", "grad_memory", "grad_batch", "grad_angle"]
+    def run(size, first, last, muap):
+        row = {"memory_size": size, "steps": 100, "val_muap": muap}
+        for c in columns:
+            row[f"{c}_first"], row[f"{c}_last"] = first.get(c, 0.1), last.get(c, 0.1)
+        return row
+    import pandas as pd
+
+    summary = tmp_path / "summary.csv"
+    pd.DataFrame([run(10240, {"mean_norm": 0.2, "batch_similarity": 0.1, "memory_alignment": 0.9},
+                      {"mean_norm": 0.8, "batch_similarity": 0.6, "memory_alignment": 0.2}, 0.15),
+                  run(0, {"mean_norm": 0.2, "batch_similarity": 0.1}, {"mean_norm": 0.21, "batch_similarity": 0.1},
+                      0.87)]).to_csv(summary, index=False)
+    assert memory_reading(summary).startswith("**The hypothesis holds**")
+    assert "| memory 10,240, last tenth |" in memory_probe_table(summary)
+    frame = pd.read_csv(summary)
+    frame.loc[1, "mean_norm_last"] = 0.9
+    frame.loc[1, "batch_similarity_last"] = 0.9  # the control bunches too: not the memory's doing
+    frame.to_csv(summary, index=False)
+    assert memory_reading(summary).startswith("**The hypothesis does not hold as stated**")

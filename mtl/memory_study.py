@@ -137,7 +137,7 @@ def probe_run(params: dict, memory_size: int, every: int, work_dir: Path,
                 rows.append({"memory_size": memory_size, "step": step, "epoch": epoch, **probe_step(run, batch)})
             parts, counts = run.train_step(batch, step)
             if step % every == 0:
-                rows[-1].update(loss=float(parts.contrastive), active_negatives=int(counts["active_negatives"]),
+                rows[-1].update(loss=float(parts.contrastive.detach()), active_negatives=int(counts["active_negatives"]),
                                 negatives_compared=int(counts["negatives_compared"]))
             step += 1
     run.epoch = cfg.epochs

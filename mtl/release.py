@@ -135,25 +135,65 @@ def embedding_distance(a: list[float], b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, np.float32) - b).max())
 
 
+CARD_METHODS = ("best_finetune", "best_finetune_norm", "best_finetune_160px", "best_finetune_160px_norm",
+                "backbone_gap1280", "backbone_gap1280_norm")
+CARD_KEYS = ("muap", "recall_at_p90", "acc_at_1", "muap_held_out", "muap_photo", "muap_clipart", "fp_at_threshold")
+EXAMPLES = ("docs/demo/launch_pad_sunset.jpg", "docs/demo/copies/launch_pad_sunset_caption.jpg", "docs/demo/ladybug.png")
+
+
+def profile_card(profile: str, params: dict, results: Path, checkpoint: Path) -> dict[str, Any]:
+    """The card's facts, read from a finished profile run (results/profiles/<profile>/) and
+    its parameters: the commit, the training pictures, the test numbers of the evaluation,
+    and the val numbers of the released checkpoint itself."""
+    import pandas as pd
+
+    from mtl.eval.evaluation import EvalConfig, checkpoint_scores
+    from mtl.runtime import git_revision
+
+    corpus = json.loads((results / "corpus" / "metrics.json").read_text())
+    methods = pd.read_csv(results / "evaluate" / "methods.csv").set_index("method")
+    test = {m: {k: _plain(methods.at[m, k]) for k in CARD_KEYS if k in methods.columns}
+            for m in CARD_METHODS if m in methods.index}
+    val = checkpoint_scores(checkpoint, params["evalset"]["dir"], "val", EvalConfig.from_params(params["eval"]))["mtl"]
+    run = json.loads((results / "run.json").read_text()) if (results / "run.json").is_file() else {}
+    return {"profile": profile, "commit": git_revision(), "trained_from": str(checkpoint),
+            "training_pictures": int(sum(c["train"] for c in corpus["counts"].values())),
+            "corpus_images": int(corpus["images"]), "packages": params["data"]["packages"],
+            "recipe": "best", "backbone": params["model"]["backbone"], "image_size": params["train"]["image_size"],
+            "profile_wall_seconds": run.get("wall_seconds"),
+            "val": {k: _plain(v) for k, v in val.items()}, "test": test,
+            "test_split": f"{params['evalset']['dir']}/test ({params['evalset']['test']['references']} general + "
+                          f"{params['evalset']['photos']['test']['references']} photo references)"}
+
+
+def _plain(value):
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and value != value else value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtl.release", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print the release's card")
     info.add_argument("--dir", type=Path, default=None)
-    write = commands.add_parser("write", help="write a release from a trained checkpoint (the full profile's)")
-    write.add_argument("--checkpoint", type=Path, default=Path("models/best/finetune/final.pt"))
-    write.add_argument("--operating-points", type=Path, default=Path("models/operating_points.json"))
-    write.add_argument("--card", type=Path, required=True, help="a JSON file with the card's facts (profile, "
-                       "commit, training pictures, val and test numbers)")
-    write.add_argument("--examples", type=Path, nargs=3, required=True, help="three small images")
+    write = commands.add_parser("write", help="write the release from a finished profile run (the full profile's)")
+    write.add_argument("--profile", default="full", help="the profile whose `best` model is released (default full)")
+    write.add_argument("--params", default="params.yaml")
+    write.add_argument("--examples", type=Path, nargs=3, default=[Path(p) for p in EXAMPLES],
+                       help="three small images whose embeddings the card records")
     write.add_argument("--out", type=Path, default=None, help=f"default {RELEASE_DIR}")
     args = parser.parse_args(argv)
     if args.command == "info":
         release = load_release(args.dir)
         print("no release" if release is None else json.dumps(release.card, indent=1))
         return 0
-    release = write_release(args.checkpoint, args.operating_points, json.loads(args.card.read_text()),
-                            list(args.examples), args.out)
+    from mtl.params import load_params
+
+    params = load_params(args.params, [], f"profiles/{args.profile}.yaml")
+    models = Path(params["pipeline"]["models"])
+    checkpoint = models / "best" / "finetune" / "final.pt"
+    card = profile_card(args.profile, params, Path("results") / "profiles" / args.profile, checkpoint)
+    release = write_release(checkpoint, models / "operating_points.json", card, list(args.examples), args.out)
     print(f"wrote {release.checkpoint} ({release.card['megabytes']} MB) and its card")
     return 0
 

@@ -16,20 +16,22 @@ memory's older entries m_j (the batch excluded):
     grad_batch         from the batch's, each its part of the loss's mean over active terms
     grad_angle         the angle (degrees) between those two gradients, all anchors together
 
-The hypothesis holds if, with the memory, mean_norm and batch_similarity climb while
-memory_alignment falls (the cloud moves away from the memory's mean), and neither happens
-without the memory.
+The hypothesis holds if, with the memory, mean_norm and batch_similarity climb from the
+run's start over its early steps while the batch points away from the memory's mean
+(memory_alignment below 0), and neither happens without the memory.
 
     python -m mtl.memory_study --profile profiles/full.yaml --set data.train_pictures=5000 \\
         --memory-sizes 10240 0 --out results/memory/probe
 
 writes probe.csv (one row per recorded step and memory size), summary.csv (each run's
-first and last tenth, and its val μAP) and probe.png.
+start, early steps and last tenth, and its val scores; scores.json keeps the scores) and
+probe.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 from dataclasses import replace
@@ -146,18 +148,37 @@ def probe_run(params: dict, memory_size: int, every: int, work_dir: Path,
     return pd.DataFrame(rows), final
 
 
+# The windows of a run the summary compares: its first record (the untrained branches),
+# the early steps (after the first 1 % of the run, up to 10 %: where a bunching shows), and
+# its last tenth.
+WINDOWS = ("start", "early", "end")
+
+
 def summarize(probe: pd.DataFrame, scores: dict[int, dict]) -> pd.DataFrame:
-    """Per run: each quantity over the first and the last tenth of its steps, and val μAP."""
+    """Per run: each quantity at its start, over its early steps and over its last tenth
+    (WINDOWS), and the run's val scores."""
     rows = []
     for memory_size, run in probe.groupby("memory_size", sort=False):
-        tenth = max(1, len(run) // 10)
-        first, last = run.head(tenth), run.tail(tenth)
-        row = {"memory_size": memory_size, "steps": int(run["step"].max()) + 1}
+        steps = int(run["step"].max()) + 1
+        windows = {"start": run.head(1),
+                   "early": run[(run["step"] >= 0.01 * steps) & (run["step"] < 0.1 * steps)],
+                   "end": run[run["step"] >= 0.9 * steps]}
+        row = {"memory_size": memory_size, "steps": steps}
         for column in PROBE_COLUMNS:
-            row[f"{column}_first"], row[f"{column}_last"] = first[column].mean(), last[column].mean()
-        row.update({f"val_{k}": v for k, v in scores[memory_size].items()})
+            for name, window in windows.items():
+                row[f"{column}_{name}"] = window[column].mean()
+        row.update({f"val_{k}": v for k, v in scores.get(memory_size, {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def resummarize(out: Path) -> pd.DataFrame:
+    """summary.csv again from probe.csv, keeping the val scores it holds (scores.json)."""
+    scores = {int(k): v for k, v in json.loads((out / "scores.json").read_text()).items()} \
+        if (out / "scores.json").is_file() else {}
+    summary = summarize(pd.read_csv(out / "probe.csv"), scores)
+    summary.to_csv(out / "summary.csv", index=False)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=10, help="steps between records")
     parser.add_argument("--out", default="results/memory/probe")
     parser.add_argument("--models", default="models/memory_probe")
+    parser.add_argument("--summarize", action="store_true", help="only summary.csv and probe.png again, from probe.csv")
     args = parser.parse_args(argv)
+    if args.summarize:
+        out = Path(args.out)
+        print(resummarize(out).to_string(index=False))
+        plots.memory_probe(pd.read_csv(out / "probe.csv"), out / "probe.png")
+        return 0
     params = recipe_params(load_params(args.params, args.set, args.profile), args.recipe)
     out, models = Path(args.out), Path(args.models)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         records.append(probe)
         scores[memory_size] = checkpoint_scores(final, params["evalset"]["dir"], "val",
                                                 EvalConfig.from_params(params["eval"]))["mtl"]
+        (out / "scores.json").write_text(json.dumps({str(k): v for k, v in scores.items()}, indent=1) + "\n")
         table = pd.concat(records, ignore_index=True)
         table.to_csv(out / "probe.csv", index=False)
         summary = summarize(table, scores)

@@ -275,46 +275,49 @@ PROBE_QUANTITIES = [("mean_norm", "|batch mean|"), ("batch_similarity", "cos wit
 
 
 def memory_probe_table(summary_csv: Path) -> str:
-    """The memory probe (mtl.memory_study): each quantity over the first and the last tenth
-    of a stage-1 run, with and without the memory, and each run's val μAP."""
+    """The memory probe (mtl.memory_study): each quantity at a stage-1 run's start, over its
+    early steps and over its last tenth, with and without the memory, and each run's val μAP."""
     rows = []
     for run in pd.read_csv(summary_csv).to_dict("records"):
         label = f"memory {int(run['memory_size']):,}" if run["memory_size"] else "no memory"
-        for when in ("first", "last"):
-            rows.append({"run": f"{label}, {when} tenth", **{k: run.get(f"{k}_{when}") for k, _ in PROBE_QUANTITIES},
-                         "val_muap": run.get("val_muap") if when == "last" else None})
-    return markdown_table(rows, [("run", "run (stage 1, steps)"), *PROBE_QUANTITIES, ("val_muap", "val μAP")])
+        for when, text in (("start", "first step"), ("early", "early steps (1-10 %)"), ("end", "last tenth")):
+            rows.append({"run": f"{label}, {text}", **{k: run.get(f"{k}_{when}") for k, _ in PROBE_QUANTITIES},
+                         "val_muap": run.get("val_muap") if when == "end" else None})
+    return markdown_table(rows, [("run", "run (stage 1)"), *PROBE_QUANTITIES, ("val_muap", "val μAP")])
 
 
 def memory_reading(summary_csv: Path) -> str:
     """The probe's verdict on the hypothesis (mtl.memory_study): with the memory the batch
-    bunches (its mean's norm and its within-batch cosine climb) while it moves away from the
-    memory's mean (their cosine falls), and without the memory neither happens."""
+    bunches over the early steps (its mean's norm and its within-batch cosine climb from the
+    start) while it points away from the memory's mean (their cosine below 0), and without
+    the memory it does not bunch."""
     runs = {int(r["memory_size"]): r for r in pd.read_csv(summary_csv).to_dict("records")}
     if 0 not in runs or len(runs) < 2:
         return ""
     size = max(runs)
-    with_memory, without = runs[size], runs[0]
+    mem, none = runs[size], runs[0]
 
     def climbs(run: dict, key: str) -> bool:
-        return run[f"{key}_last"] > run[f"{key}_first"] + 0.02
+        return run[f"{key}_early"] > run[f"{key}_start"] + 0.02
 
-    bunches = climbs(with_memory, "mean_norm") and climbs(with_memory, "batch_similarity")
-    away = with_memory["memory_alignment_last"] < with_memory["memory_alignment_first"] - 0.02
-    control = not (climbs(without, "mean_norm") and climbs(without, "batch_similarity"))
-    holds = bunches and away and control
-    verdict = "**The hypothesis holds**" if holds else "**The hypothesis does not hold as stated**"
-    return (f"{verdict}: with the memory of {size:,}, the batch mean's norm goes "
-            f"{with_memory['mean_norm_first']:.3f} → {with_memory['mean_norm_last']:.3f} and the within-batch "
-            f"cosine {with_memory['batch_similarity_first']:.3f} → {with_memory['batch_similarity_last']:.3f}, while "
-            f"the cosine between the batch's mean and the memory's goes "
-            f"{with_memory['memory_alignment_first']:.3f} → "
-            f"{with_memory['memory_alignment_last']:.3f}; without the memory the norm goes "
-            f"{without['mean_norm_first']:.3f} → {without['mean_norm_last']:.3f} and the cosine "
-            f"{without['batch_similarity_first']:.3f} → {without['batch_similarity_last']:.3f}. The memory's "
-            f"negatives carry {with_memory['share_from_memory_last']:.0%} of the active pairs at the end, and their "
-            f"gradient meets the batch's at {with_memory['grad_angle_last']:.0f}°. Val μAP "
-            f"{with_memory['val_muap']:.3f} with the memory, {without['val_muap']:.3f} without.")
+    bunches = climbs(mem, "mean_norm") and climbs(mem, "batch_similarity")
+    away = mem["memory_alignment_early"] < 0
+    control = not (climbs(none, "mean_norm") and climbs(none, "batch_similarity"))
+    verdict = "**The hypothesis holds**" if bunches and away and control else \
+        "**The hypothesis does not hold as stated**"
+    return (f"{verdict}. With the memory of {size:,}, the batch's mean embedding has norm "
+            f"{mem['mean_norm_start']:.2f} at the start, {mem['mean_norm_early']:.2f} over the early steps and "
+            f"{mem['mean_norm_end']:.2f} at the end (within-batch cosine {mem['batch_similarity_start']:.2f} → "
+            f"{mem['batch_similarity_early']:.2f} → {mem['batch_similarity_end']:.2f}), and over the early steps it "
+            f"points {'away from' if away else 'towards'} the memory's mean (cosine "
+            f"{mem['memory_alignment_early']:.2f}; {mem['memory_alignment_end']:.2f} at the end, once the memory "
+            f"holds the bunched embeddings). Without the memory: norm {none['mean_norm_start']:.2f} → "
+            f"{none['mean_norm_early']:.2f} → {none['mean_norm_end']:.2f}, within-batch cosine "
+            f"{none['batch_similarity_start']:.2f} → {none['batch_similarity_early']:.2f} → "
+            f"{none['batch_similarity_end']:.2f}. The memory's negatives are "
+            f"{mem['share_from_memory_end']:.0%} of the active pairs at the end and give nearly all of the gradient "
+            f"({mem['grad_memory_end']:.4f} against {mem['grad_batch_end']:.5f} from the batch). Val μAP "
+            f"{mem['val_muap']:.3f} with the memory, {none['val_muap']:.3f} without.")
 
 
 def embeddings_table(metrics: dict) -> str:

@@ -117,26 +117,28 @@ def test_the_folder_table_adds_the_benchmarks_large_folder_and_marks_the_default
 
 
 def test_the_memory_probe_reads_as_a_verdict(tmp_path):
+    import pandas as pd
+
     from mtl.report import memory_probe_table, memory_reading
 
     columns = ["mean_norm", "batch_similarity", "memory_alignment", "memory_mean_norm", "active_memory",
                "active_batch", "share_from_memory", "grad_memory", "grad_batch", "grad_angle"]
-    def run(size, first, last, muap):
+
+    def run(size, values, muap):
         row = {"memory_size": size, "steps": 100, "val_muap": muap}
         for c in columns:
-            row[f"{c}_first"], row[f"{c}_last"] = first.get(c, 0.1), last.get(c, 0.1)
+            for window in ("start", "early", "end"):
+                row[f"{c}_{window}"] = values.get((c, window), 0.1)
         return row
-    import pandas as pd
 
+    bunched = {("mean_norm", "start"): 0.76, ("mean_norm", "early"): 0.99, ("batch_similarity", "start"): 0.57,
+               ("batch_similarity", "early"): 0.98, ("memory_alignment", "early"): -0.3}
+    spread = {("mean_norm", "start"): 0.76, ("mean_norm", "early"): 0.3, ("batch_similarity", "start"): 0.57,
+              ("batch_similarity", "early"): 0.1}
     summary = tmp_path / "summary.csv"
-    pd.DataFrame([run(10240, {"mean_norm": 0.2, "batch_similarity": 0.1, "memory_alignment": 0.9},
-                      {"mean_norm": 0.8, "batch_similarity": 0.6, "memory_alignment": 0.2}, 0.15),
-                  run(0, {"mean_norm": 0.2, "batch_similarity": 0.1}, {"mean_norm": 0.21, "batch_similarity": 0.1},
-                      0.87)]).to_csv(summary, index=False)
+    pd.DataFrame([run(10240, bunched, 0.24), run(0, spread, 0.87)]).to_csv(summary, index=False)
     assert memory_reading(summary).startswith("**The hypothesis holds**")
-    assert "| memory 10,240, last tenth |" in memory_probe_table(summary)
-    frame = pd.read_csv(summary)
-    frame.loc[1, "mean_norm_last"] = 0.9
-    frame.loc[1, "batch_similarity_last"] = 0.9  # the control bunches too: not the memory's doing
-    frame.to_csv(summary, index=False)
-    assert memory_reading(summary).startswith("**The hypothesis does not hold as stated**")
+    assert "points away from the memory's mean" in memory_reading(summary)
+    assert "| memory 10,240, early steps (1-10 %) |" in memory_probe_table(summary)
+    pd.DataFrame([run(10240, bunched, 0.24), run(0, bunched, 0.87)]).to_csv(summary, index=False)
+    assert memory_reading(summary).startswith("**The hypothesis does not hold as stated**")  # the control bunches too

@@ -104,8 +104,10 @@ def tiny_study(tmp_path, small_real_photos):
     (corpus / "manifest.csv").write_text("\n".join(lines) + "\n")
     every = len(EVAL_FAMILY)
     counts = {"references": every, "positive_queries": every, "distractor_queries": every}
+    no_photos = {"references": 0, "positive_queries": 0, "distractor_queries": 0}
     build_evalset(corpus / "manifest.csv", corpus, tmp_path / "eval", {"dir": str(tmp_path / "eval"), "seed": 1,
-                                                                        "val": counts, "test": counts, "workers": 1})
+                                                                        "val": counts, "test": counts, "workers": 1,
+                                                                        "photos": {"val": no_photos, "test": no_photos}})
     overrides = [f"data.corpus_dir={corpus}", f"evalset.dir={tmp_path / 'eval'}", "model.pretrained=false",
                  f"features.dir={tmp_path / 'features'}", "features.views=2", "loss.memory_size=16",
                  "train.instances_per_batch=2", "train.views_per_instance=2", "train.image_size=48",

@@ -140,15 +140,31 @@ def run_sweep(sweep_file: str | Path, params_path: str = "params.yaml", common: 
     sweep = load_sweep(sweep_file, only)
     out_root = sweep_out_dir(out_root or RESULTS / "sweep" / Path(sweep_file).stem)
     out_root.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = earlier_rows(out_root / "table.csv", keep_out=[v.name for v in sweep.variants])
     for i, variant in enumerate(sweep.variants, 1):
         print(f"[sweep] variant {i}/{len(sweep.variants)}: {variant.name} ({' '.join(variant.overrides)})",
               flush=True)
         rows.append(run_variant(sweep, variant, list(common or []), params_path, out_root))
-        table = pd.DataFrame(rows)
+        table = in_sweep_order(pd.DataFrame(rows), sweep_file)
         write_csv(table, out_root / "table.csv")  # after each variant: nothing lost on a stop
     plot_sweep(table, out_root / "muap.png")
     return table
+
+
+def earlier_rows(table_path: Path, keep_out: list[str]) -> list[dict]:
+    """The rows an earlier run of this sweep wrote, less the variants about to run again: a run
+    with --only adds to the table instead of replacing it."""
+    if not table_path.is_file():
+        return []
+    earlier = pd.read_csv(table_path, keep_default_na=False)
+    return earlier[~earlier["variant"].isin(keep_out)].to_dict("records")
+
+
+def in_sweep_order(table: pd.DataFrame, sweep_file: str | Path) -> pd.DataFrame:
+    """Rows in the order the sweep file lists its variants (earlier rows of other names last)."""
+    order = {v.name: i for i, v in enumerate(load_sweep(sweep_file).variants)}
+    rank = table["variant"].map(lambda name: order.get(name, len(order)))
+    return table.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,21 @@
 # command's own start to its end.  Writes results/timing/fresh_clone.json here (the report
 # shows it under the stage times) and keeps the clone's log beside it.
 #   scripts/time_fresh_clone.sh [WORK_DIR]      (default: a new folder under /tmp)
+# A WORK_DIR whose clone/ exists (set up earlier, nothing run in it) is brought to this
+# checkout's commit and set up again (idempotent) instead of cloned: set-up is not timed.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="${1:-$(mktemp -d /tmp/mtl-fresh-XXXXXX)}"
-git clone --quiet "$here" "$work/clone"
+if [ -d "$work/clone/.git" ]; then
+    if [ -n "$(ls -A "$work/clone/data" 2>/dev/null)" ]; then
+        echo "time_fresh_clone: $work/clone has run the pipeline already; give a new WORK_DIR" >&2
+        exit 2
+    fi
+    git -C "$work/clone" fetch --quiet "$here" HEAD
+    git -C "$work/clone" checkout --quiet --detach FETCH_HEAD
+else
+    git clone --quiet "$here" "$work/clone"
+fi
 cd "$work/clone"
 make setup > "$work/setup.log" 2>&1
 start=$(date +%s.%N)

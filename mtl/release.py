@@ -171,6 +171,24 @@ def _plain(value):
     return None if isinstance(value, float) and value != value else value
 
 
+def best_model(operating_points: str | Path = Path("models/operating_points.json")) -> tuple[Path, Path, str]:
+    """(checkpoint, its operating points file, which model it is) of `--method best`: the
+    pipeline's trained model when models/operating_points.json names one that exists,
+    else the released model; FileNotFoundError when there is neither."""
+    points_path = Path(operating_points)
+    if points_path.is_file():
+        entry = json.loads(points_path.read_text()).get("best") or {}
+        checkpoint = entry.get("checkpoint")
+        for candidate in ([] if not checkpoint else [Path(checkpoint), points_path.parent.parent / checkpoint]):
+            if candidate.is_file():
+                return candidate, points_path, f"the pipeline's trained model ({candidate})"
+    release = load_release()
+    if release is not None:
+        return release.checkpoint, release.operating_points_path, release.describe()
+    raise FileNotFoundError(f"no trained model: {points_path} names none and no release is installed "
+                            f"({release_dir()}); train one with `make repro`")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtl.release", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -200,21 +218,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def best_model(operating_points: str | Path = Path("models/operating_points.json")) -> tuple[Path, Path, str]:
-    """(checkpoint, its operating points file, which model it is) of `--method best`: the
-    pipeline's trained model when models/operating_points.json names one that exists,
-    else the released model; FileNotFoundError when there is neither."""
-    points_path = Path(operating_points)
-    if points_path.is_file():
-        entry = json.loads(points_path.read_text()).get("best") or {}
-        checkpoint = entry.get("checkpoint")
-        for candidate in ([] if not checkpoint else [Path(checkpoint), points_path.parent.parent / checkpoint]):
-            if candidate.is_file():
-                return candidate, points_path, f"the pipeline's trained model ({candidate})"
-    release = load_release()
-    if release is not None:
-        return release.checkpoint, release.operating_points_path, release.describe()
-    raise FileNotFoundError(f"no trained model: {points_path} names none and no release is installed "
-                            f"({release_dir()}); train one with `make repro`")

@@ -393,6 +393,24 @@ def timing_table(metrics: dict, results_dir: Path = RESULTS) -> str:
                                  ("overhead", "interpreter, kernel, papermill s")])
 
 
+def run_times_table(results_dir: Path = RESULTS) -> str | None:
+    """Each profile's whole run as a user waits for it, from the run's own start and end: the
+    default `make repro` on a fresh clone (results/timing/fresh_clone.json) and the full
+    profile's (results/profiles/full/run.json); None while neither has been recorded."""
+    runs = [("default", "`make repro` on a fresh clone, after `make setup`", results_dir / "timing" / "fresh_clone.json"),
+            ("full", "`make repro PROFILE=full`", results_dir / "profiles" / "full" / "run.json")]
+    rows = []
+    for profile, command, path in runs:
+        if path.is_file():
+            record = json.loads(path.read_text())
+            rows.append({"profile": profile, "command": command, "minutes": record["wall_seconds"] / 60,
+                         "date": record.get("date"), "commit": f"`{record['commit']}`" if record.get("commit") else None})
+    if not rows:
+        return None
+    return markdown_table(rows, [("profile", "profile"), ("command", "run"), ("minutes", "minutes"), ("date", "date"),
+                                 ("commit", "commit")])
+
+
 def _verdict(holds: bool) -> str:
     return "**holds**" if holds else "**does not hold here**"
 
@@ -650,6 +668,8 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     if dedup_csv.is_file():
         tables["dedup"] = dedup_table(dedup_csv)
     tables.update(scale_tables(results_dir))
+    if (run_times := run_times_table(results_dir)) is not None:
+        tables["run_times"] = run_times
     index_csv = results_dir / "scale" / "index.csv"
     if index_csv.is_file():
         tables["index_scale"] = index_scale_table(index_csv)

@@ -142,3 +142,19 @@ def test_the_memory_probe_reads_as_a_verdict(tmp_path):
     assert "| memory 10,240, early steps (1-10 %) |" in memory_probe_table(summary)
     pd.DataFrame([run(10240, bunched, 0.24), run(0, bunched, 0.87)]).to_csv(summary, index=False)
     assert memory_reading(summary).startswith("**The hypothesis does not hold as stated**")  # the control bunches too
+
+
+def test_run_times_read_each_profiles_own_record(tmp_path):
+    from mtl.report import run_times_table
+
+    assert run_times_table(tmp_path) is None
+    (tmp_path / "timing").mkdir()
+    (tmp_path / "timing" / "fresh_clone.json").write_text(
+        '{"wall_seconds": 1140.0, "date": "2026-12-06", "commit": "abc1234", "cores": 2}')
+    only_default = run_times_table(tmp_path)
+    assert "| default |" in only_default and "| 19.0 |" in only_default and "full" not in only_default
+    (tmp_path / "profiles" / "full").mkdir(parents=True)
+    (tmp_path / "profiles" / "full" / "run.json").write_text(
+        '{"profile": "full", "wall_seconds": 5700, "date": "2026-12-06", "commit": "def5678"}')
+    both = run_times_table(tmp_path)
+    assert both.index("| default |") < both.index("| full |") and "| 95.0 |" in both and "`def5678`" in both

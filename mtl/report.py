@@ -628,6 +628,27 @@ def index_scale_table(index_csv: Path) -> str:
     return markdown_table(rows, INDEX_SCALE_COLUMNS)
 
 
+def density_cost_table(cost_csv: Path) -> str:
+    """`benchmarks/density_cost.py` part 1: CPU seconds (one thread) and memory of every
+    reference's densities, flat and IVF-PQ; extrapolated rows say so."""
+    rows = pd.read_csv(cost_csv).to_dict("records")
+    for row in rows:
+        if row.get("extrapolated") in (True, "True"):
+            row["densities_s"] = f"{row['densities_s']:,.0f} (from {int(row['measured_rows']):,} rows)"
+    return markdown_table(rows, [("references", "references"), ("index", "index"), ("build_s", "build CPU s"),
+                                 ("densities_s", "densities CPU s"), ("densities_mb", "densities MB"),
+                                 ("peak_mb", "peak RSS MB")])
+
+
+def density_exactness_table(exactness_csv: Path) -> str:
+    """`benchmarks/density_cost.py --exactness`: IVF-PQ's densities against exact ones on real
+    descriptors, and what they do to normalized retrieval."""
+    return markdown_table(pd.read_csv(exactness_csv).to_dict("records"), [
+        ("gallery", "gallery"), ("search", "densities and search"), ("nprobe", "nprobe"),
+        ("median_density_error", "median |Δρ|"), ("p95_density_error", "p95 |Δρ|"),
+        ("density_rank_correlation", "rank corr. with exact ρ"), ("muap", "μAP"), ("recall_at_p90", "R@P90")])
+
+
 def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | None = None) -> dict[str, str]:
     tables = {
         "corpus": corpus_table(metrics),
@@ -670,6 +691,11 @@ def render_tables(metrics: dict, results_dir: Path = RESULTS, params: dict | Non
     tables.update(scale_tables(results_dir))
     if (run_times := run_times_table(results_dir)) is not None:
         tables["run_times"] = run_times
+    for name, make, csv in (("density_cost", density_cost_table, results_dir / "scale" / "densities.csv"),
+                            ("density_exactness", density_exactness_table,
+                             results_dir / "scale" / "densities_exactness.csv")):
+        if csv.is_file():
+            tables[name] = make(csv)
     index_csv = results_dir / "scale" / "index.csv"
     if index_csv.is_file():
         tables["index_scale"] = index_scale_table(index_csv)

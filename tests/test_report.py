@@ -158,3 +158,21 @@ def test_run_times_read_each_profiles_own_record(tmp_path):
         '{"profile": "full", "wall_seconds": 5700, "date": "2026-12-06", "commit": "def5678"}')
     both = run_times_table(tmp_path)
     assert both.index("| default |") < both.index("| full |") and "| 95.0 |" in both and "`def5678`" in both
+
+
+def test_density_tables_mark_extrapolated_rows(tmp_path):
+    from mtl.report import density_cost_table, density_exactness_table
+
+    cost = tmp_path / "densities.csv"
+    pd.DataFrame([{"references": 100000, "index": "Flat", "k": 10, "build_s": 0.1, "densities_s": 150.0,
+                   "measured_rows": 100000, "extrapolated": False, "densities_mb": 3.8, "peak_mb": 300},
+                  {"references": 1000000, "index": "Flat", "k": 10, "build_s": 1.0, "densities_s": 16000.0,
+                   "measured_rows": 2000, "extrapolated": True, "densities_mb": 38.1, "peak_mb": 2000}]).to_csv(
+        cost, index=False)
+    table = density_cost_table(cost)
+    assert "16,000 (from 2,000 rows)" in table and "from 100,000" not in table
+    exact = tmp_path / "exactness.csv"
+    pd.DataFrame([{"gallery": 20900, "search": "IVF64-PQ", "nprobe": 8, "median_density_error": 0.01,
+                   "p95_density_error": 0.05, "density_rank_correlation": 0.97, "muap": 0.8,
+                   "recall_at_p90": 0.6}]).to_csv(exact, index=False)
+    assert "IVF64-PQ" in density_exactness_table(exact)

@@ -18,7 +18,13 @@ if ! git diff --quiet -- params.yaml dvc.lock results README.md docs; then
     exit 2
 fi
 keep="$(mktemp -d)"
-trap 'git checkout -- params.yaml dvc.lock; rm -rf "$keep"' EXIT
+own=""   # the profile's own data and model folders, once they have stepped aside (below)
+put_back_own() {
+    for dir in $own; do
+        if [ -e "$keep/own/$dir" ]; then rm -rf "$dir"; mkdir -p "$(dirname "$dir")"; mv "$keep/own/$dir" "$dir"; fi
+    done
+}
+trap 'put_back_own; git checkout -- params.yaml dvc.lock; rm -rf "$keep"' EXIT
 "$python" -m mtl.params write "profiles/$name.yaml" --out params.yaml
 start=$(date +%s)
 "$dvc" repro 2>&1 | tee "$keep/repro.log"
@@ -28,8 +34,17 @@ cp -r "results/profiles/$name" "$keep/saved"
 cp "$keep/repro.log" "$keep/saved/repro.log"
 printf '{"profile": "%s", "wall_seconds": %s, "date": "%s", "commit": "%s"}\n' \
     "$name" "$((end - start))" "$(date +%Y-%m-%d)" "$(git rev-parse --short HEAD)" > "$keep/saved/run.json"
+# The profile's own data and models (its folders in params.yaml) step aside while the default
+# profile's outputs are checked out again, so that nothing of the profile is lost there.
+own="$("$python" -c 'import yaml; p = yaml.safe_load(open("params.yaml")); print(" ".join([p["data"]["corpus_dir"],
+    p["evalset"]["dir"], p["features"]["dir"], p["pipeline"]["models"]]))')"
+mkdir -p "$keep/own"
+for dir in $own; do
+    if [ -e "$dir" ]; then mkdir -p "$keep/own/$(dirname "$dir")"; mv "$dir" "$keep/own/$dir"; fi
+done
 # Back to the default: its parameters, lock and committed results; the profile's saved ones.
 git checkout -- params.yaml dvc.lock results README.md docs
 rm -rf "results/profiles/$name" && cp -r "$keep/saved" "results/profiles/$name"
 "$dvc" checkout --quiet || true
+put_back_own
 echo "profile $name: $((end - start)) s; results in results/profiles/$name/ (workspace back to the default profile)"

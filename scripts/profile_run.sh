@@ -9,8 +9,12 @@ set -euo pipefail
 name="$1"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-python="$root/.venv/bin/python"; [ -x "$python" ] || python="$(command -v python3)"
-dvc="$root/.venv/bin/dvc"; [ -x "$dvc" ] || dvc="$(command -v dvc)"
+python="$root/.venv/bin/python"; [ -x "$python" ] || python="$(command -v python3 || true)"
+dvc="$root/.venv/bin/dvc"; [ -x "$dvc" ] || dvc="$(command -v dvc || true)"
+if [ -z "$python" ] || [ -z "$dvc" ]; then
+    echo "profile_run: no .venv/bin/python and dvc here and none on PATH; run \`make setup\` first" >&2
+    exit 2
+fi
 # The run rewrites these and puts them back as committed: they must hold nothing uncommitted.
 if ! git diff --quiet -- params.yaml dvc.lock results README.md docs; then
     echo "profile_run: params.yaml, dvc.lock, results/, README.md or docs/ have uncommitted changes;" \

@@ -378,19 +378,28 @@ def timing_table(metrics: dict, results_dir: Path = RESULTS) -> str:
     (scripts/time_fresh_clone.sh) closes the table when it has been recorded."""
     records = [*(results_dir / "timing").glob("*.json"), *(results_dir / "report_timing").glob("report.json")]
     walls = {path.stem: json.loads(path.read_text())["wall_seconds"] for path in records if path.stem != "fresh_clone"}
+    before_path = results_dir / "timing_before.json"
+    before = json.loads(before_path.read_text()) if before_path.is_file() else None
+    before_walls = (before or {}).get("stages", {})
     rows = []
-    for stage in sorted(walls, key=stage_rank):
-        wall, work = walls[stage], (metrics.get(_work_key(stage)) or {}).get("wall_seconds")
-        rows.append({"stage": stage, "wall": wall, "work": work, "overhead": wall - work if work is not None else None})
+    for stage in sorted({*walls, *(s for s, v in before_walls.items() if v is not None)}, key=stage_rank):
+        wall, work = walls.get(stage), (metrics.get(_work_key(stage)) or {}).get("wall_seconds")
+        rows.append({"stage": stage, "wall": wall, "work": work if wall is not None else None,
+                     "overhead": wall - work if wall is not None and work is not None else None,
+                     "before": before_walls.get(stage)})
     total = sum(r["wall"] for r in rows if r["wall"] is not None)
     rows.append({"stage": "**all stages**", "wall": total,
-                 "work": sum(r["work"] for r in rows if r["work"] is not None)})
+                 "work": sum(r["work"] for r in rows if r["work"] is not None),
+                 "before": (before or {}).get("total_seconds")})
     fresh = results_dir / "timing" / "fresh_clone.json"
     if fresh.is_file():
         record = json.loads(fresh.read_text())
         rows.append({"stage": f"**`make repro` on a fresh clone** ({record['date']})", "wall": record["wall_seconds"]})
-    return markdown_table(rows, [("stage", "stage"), ("wall", "wall s"), ("work", "of it the stage's work, s"),
-                                 ("overhead", "interpreter, kernel, papermill s")])
+    columns = [("stage", "stage"), ("wall", "wall s"), ("work", "of it the stage's work, s"),
+               ("overhead", "interpreter, kernel, papermill s")]
+    if before is not None:
+        columns.append(("before", f"before (`{before['commit']}`), wall s"))
+    return markdown_table(rows, columns)
 
 
 def run_times_table(results_dir: Path = RESULTS) -> str | None:

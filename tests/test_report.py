@@ -176,3 +176,23 @@ def test_density_tables_mark_extrapolated_rows(tmp_path):
                    "p95_density_error": 0.05, "density_rank_correlation": 0.97, "muap": 0.8,
                    "recall_at_p90": 0.6}]).to_csv(exact, index=False)
     assert "IVF64-PQ" in density_exactness_table(exact)
+
+
+def test_timing_table_sets_each_stage_beside_its_time_before(tmp_path):
+    from mtl.report import timing_table
+
+    (tmp_path / "timing").mkdir()
+    for stage, wall in (("corpus", 50.0), ("train_frozen@best", 60.0), ("diagnose@best", 30.0)):
+        (tmp_path / "timing" / f"{stage}.json").write_text(json.dumps({"stage": stage, "wall_seconds": wall}))
+    metrics = {"corpus": {"wall_seconds": 45.0}}
+    assert "before" not in timing_table(metrics, tmp_path)
+    (tmp_path / "timing_before.json").write_text(json.dumps(
+        {"commit": "abc1234", "total_seconds": 400, "stages": {"corpus": 66, "evalset": None, "diagnose": 262}}))
+    table = timing_table(metrics, tmp_path)
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+             if line.startswith("| ") and not line.startswith("| stage")}
+    assert lines["corpus"] == ["50.0", "45.0", "5.000", "66"]
+    assert lines["diagnose"] == ["–", "–", "–", "262"]  # only measured before
+    assert "evalset" not in lines  # no number before, none now
+    assert lines["**all stages**"][0].startswith("140") and lines["**all stages**"][3] == "400"
+    assert "`abc1234`" in table

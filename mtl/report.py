@@ -235,8 +235,8 @@ def generalization_table(table_csv: Path) -> str:
     frame["method"] = [m if m == "imagenet_gap1280" else Path(m).parent.parent.name + "_" + Path(m).parent.name
                        for m in frame["method"]]
     columns = [("method", "method"), ("image_size", "input px"), ("muap", "μAP"), ("acc_at_1", "acc@1"),
-               ("recall_at_p90", "R@P90")]
-    return markdown_table(frame.to_dict("records"), columns)
+               ("recall_at_p90", "R@P90"), ("muap_norm", "μAP normalized"), ("recall_at_p90_norm", "R@P90 normalized")]
+    return markdown_table(frame.to_dict("records"), [c for c in columns if c[0] in frame.columns])
 
 
 def diagnosis_tables(results_dir: Path) -> dict[str, str]:

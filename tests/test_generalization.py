@@ -69,3 +69,22 @@ def test_each_unseen_edit_changes_the_picture(name, small_real_photos):
     assert edited.mode == "RGB"
     same_size = edited.size == photo.size
     assert not same_size or not np.array_equal(np.asarray(edited), np.asarray(photo))
+
+
+def test_val_normalizations_come_from_the_operating_points(tmp_path):
+    import json
+
+    from mtl.eval.generalization import val_normalizations
+    from mtl.eval.normalize import Normalization
+
+    checkpoint = tmp_path / "final.pt"
+    checkpoint.write_bytes(b"x")
+    points = tmp_path / "operating_points.json"
+    assert val_normalizations(points, checkpoint) == {}
+    points.write_text(json.dumps({
+        "imagenet": {"search": {"normalization": {"k": 3, "beta": 0.75}}},
+        "best": {"checkpoint": str(checkpoint), "search": {"normalization": {"k": 1, "beta": 0.5}}},
+        "other": {"checkpoint": str(tmp_path / "other.pt"), "search": {"normalization": {"k": 5, "beta": 1.0}}},
+        "phash": {"descriptor": "phash"}}))
+    assert val_normalizations(points, checkpoint) == {"gap1280": Normalization(3, 0.75), "mtl": Normalization(1, 0.5)}
+    assert val_normalizations(points, tmp_path / "unknown.pt") == {"gap1280": Normalization(3, 0.75)}

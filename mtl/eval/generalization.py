@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +32,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from mtl.data.packages import package_names
 from mtl.eval.evaluation import EvalConfig, checkpoint_scores
+from mtl.eval.normalize import Normalization
 from mtl.io import atomic_path, write_csv
 
 Edit = Callable[[Image.Image, np.random.Generator, Sequence[Image.Image]], Image.Image]
@@ -130,20 +132,48 @@ def build_split(rows: list[dict[str, str]], corpus_dir: Path, out_dir: Path, ref
     return split
 
 
-def score_checkpoints(split_dir: Path, checkpoints: Sequence[Path], sizes: Sequence[int], cfg: EvalConfig
-                      ) -> pd.DataFrame:
+# Raw cosine and normalized scores (mtl.eval.normalize, k and β as the evaluation chose on val).
+SCORE_KEYS = ("muap", "acc_at_1", "recall_at_p90", "muap_norm", "acc_at_1_norm", "recall_at_p90_norm")
+
+
+def val_normalizations(operating_points: Path, checkpoint: Path) -> dict[str, Normalization]:
+    """The search normalizations chosen on val (models/operating_points.json, written by the
+    evaluation): the ImageNet backbone's for the 1280-d output, and the checkpoint's own for
+    its embedding when the file names it. Empty where the file holds none."""
+    if not operating_points.is_file():
+        return {}
+    points = json.loads(operating_points.read_text())
+    chosen = {}
+    for name, entry in points.items():
+        search = (entry or {}).get("search") or {}
+        if "normalization" not in search:
+            continue
+        if name == "imagenet":
+            kind = "gap1280"
+        elif entry.get("checkpoint") and Path(entry["checkpoint"]).resolve() == checkpoint.resolve():
+            kind = "mtl"
+        else:
+            continue
+        chosen[kind] = Normalization(int(search["normalization"]["k"]), float(search["normalization"]["beta"]))
+    return chosen
+
+
+def score_checkpoints(split_dir: Path, checkpoints: Sequence[Path], sizes: Sequence[int], cfg: EvalConfig,
+                      operating_points: Path | None = None) -> pd.DataFrame:
     """One row per (method, input size): each checkpoint's embedding, and the ImageNet
     backbone's 1280-d output (from the first checkpoint, whose backbone must be
-    untouched: a stage-1 checkpoint, or pass the ImageNet one first)."""
+    untouched: a stage-1 checkpoint, or pass the ImageNet one first); normalized too where
+    `operating_points` holds the val-chosen normalization."""
     rows = []
     for size in sizes:
         for number, checkpoint in enumerate(checkpoints):
-            scores = checkpoint_scores(checkpoint, split_dir, "test", cfg, size)
+            normalizations = val_normalizations(operating_points, checkpoint) if operating_points else {}
+            scores = checkpoint_scores(checkpoint, split_dir, "test", cfg, size, normalizations=normalizations)
             kinds = ("gap1280", "mtl") if number == 0 else ("mtl",)
             for kind in kinds:
                 name = "imagenet_gap1280" if kind == "gap1280" else str(checkpoint)
                 rows.append({"method": name, "image_size": size,
-                             **{k: scores[kind][k] for k in ("muap", "acc_at_1", "recall_at_p90")}})
+                             **{k: scores[kind][k] for k in SCORE_KEYS if k in scores[kind]}})
     return pd.DataFrame(rows)
 
 
@@ -158,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-dir", type=Path, default=Path("data/generalization"))
     parser.add_argument("--out", type=Path, default=Path("results/generalization/table.csv"))
     parser.add_argument("--params", default="params.yaml", help="its `eval` section: batch size, k, precision")
+    parser.add_argument("--operating-points", type=Path, default=Path("models/operating_points.json"),
+                        help="the val-chosen normalizations (normalized columns where it has them)")
     args = parser.parse_args(argv)
     from mtl.params import load_params
 
     cfg = EvalConfig.from_params(load_params(args.params)["eval"])
     rows = unseen_pictures(args.manifest, args.exclude_package_set)
     build_split(rows, args.manifest.parent, args.split_dir, args.references)
-    table = score_checkpoints(args.split_dir, args.checkpoint, args.sizes, cfg)
+    table = score_checkpoints(args.split_dir, args.checkpoint, args.sizes, cfg, args.operating_points)
     write_csv(table, args.out)
     print(table.to_string(index=False))
     return 0

@@ -43,6 +43,7 @@ import tempfile
 import time
 import types
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -114,6 +115,9 @@ def imagededup_phash(folder: str) -> dict:
     stub = types.ModuleType("imagededup.methods.cnn")
     stub.CNN = None
     sys.modules.setdefault("imagededup.methods.cnn", stub)
+    # imagededup hashes in a multiprocessing Pool: forked workers keep the stand-in (spawned
+    # ones would import the real CNN module and hang on its download).
+    multiprocessing.set_start_method("fork", force=True)
     from imagededup.methods import PHash
 
     start = time.perf_counter()
@@ -145,9 +149,10 @@ def mtl_dedup(folder: str, cache: str, options: dict) -> dict:
 
 
 def in_own_process(function, *args) -> dict:
-    """Run `function(*args)` in a fresh process (its peak memory is its own)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    """Run `function(*args)` in a fresh process (its peak memory is its own).  Not a Pool
+    worker: those are daemonic and may not start processes, which imagededup's hashing does."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def mtl_rows(checkpoint: Path | None, points: Path) -> dict[str, dict]:

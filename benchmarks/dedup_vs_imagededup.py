@@ -179,7 +179,10 @@ def mtl_rows(checkpoint: Path | None, points: Path) -> dict[str, dict]:
     return rows
 
 
-def run_folder(name: str, folder: Path, truth, unknown, work: Path, rows_options: dict, points: Path) -> list[dict]:
+def run_folder(name: str, folder: Path, truth, unknown, work: Path, rows_options: dict, points: Path,
+               record) -> list[dict]:
+    """Every row on one folder; `record(row)` keeps each as it comes (nothing lost on a stop),
+    and a row that fails is recorded with its error while the others go on."""
     n_images = sum(1 for _ in folder.iterdir())
     print(f"{name} folder: {n_images:,} images, {len(truth):,} true copy pairs, {len(unknown):,} unknown; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
@@ -189,9 +192,17 @@ def run_folder(name: str, folder: Path, truth, unknown, work: Path, rows_options
              **scores(found["pairs"], truth, unknown), "s_per_1000_images": 1000 * found["seconds"] / n_images,
              "images_per_second": n_images / found["seconds"], "peak_mb": found["peak_mb"],
              "load_average": os.getloadavg()[0]}]
+    record(rows[-1])
     for row_name, options in rows_options.items():
         cache = work / f"cache-{name}-{row_name}"
-        run = in_own_process(mtl_dedup, str(folder), str(cache), {**options, "operating_points": points})
+        try:
+            run = in_own_process(mtl_dedup, str(folder), str(cache), {**options, "operating_points": points})
+        except Exception as error:  # noqa: BLE001 - a failed row is reported, the benchmark goes on
+            print(f"{name} {row_name}: failed: {type(error).__name__}: {error}", flush=True)
+            rows.append({"folder": name, "images": n_images, "method": row_name,
+                         "error": f"{type(error).__name__}: {error}"})
+            record(rows[-1])
+            continue
         rows.append({"folder": name, "images": n_images, "method": row_name, "scale": run["scale"],
                      "threshold": f"{run['threshold']:.4f}" + (f" or pHash ≤ {run['hamming_radius']} bits"
                                                                if run["hamming_radius"] is not None else ""),
@@ -201,6 +212,7 @@ def run_folder(name: str, folder: Path, truth, unknown, work: Path, rows_options
                      "images_per_second": n_images / run["seconds"], "new_on_rerun": run["new_on_rerun"],
                      "unreadable": run["unreadable"], "peak_mb": run["peak_mb"], "model": run["model"],
                      "load_average": os.getloadavg()[0]})
+        record(rows[-1])
         print(f"{name} {row_name}: F1 {rows[-1]['f1']:.3f} (precision {rows[-1]['precision']:.3f}, recall "
               f"{rows[-1]['recall']:.3f}) in {run['seconds']:.1f} s, peak {run['peak_mb']:.0f} MB", flush=True)
     return rows
@@ -220,20 +232,27 @@ def main(argv: list[str] | None = None) -> int:
 
     rows_options = mtl_rows(args.checkpoint, args.operating_points)
     rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.out.with_suffix(".partial.csv")
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        pd.DataFrame(rows).to_csv(partial, index=False)
+
     with tempfile.TemporaryDirectory(prefix="dedup-bench-") as tmp:
         work = Path(tmp)
         truth, unknown = build_folder(args.eval_dir / args.split, work / "test")
-        rows += run_folder("test", work / "test", truth, unknown, work, rows_options, args.operating_points)
+        run_folder("test", work / "test", truth, unknown, work, rows_options, args.operating_points, record)
         if (args.full_corpus / "manifest.csv").is_file():
             base = sum(1 for _ in (work / "test").iterdir())
             extra = unseen_pictures(args.full_corpus, args.large_size - base)
             truth, unknown = build_folder(args.eval_dir / args.split, work / "large", extra)
-            rows += run_folder("large", work / "large", truth, unknown, work, rows_options, args.operating_points)
+            run_folder("large", work / "large", truth, unknown, work, rows_options, args.operating_points, record)
         else:
             print(f"large folder skipped: {args.full_corpus} is not built (mtl corpus --profile profiles/full.yaml)")
     table = pd.DataFrame(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
+    partial.unlink(missing_ok=True)
     print(table.drop(columns=["threshold_source", "model"], errors="ignore").to_string(index=False))
     print(f"-> {args.out}")
     return 0

@@ -582,10 +582,32 @@ def normalization_summary(methods_csv: Path, folder_csv: Path | None, background
         if parts:
             lines.append(f"- **Folders** (`mtl dedup`, the trained model; threshold chosen on the val folder for pair "
                          f"precision 0.9, then applied unchanged to folders of {sizes} images): pair precision "
-                         + "; ".join(parts) + ". The normalized threshold sits near 0 and keeps its precision as the "
-                         "folder grows; a raw cosine threshold does not: the wrong pairs of a folder grow with the "
-                         "square of its size, the copies with its size.")
+                         + "; ".join(parts) + ". " + transfer_reading(trained[trained["decision"] == "normalized"]))
     return "\n".join(lines)
+
+
+# A threshold "transfers" when the precision it was chosen for holds within this margin.
+TRANSFER_MARGIN = 0.1
+
+
+def transfer_reading(normalized: pd.DataFrame, target: float = 0.9) -> str:
+    """Whether the normalized threshold keeps its precision in larger folders, read from
+    the folder rows (one per size)."""
+    rows = normalized.sort_values("images")
+    lost = rows[rows["precision"] < target - TRANSFER_MARGIN]
+    raw_note = ("A raw cosine threshold loses far more: the wrong pairs of a folder grow with the square of its "
+                "size, the copies only with its size.")
+    if lost.empty:
+        return (f"The normalized threshold keeps its precision within {TRANSFER_MARGIN} of the target at every "
+                f"size. " + raw_note)
+    first = lost.iloc[0]
+    return (f"The normalized threshold keeps its precision within {TRANSFER_MARGIN} of the target up to "
+            f"{int(rows[rows['images'] < first['images']]['images'].max()):,} images but not at "
+            f"{int(first["images"]):,} ({first["precision"]:.2f}): there it admits more wrong pairs for each copy "
+            f"found, so a folder that large wants its own threshold (`mtl dedup --threshold`, on the normalized "
+            f"scale). " + raw_note) if (rows["images"] < first["images"]).any() else (
+            f"The normalized threshold does not keep its precision ({first['precision']:.2f} at "
+            f"{int(first['images']):,} images). " + raw_note)
 
 
 def replace_block(text: str, name: str, content: str) -> str:

@@ -196,3 +196,13 @@ def test_timing_table_sets_each_stage_beside_its_time_before(tmp_path):
     assert "evalset" not in lines  # no number before, none now
     assert lines["**all stages**"][0].startswith("140") and lines["**all stages**"][3] == "400"
     assert "`abc1234`" in table
+
+
+def test_transfer_reading_says_where_the_threshold_stops_holding():
+    from mtl.report import transfer_reading
+
+    holds = pd.DataFrame({"images": [540, 2700, 10000], "precision": [0.90, 0.86, 0.83]})
+    assert "at every size" in transfer_reading(holds)
+    breaks = pd.DataFrame({"images": [10000, 540, 2700], "precision": [0.43, 0.90, 0.86]})
+    text = transfer_reading(breaks)
+    assert "up to 2,700 images but not at 10,000 (0.43)" in text and "at every size" not in text

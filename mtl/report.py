@@ -603,8 +603,8 @@ def transfer_reading(normalized: pd.DataFrame, target: float = 0.9) -> str:
     first = lost.iloc[0]
     return (f"The normalized threshold keeps its precision within {TRANSFER_MARGIN} of the target up to "
             f"{int(rows[rows['images'] < first['images']]['images'].max()):,} images but not at "
-            f"{int(first['images']):,} ({first['precision']:.2f}): there it admits more wrong pairs for each copy "
-            f"found, so a folder that large wants its own threshold (`mtl dedup --threshold`, on the normalized "
+            f"{int(first['images']):,} ({first['precision']:.2f}): there more of the pairs it admits are wrong, "
+            f"so a folder that large wants its own threshold (`mtl dedup --threshold`, on the normalized "
             f"scale). " + raw_note) if (rows["images"] < first["images"]).any() else (
             f"The normalized threshold does not keep its precision ({first['precision']:.2f} at "
             f"{int(first['images']):,} images). " + raw_note)

@@ -10,8 +10,8 @@ the full-size index and the whole is extrapolated (rows x seconds per row), whic
 table says.
 
 Part 2, exactness (real descriptors, where neighbourhoods have structure): a gallery of
-the test split's references plus full-corpus pictures, the test queries searched in it with
-normalized scores, once with exact (flat) densities and once with IVF-PQ's (the index's own
+the test split's references plus full-corpus pictures from packages outside the default set,
+the test queries searched in it with normalized scores (the val-chosen k and β), once with exact (flat) densities and once with IVF-PQ's (the index's own
 neighbours, and a rescored shortlist): how far the densities differ and what it does to
 μAP and R@P90.
 
@@ -76,8 +76,21 @@ def in_own_process(function, *args) -> dict:
         return pool.apply(function, args)
 
 
-def exactness(checkpoint: Path, eval_dir: Path, full_corpus: Path, extra: int, image_size: int) -> list[dict]:
+def search_normalization(operating_points: Path):
+    """The search normalization chosen on val for the trained model: its k and β."""
+    import json
+
+    from mtl.eval.normalize import Normalization
+
+    entry = json.loads(operating_points.read_text())["best"]
+    chosen = entry["search"]["normalization"]
+    return Normalization(int(chosen["k"]), float(chosen["beta"]))
+
+
+def exactness(checkpoint: Path, eval_dir: Path, full_corpus: Path, extra: int, image_size: int,
+              operating_points: Path) -> list[dict]:
     """Part 2 of the module docstring."""
+    from mtl.data.packages import package_names
     from mtl.data.manifest import rank_key, read_manifest
     from mtl.eval.embed import embed
     from mtl.eval.embeddings import load_npz
@@ -91,13 +104,17 @@ def exactness(checkpoint: Path, eval_dir: Path, full_corpus: Path, extra: int, i
     split = EvalSplit.load(eval_dir, "test")
     test = embed(str(checkpoint), **_evalset_args(images_in_evalset(eval_dir / "test")), image_size=image_size)
     refs, queries = test.role("reference"), test.role("query")
-    rows = [r for r in read_manifest(full_corpus / "manifest.csv")]
+    # Only pictures from packages outside the default set: none of them is an eval-set picture
+    # (or one of its copies), so every match to them is wrong, as in a real gallery.
+    default = set(package_names("default"))
+    rows = [r for r in read_manifest(full_corpus / "manifest.csv")
+            if r["source"].removeprefix("debian:") not in default]
     chosen = sorted(rows, key=lambda r: rank_key(0, r["id"]))[:extra]
     gallery = embed(str(checkpoint), [full_corpus / r["path"] for r in chosen], [f"extra-{r['id']}" for r in chosen],
                     image_size=image_size)
     vectors = np.concatenate([refs.embeddings, gallery.embeddings])
     ids = np.concatenate([refs.ids, gallery.ids])
-    normalization = Normalization(K, 1.0)
+    normalization = search_normalization(operating_points)
     exact = normalized_search(queries.embeddings, queries.ids, vectors, ids, normalization, k=10).predictions
     out = []
     flat = build_index(vectors, ids, "flat", density_k=K)
@@ -131,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-corpus", type=Path, default=Path("data/corpus_full"))
     parser.add_argument("--extra", type=int, default=20_000, help="part 2: full-corpus pictures added to the gallery")
     parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--operating-points", type=Path, default=Path("models/operating_points.json"),
+                        help="part 2: the val-chosen search normalization of the trained model")
     parser.add_argument("--csv", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.exactness:
-        rows = exactness(args.checkpoint, args.eval_dir, args.full_corpus, args.extra, args.image_size)
+        rows = exactness(args.checkpoint, args.eval_dir, args.full_corpus, args.extra, args.image_size,
+                         args.operating_points)
     else:
         rows = []
         for n in args.sizes:

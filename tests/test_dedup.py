@@ -140,7 +140,8 @@ def test_outputs_are_written_and_the_report_is_self_contained(folder_with_copies
 
 # --------------------------------------------------------------------------- methods and operating points
 
-def test_operating_points_missing_or_malformed(tmp_path, imagenet_branches_checkpoint, capsys):
+def test_operating_points_missing_or_malformed(tmp_path, imagenet_branches_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("MTL_RELEASE", str(tmp_path / "no_release"))  # neither a trained nor a released model
     missing = tmp_path / "missing.json"
     with pytest.raises(DedupSetupError, match="make repro"):
         resolve_method("best", missing)

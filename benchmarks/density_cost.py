@@ -11,8 +11,9 @@ table says.
 
 Part 2, exactness (real descriptors, where neighbourhoods have structure): a gallery of
 the test split's references plus full-corpus pictures from packages outside the default set,
-the test queries searched in it with normalized scores (the val-chosen k and β), once with exact (flat) densities and once with IVF-PQ's (the index's own
-neighbours, and a rescored shortlist): how far the densities differ and what it does to
+the test queries searched in it with normalized scores (the val-chosen k and β), once with
+exact (flat) densities and once with IVF-PQ's (the index's own neighbours, and a rescored
+shortlist): how far the densities differ and what it does to
 μAP and R@P90.
 
     python benchmarks/density_cost.py --sizes 100000 1000000 --csv results/scale/densities.csv

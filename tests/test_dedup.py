@@ -18,6 +18,7 @@ from mtl.dedup.groups import score_pairs
 from mtl.dedup.thresholds import DedupSetupError, resolve_method
 from mtl.eval.operating_points import load_operating_points
 from mtl.io import file_digest
+from mtl.release import load_release
 
 
 def kept_pairs(result) -> set[frozenset[str]]:
@@ -161,7 +162,8 @@ def test_operating_points_missing_or_malformed(tmp_path, imagenet_branches_check
         load_operating_points(write_operating_points(tmp_path / "bad.json", best={"descriptor": "mtl"}))
 
 
-def test_operating_points_entries(tmp_path, imagenet_branches_checkpoint):
+def test_operating_points_entries(tmp_path, imagenet_branches_checkpoint, monkeypatch):
+    monkeypatch.setenv("MTL_RELEASE", str(tmp_path / "no_release"))  # no released model to fall back on
     ckpt = imagenet_branches_checkpoint
     points = write_operating_points(
         tmp_path / "ops.json", best=best_entry(ckpt, 0.83), phash={"descriptor": "phash", "threshold": 0.625},
@@ -179,6 +181,11 @@ def test_operating_points_entries(tmp_path, imagenet_branches_checkpoint):
     moved = write_operating_points(tmp_path / "moved.json", best=best_entry(tmp_path / "gone.pt"))
     with pytest.raises(DedupSetupError, match="gone.pt .*is missing.*make repro"):
         resolve_method("best", moved)
+    monkeypatch.delenv("MTL_RELEASE")
+    release = load_release()
+    if release is not None:  # with the released model installed, a missing pipeline model falls back on it
+        fallback = resolve_method("best", moved)
+        assert fallback.checkpoint == release.checkpoint and "released" in fallback.model_note
 
 
 def test_a_checkpoint_without_an_entry_runs_at_its_training_size(tmp_path, imagenet_branches_checkpoint):

@@ -679,7 +679,7 @@ def density_exactness_table(exactness_csv: Path) -> str:
     descriptors, and what they do to normalized retrieval."""
     return markdown_table(pd.read_csv(exactness_csv).to_dict("records"), [
         ("gallery", "gallery"), ("search", "densities and search"), ("nprobe", "nprobe"),
-        ("median_density_error", "median |Δρ|"), ("p95_density_error", "p95 |Δρ|"),
+        ("median_density_error", "median error of ρ"), ("p95_density_error", "p95 error of ρ"),
         ("density_rank_correlation", "rank corr. with exact ρ"), ("muap", "μAP"), ("recall_at_p90", "R@P90")])
 
 

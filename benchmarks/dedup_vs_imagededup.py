@@ -48,10 +48,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mtl.data.manifest import rank_key, read_manifest
-from mtl.data.packages import package_names
+from mtl.data.manifest import rank_key
 from mtl.eval.evaluation import EvalSplit
 from mtl.eval.folder import folder_keys
+from mtl.eval.generalization import unseen_pictures as unseen_pictures_of
 
 
 def build_folder(split_dir: Path, folder: Path, extra: list[tuple[Path, str]] = ()
@@ -81,9 +81,7 @@ def build_folder(split_dir: Path, folder: Path, extra: list[tuple[Path, str]] = 
 def unseen_pictures(full_corpus: Path, n: int, seed: int = 0) -> list[tuple[Path, str]]:
     """`n` images (seeded) of the full corpus from packages outside the default set: the
     default study never trains on them, and none is a copy of an eval-set picture."""
-    default = set(package_names("default"))
-    rows = [r for r in read_manifest(full_corpus / "manifest.csv")
-            if r["source"].removeprefix("debian:") not in default]
+    rows = unseen_pictures_of(full_corpus / "manifest.csv", "default", split=None)
     if len(rows) < n:
         raise ValueError(f"{full_corpus} holds {len(rows)} images outside the default packages; need {n}")
     chosen = sorted(rows, key=lambda r: rank_key(seed, r["id"]))[:n]

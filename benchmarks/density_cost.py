@@ -77,45 +77,33 @@ def in_own_process(function, *args) -> dict:
         return pool.apply(function, args)
 
 
-def search_normalization(operating_points: Path):
-    """The search normalization chosen on val for the trained model: its k and β."""
-    import json
-
-    from mtl.eval.normalize import Normalization
-
-    entry = json.loads(operating_points.read_text())["best"]
-    chosen = entry["search"]["normalization"]
-    return Normalization(int(chosen["k"]), float(chosen["beta"]))
-
-
 def exactness(checkpoint: Path, eval_dir: Path, full_corpus: Path, extra: int, image_size: int,
               operating_points: Path) -> list[dict]:
     """Part 2 of the module docstring."""
-    from mtl.data.packages import package_names
-    from mtl.data.manifest import rank_key, read_manifest
+    from mtl.data.manifest import rank_key
     from mtl.eval.embed import embed
     from mtl.eval.embeddings import load_npz
     from mtl.eval.evaluation import EvalSplit
+    from mtl.eval.generalization import unseen_pictures, val_normalizations
     from mtl.eval.images import images_in_evalset
     from mtl.eval.index import build_index
     from mtl.eval.metrics import label_predictions, retrieval_metrics
-    from mtl.eval.normalize import Normalization
     from mtl.eval.search import normalized_search, normalized_search_index
 
+    normalization = val_normalizations(operating_points, checkpoint).get("mtl")
+    if normalization is None:
+        raise SystemExit(f"{operating_points} holds no val-chosen search normalization for {checkpoint}")
     split = EvalSplit.load(eval_dir, "test")
     test = embed(str(checkpoint), **_evalset_args(images_in_evalset(eval_dir / "test")), image_size=image_size)
     refs, queries = test.role("reference"), test.role("query")
     # Only pictures from packages outside the default set: none of them is an eval-set picture
     # (or one of its copies), so every match to them is wrong, as in a real gallery.
-    default = set(package_names("default"))
-    rows = [r for r in read_manifest(full_corpus / "manifest.csv")
-            if r["source"].removeprefix("debian:") not in default]
+    rows = unseen_pictures(full_corpus / "manifest.csv", "default", split=None)
     chosen = sorted(rows, key=lambda r: rank_key(0, r["id"]))[:extra]
     gallery = embed(str(checkpoint), [full_corpus / r["path"] for r in chosen], [f"extra-{r['id']}" for r in chosen],
                     image_size=image_size)
     vectors = np.concatenate([refs.embeddings, gallery.embeddings])
     ids = np.concatenate([refs.ids, gallery.ids])
-    normalization = search_normalization(operating_points)
     exact = normalized_search(queries.embeddings, queries.ids, vectors, ids, normalization, k=10).predictions
     out = []
     flat = build_index(vectors, ids, "flat", density_k=K)

@@ -82,9 +82,11 @@ def test_val_normalizations_come_from_the_operating_points(tmp_path):
     points = tmp_path / "operating_points.json"
     assert val_normalizations(points, checkpoint) == {}
     points.write_text(json.dumps({
-        "imagenet": {"search": {"normalization": {"k": 3, "beta": 0.75}}},
-        "best": {"checkpoint": str(checkpoint), "search": {"normalization": {"k": 1, "beta": 0.5}}},
-        "other": {"checkpoint": str(tmp_path / "other.pt"), "search": {"normalization": {"k": 5, "beta": 1.0}}},
-        "phash": {"descriptor": "phash"}}))
+        "imagenet": {"descriptor": "gap1280", "threshold": 0.8, "search": {"normalization": {"k": 3, "beta": 0.75}}},
+        "best": {"descriptor": "mtl", "threshold": 0.9, "checkpoint": str(checkpoint),
+                 "search": {"normalization": {"k": 1, "beta": 0.5}}},
+        "other": {"descriptor": "mtl", "threshold": 0.9, "checkpoint": str(tmp_path / "other.pt"),
+                  "search": {"normalization": {"k": 5, "beta": 1.0}}},
+        "phash": {"descriptor": "phash", "threshold": 0.7}}))
     assert val_normalizations(points, checkpoint) == {"gap1280": Normalization(3, 0.75), "mtl": Normalization(1, 0.5)}
     assert val_normalizations(points, tmp_path / "unknown.pt") == {"gap1280": Normalization(3, 0.75)}

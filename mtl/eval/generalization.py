@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,6 +32,7 @@ from PIL import Image, ImageFilter, ImageOps
 from mtl.data.packages import package_names
 from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.eval.normalize import Normalization
+from mtl.eval.operating_points import load_operating_points
 from mtl.io import atomic_path, write_csv
 
 Edit = Callable[[Image.Image, np.random.Generator, Sequence[Image.Image]], Image.Image]
@@ -84,11 +84,12 @@ UNSEEN_EDITS: dict[str, Edit] = {"collage": collage, "skew": skew, "stripes": st
                                  "pixelated_noise": pixelated_noise, "blurred_border": blurred_border}
 
 
-def unseen_pictures(manifest_csv: Path, exclude_set: str) -> list[dict[str, str]]:
-    """Test-split rows of the manifest from packages outside `exclude_set` (mtl.data.packages)."""
+def unseen_pictures(manifest_csv: Path, exclude_set: str, split: str | None = "test") -> list[dict[str, str]]:
+    """Rows of the manifest from packages outside `exclude_set` (mtl.data.packages), of one
+    split (every split with None)."""
     excluded = set(package_names(exclude_set))
     with manifest_csv.open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["split"] == "test"]
+        rows = [r for r in csv.DictReader(handle) if split is None or r["split"] == split]
     return [r for r in rows if r["source"].removeprefix("debian:") not in excluded]
 
 
@@ -142,19 +143,14 @@ def val_normalizations(operating_points: Path, checkpoint: Path) -> dict[str, No
     its embedding when the file names it. Empty where the file holds none."""
     if not operating_points.is_file():
         return {}
-    points = json.loads(operating_points.read_text())
     chosen = {}
-    for name, entry in points.items():
-        search = (entry or {}).get("search") or {}
-        if "normalization" not in search:
+    for point in load_operating_points(operating_points).values():
+        if point.search_normalization is None:
             continue
-        if name == "imagenet":
-            kind = "gap1280"
-        elif entry.get("checkpoint") and Path(entry["checkpoint"]).resolve() == checkpoint.resolve():
-            kind = "mtl"
-        else:
-            continue
-        chosen[kind] = Normalization(int(search["normalization"]["k"]), float(search["normalization"]["beta"]))
+        if point.descriptor == "gap1280":
+            chosen["gap1280"] = point.search_normalization
+        elif point.checkpoint and Path(point.checkpoint).resolve() == checkpoint.resolve():
+            chosen["mtl"] = point.search_normalization
     return chosen
 
 

@@ -604,13 +604,14 @@ def transfer_reading(normalized: pd.DataFrame, target: float = 0.9) -> str:
         return (f"The normalized threshold keeps its precision within {TRANSFER_MARGIN} of the target at every "
                 f"size. " + raw_note)
     first = lost.iloc[0]
+    held = rows[rows["images"] < first["images"]]
+    if held.empty:
+        return (f"The normalized threshold does not keep its precision ({first['precision']:.2f} at "
+                f"{int(first['images']):,} images). " + raw_note)
     return (f"The normalized threshold keeps its precision within {TRANSFER_MARGIN} of the target up to "
-            f"{int(rows[rows['images'] < first['images']]['images'].max()):,} images but not at "
-            f"{int(first['images']):,} ({first['precision']:.2f}): there more of the pairs it admits are wrong, "
-            f"so a folder that large wants its own threshold (`mtl dedup --threshold`, on the normalized "
-            f"scale). " + raw_note) if (rows["images"] < first["images"]).any() else (
-            f"The normalized threshold does not keep its precision ({first['precision']:.2f} at "
-            f"{int(first['images']):,} images). " + raw_note)
+            f"{int(held['images'].max()):,} images but not at {int(first['images']):,} "
+            f"({first['precision']:.2f}): there more of the pairs it admits are wrong, so a folder that large "
+            f"wants its own threshold (`mtl dedup --threshold`, on the normalized scale). " + raw_note)
 
 
 def replace_block(text: str, name: str, content: str) -> str:

@@ -206,13 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no release" if release is None else json.dumps(release.card, indent=1))
         return 0
     from mtl.params import load_params
-    from mtl.study.evaluation_stages import checkpoint_path, models_dir
 
     params = load_params(args.params, [], f"profiles/{args.profile}.yaml")
-    checkpoint = checkpoint_path("best", "finetune", params)
+    models = Path(params["pipeline"]["models"])
+    checkpoint = models / "best" / "finetune" / "final.pt"
     card = profile_card(args.profile, params, Path("results") / "profiles" / args.profile, checkpoint)
-    release = write_release(checkpoint, models_dir(params) / "operating_points.json", card, list(args.examples),
-                            args.out)
+    release = write_release(checkpoint, models / "operating_points.json", card, list(args.examples), args.out)
     print(f"wrote {release.checkpoint} ({release.card['megabytes']} MB) and its card")
     return 0
 

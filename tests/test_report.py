@@ -100,19 +100,23 @@ def test_the_folder_table_adds_the_benchmarks_large_folder_and_marks_the_default
                       "best,normalized,True,test,0.01,,2400,729,645,800,0.88,0.81,0.84\n")
     bench = tmp_path / "benchmark.csv"
     bench.write_text("folder,images,method,scale,threshold,threshold_source,true_pairs,predicted_pairs,true_positives,"
-                     "precision,recall,f1\n"
-                     "large,10000,mtl_trained_raw,raw,0.9700,x,900,4000,450,0.11,0.50,0.18\n"
-                     "large,10000,mtl_trained,normalized,0.0100,x,900,800,700,0.87,0.78,0.82\n"
-                     "large,10000,imagededup_phash,hash,10 bits,x,900,3000,500,0.17,0.55,0.26\n")
+                     "precision,recall,f1,precision_labelled,f1_labelled\n"
+                     "large,10000,mtl_trained_raw,raw,0.9700,x,900,4000,450,0.11,0.50,0.18,0.20,0.29\n"
+                     "large,10000,mtl_trained,normalized,0.0100,x,900,800,700,0.60,0.78,0.68,0.87,0.82\n"
+                     "large,10000,imagededup_phash,hash,10 bits,x,900,3000,500,0.17,0.55,0.26,0.3,0.39\n")
     table = folder_table(folder, bench).splitlines()
     large = [line for line in table if "| large |" in line]
     assert len(large) == 2 and "| `best` (default) | normalized | large | 10,000 |" in large[0] + large[1]
+    # the transfer is judged on labelled pairs; the lower bound stands beside it
+    assert "| 0.870 | 0.600 |" in [line for line in large if "normalized" in line][0]
+    assert "| 0.920 | 0.920 |" in [line for line in table if "| val |" in line and "normalized" in line][0]
     methods = tmp_path / "methods.csv"
     methods.write_text("method,muap,recall_at_p90,norm_k,norm_beta\nbest_finetune,0.80,0.60,,\n"
                        "best_finetune_norm,0.85,0.70,1,0.75\n")
     summary = normalization_summary(methods, folder, None, bench)
     assert "μAP 0.800 → 0.850 (+0.050)" in summary and "(k=1, β=0.75)" in summary
-    assert "raw 0.90 → 0.48 → 0.11; normalized 0.92 → 0.88 → 0.87" in summary
+    assert "raw 0.90 → 0.48 → 0.20; normalized 0.92 → 0.88 → 0.87" in summary
+    assert "normalized precision is 0.60, a lower bound" in summary
     assert "480 → 2,400 → 10,000 images" in summary
 
 
@@ -142,6 +146,17 @@ def test_the_memory_probe_reads_as_a_verdict(tmp_path):
     assert "| memory 10,240, early steps (1-10 %) |" in memory_probe_table(summary)
     pd.DataFrame([run(10240, bunched, 0.24), run(0, bunched, 0.87)]).to_csv(summary, index=False)
     assert memory_reading(summary).startswith("**The hypothesis does not hold as stated**")  # the control bunches too
+    # a momentum run (mtl.memory_study --momenta) is read against the plain memory run, not taken for it
+    plain, ema = run(10240, bunched, 0.24), run(10240, spread, 0.85)
+    ema.update(momentum=0.99, label="memory 10,240, momentum encoder m=0.99")
+    plain.update(momentum=0.0, label="memory 10,240")
+    none = {**run(0, spread, 0.87), "momentum": 0.0, "label": "no memory"}
+    pd.DataFrame([plain, none, ema]).to_csv(summary, index=False)
+    reading = memory_reading(summary)
+    assert reading.startswith("**The hypothesis holds**") and "Val μAP 0.240 with the memory, 0.870 without" in reading
+    assert "With a momentum encoder (m=0.99) filling the same memory: norm 0.76 → 0.30" in reading
+    assert reading.endswith("val μAP 0.850.")
+    assert "| memory 10,240, momentum encoder m=0.99, last tenth |" in memory_probe_table(summary)
 
 
 def test_run_times_read_each_profiles_own_record(tmp_path):

@@ -23,9 +23,11 @@ run's start over its early steps while the batch points away from the memory's m
     python -m mtl.memory_study --profile profiles/full.yaml --set data.train_pictures=5000 \\
         --memory-sizes 10240 0 --out results/memory/probe
 
-writes probe.csv (one row per recorded step and memory size), summary.csv (each run's
-start, early steps and last tenth, and its val scores; scores.json keeps the scores) and
-probe.png.
+writes probe.csv (one row per recorded step and run), summary.csv (each run's start, early
+steps and last tenth, and its val scores; scores.json keeps the scores) and probe.png.
+`--momenta 0.99` adds a run of the largest memory filled by a momentum encoder (the remedy
+that measured best, sweeps/memory.yaml), to see what it changes; `--add` keeps the runs
+already in --out that this call does not repeat.
 """
 
 from __future__ import annotations
@@ -119,12 +121,26 @@ def probe_step(run: StageRun, batch) -> dict[str, float]:
         }
 
 
+def run_name(memory_size: int, momentum: float = 0.0) -> str:
+    """A probe run's key in probe.csv and scores.json: "10240", "0", "10240_m0.99"."""
+    return f"{memory_size}_m{momentum:g}" if momentum else str(memory_size)
+
+
+def run_label(memory_size: int, momentum: float = 0.0) -> str:
+    """How tables and plots name a run."""
+    if not memory_size:
+        return "no memory"
+    return f"memory {memory_size:,}" + (f", momentum encoder m={momentum:g}" if momentum else "")
+
+
 def probe_run(params: dict, memory_size: int, every: int, work_dir: Path,
-              epochs: int | None = None) -> tuple[pd.DataFrame, Path]:
-    """A stage-1 run of the recipe from the feature cache with `memory_size` entries,
-    probed every `every` steps; returns the records and the final checkpoint."""
+              epochs: int | None = None, momentum: float = 0.0) -> tuple[pd.DataFrame, Path]:
+    """A stage-1 run of the recipe from the feature cache with `memory_size` entries (filled
+    by a momentum encoder when `momentum` > 0), probed every `every` steps; returns the
+    records and the final checkpoint."""
     cfg = StageConfig.from_params(params, "frozen")
-    cfg = replace(cfg, source="features", memory_size=memory_size, epochs=epochs or cfg.epochs)
+    cfg = replace(cfg, source="features", memory_size=memory_size, memory_momentum=momentum,
+                  epochs=epochs or cfg.epochs)
     model = stage_model(params, cfg)
     make_train, _ = feature_batches(params, cfg, model)
     run = StageRun(model, cfg, work_dir, len(make_train(1)))
@@ -133,10 +149,11 @@ def probe_run(params: dict, memory_size: int, every: int, work_dir: Path,
     for epoch in range(1, cfg.epochs + 1):
         run.epoch = epoch - 1
         batches = make_train(epoch)
-        for batch in progress(batches, len(batches), f"probe memory {memory_size} epoch {epoch}/{cfg.epochs}",
-                              unit="step", lines=0, leave=False):
+        for batch in progress(batches, len(batches), f"probe {run_label(memory_size, momentum)} epoch "
+                              f"{epoch}/{cfg.epochs}", unit="step", lines=0, leave=False):
             if step % every == 0:
-                rows.append({"memory_size": memory_size, "step": step, "epoch": epoch, **probe_step(run, batch)})
+                rows.append({"run": run_name(memory_size, momentum), "memory_size": memory_size, "momentum": momentum,
+                             "step": step, "epoch": epoch, **probe_step(run, batch)})
             parts, counts = run.train_step(batch, step)
             if step % every == 0:
                 rows[-1].update(loss=float(parts.contrastive.detach()), active_negatives=int(counts["active_negatives"]),
@@ -154,31 +171,53 @@ def probe_run(params: dict, memory_size: int, every: int, work_dir: Path,
 WINDOWS = ("start", "early", "end")
 
 
-def summarize(probe: pd.DataFrame, scores: dict[int, dict]) -> pd.DataFrame:
+def with_run_names(probe: pd.DataFrame) -> pd.DataFrame:
+    """Each record's run name and label, from its memory size and momentum (a probe.csv written
+    before momentum runs has neither column: its runs had none)."""
+    probe = probe.copy()
+    probe["momentum"] = probe["momentum"].fillna(0.0) if "momentum" in probe else 0.0
+    probe["run"] = [run_name(int(size), float(m)) for size, m in zip(probe["memory_size"], probe["momentum"])]
+    probe["label"] = [run_label(int(size), float(m)) for size, m in zip(probe["memory_size"], probe["momentum"])]
+    return probe
+
+
+def summarize(probe: pd.DataFrame, scores: dict[str, dict]) -> pd.DataFrame:
     """Per run: each quantity at its start, over its early steps and over its last tenth
     (WINDOWS), and the run's val scores."""
     rows = []
-    for memory_size, run in probe.groupby("memory_size", sort=False):
+    for name, run in with_run_names(probe).groupby("run", sort=False):
         steps = int(run["step"].max()) + 1
         windows = {"start": run.head(1),
                    "early": run[(run["step"] >= 0.01 * steps) & (run["step"] < 0.1 * steps)],
                    "end": run[run["step"] >= 0.9 * steps]}
-        row = {"memory_size": memory_size, "steps": steps}
+        row = {"run": name, "label": run["label"].iloc[0], "memory_size": int(run["memory_size"].iloc[0]),
+               "momentum": float(run["momentum"].iloc[0]), "steps": steps}
         for column in PROBE_COLUMNS:
-            for name, window in windows.items():
-                row[f"{column}_{name}"] = window[column].mean()
-        row.update({f"val_{k}": v for k, v in scores.get(memory_size, {}).items()})
+            for window_name, window in windows.items():
+                row[f"{column}_{window_name}"] = window[column].mean()
+        row.update({f"val_{k}": v for k, v in scores.get(name, {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def read_scores(out: Path) -> dict[str, dict]:
+    return json.loads((out / "scores.json").read_text()) if (out / "scores.json").is_file() else {}
+
+
 def resummarize(out: Path) -> pd.DataFrame:
     """summary.csv again from probe.csv, keeping the val scores it holds (scores.json)."""
-    scores = {int(k): v for k, v in json.loads((out / "scores.json").read_text()).items()} \
-        if (out / "scores.json").is_file() else {}
-    summary = summarize(pd.read_csv(out / "probe.csv"), scores)
+    summary = summarize(pd.read_csv(out / "probe.csv"), read_scores(out))
     summary.to_csv(out / "summary.csv", index=False)
     return summary
+
+
+def earlier_records(out: Path, repeated: set[str]) -> tuple[list[pd.DataFrame], dict[str, dict]]:
+    """The records and scores already in `out`, less the runs about to run again (--add)."""
+    if not (out / "probe.csv").is_file():
+        return [], {}
+    probe = with_run_names(pd.read_csv(out / "probe.csv"))
+    kept = probe[~probe["run"].isin(repeated)]
+    return ([kept] if len(kept) else []), {k: v for k, v in read_scores(out).items() if k not in repeated}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="a profiles/*.yaml overlay")
     parser.add_argument("--recipe", default="best")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--memory-sizes", nargs="+", type=int, default=[10240, 0])
+    parser.add_argument("--memory-sizes", nargs="*", type=int, default=[10240, 0])
+    parser.add_argument("--momenta", nargs="*", type=float, default=[],
+                        help="also a run of the largest memory filled by a momentum encoder of each m")
+    parser.add_argument("--add", action="store_true", help="keep the runs already in --out that are not repeated")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's stage-1 epochs")
     parser.add_argument("--every", type=int, default=10, help="steps between records")
     parser.add_argument("--out", default="results/memory/probe")
@@ -197,22 +239,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         out = Path(args.out)
         print(resummarize(out).to_string(index=False))
-        plots.memory_probe(pd.read_csv(out / "probe.csv"), out / "probe.png")
+        plots.memory_probe(with_run_names(pd.read_csv(out / "probe.csv")), out / "probe.png")
         return 0
     params = recipe_params(load_params(args.params, args.set, args.profile), args.recipe)
     out, models = Path(args.out), Path(args.models)
     out.mkdir(parents=True, exist_ok=True)
-    records, scores = [], {}
-    for memory_size in args.memory_sizes:
-        work_dir = models / f"memory{memory_size}"
+    runs = [(size, 0.0) for size in args.memory_sizes]
+    if args.momenta:
+        largest = max(args.memory_sizes or [int(params["loss"]["memory_size"])])
+        if largest <= 0:
+            raise SystemExit("--momenta needs a memory: give --memory-sizes with one above 0")
+        runs += [(largest, m) for m in args.momenta]
+    if not runs:
+        raise SystemExit("nothing to probe: give --memory-sizes or --momenta")
+    records, scores = earlier_records(out, {run_name(*run) for run in runs}) if args.add else ([], {})
+    for memory_size, momentum in runs:
+        work_dir = models / f"memory{run_name(memory_size, momentum)}"
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
-        probe, final = probe_run(params, memory_size, args.every, work_dir, args.epochs)
+        probe, final = probe_run(params, memory_size, args.every, work_dir, args.epochs, momentum)
         records.append(probe)
-        scores[memory_size] = checkpoint_scores(final, params["evalset"]["dir"], "val",
-                                                EvalConfig.from_params(params["eval"]))["mtl"]
-        (out / "scores.json").write_text(json.dumps({str(k): v for k, v in scores.items()}, indent=1) + "\n")
-        table = pd.concat(records, ignore_index=True)
+        scores[run_name(memory_size, momentum)] = checkpoint_scores(
+            final, params["evalset"]["dir"], "val", EvalConfig.from_params(params["eval"]))["mtl"]
+        (out / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
+        table = with_run_names(pd.concat(records, ignore_index=True))
         table.to_csv(out / "probe.csv", index=False)
         summary = summarize(table, scores)
         summary.to_csv(out / "summary.csv", index=False)

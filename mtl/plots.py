@@ -158,9 +158,11 @@ def diagnosis(active: pd.DataFrame, staleness: pd.DataFrame, path: str | Path) -
 
 
 def memory_probe(probe: pd.DataFrame, path: str | Path, smooth: int = 5) -> Path:
-    """The memory probe (mtl.memory_study) over a stage-1 run, one line per memory size:
-    how bunched the batch is, where it sits against the memory, and where the gradient
-    on the anchors comes from."""
+    """The memory probe (mtl.memory_study) over a stage-1 run, one line per run (memory size
+    and momentum): how bunched the batch is, where it sits against the memory, and where the
+    gradient on the anchors comes from."""
+    if "label" not in probe:  # a probe.csv from before runs had names: the memory size names them
+        probe = probe.assign(label=[f"memory {m:,}" if m else "no memory" for m in probe["memory_size"]])
     panels = [("mean_norm", "|mean of the batch's embeddings|"),
               ("batch_similarity", "mean cosine, different pictures in the batch"),
               ("memory_alignment", "cos(batch mean, memory mean)"),
@@ -169,12 +171,10 @@ def memory_probe(probe: pd.DataFrame, path: str | Path, smooth: int = 5) -> Path
               ("grad_angle", "angle between memory and batch gradients (°)")]
     with plt.style.context("default"):
         fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-        colours = dict(zip(sorted(probe["memory_size"].unique(), reverse=True), ["tab:red", "tab:blue", "tab:green",
-                                                                                  "tab:purple"]))
+        colours = dict(zip(probe["label"].unique(), ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]))
         for ax, (column, title) in zip(axes.ravel(), panels):
-            for memory_size, run in probe.groupby("memory_size", sort=False):
-                label = f"memory {memory_size:,}" if memory_size else "no memory"
-                colour = colours[memory_size]
+            for label, run in probe.groupby("label", sort=False):
+                colour = colours[label]
                 if column == "grad":
                     ax.plot(run["step"], run["grad_memory"].rolling(smooth, min_periods=1).mean(), color=colour,
                             label=f"{label}: from memory negatives")

@@ -131,3 +131,30 @@ def test_the_probe_splits_the_gradient_between_memory_and_batch_negatives(tmp_pa
     assert second["share_from_memory"] == 64 / (64 + 48)
     assert second["grad_memory"] > 0 and second["grad_batch"] > 0 and 0 <= second["grad_angle"] <= 180
     assert 0 <= second["mean_norm"] <= 1 and -1 <= second["memory_alignment"] <= 1
+
+
+def test_probe_runs_are_named_by_memory_and_momentum_and_add_keeps_the_others(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from mtl.memory_study import earlier_records, summarize, with_run_names
+
+    # a probe.csv from before runs had names: the memory size names them
+    old = pd.DataFrame({"memory_size": [10240, 10240, 0, 0], "step": [0, 1, 0, 1], "epoch": 1,
+                        **{c: [0.5, 0.6, 0.5, 0.4] for c in ("mean_norm", "batch_similarity", "memory_alignment",
+                                                           "memory_mean_norm", "active_memory", "active_batch",
+                                                           "share_from_memory", "grad_memory", "grad_batch",
+                                                           "grad_angle")}})
+    named = with_run_names(old)
+    assert list(named["run"].unique()) == ["10240", "0"]
+    assert list(named["label"].unique()) == ["memory 10,240", "no memory"]
+    old.to_csv(tmp_path / "probe.csv", index=False)
+    (tmp_path / "scores.json").write_text(json.dumps({"10240": {"muap": 0.2}, "0": {"muap": 0.8}}))
+    kept, scores = earlier_records(tmp_path, {"10240_m0.99", "0"})  # the no-memory run is repeated
+    assert set(kept[0]["run"]) == {"10240"} and scores == {"10240": {"muap": 0.2}}
+    momentum = old[old["memory_size"] == 10240].assign(momentum=0.99)
+    summary = summarize(pd.concat([*kept, momentum]), {"10240": {"muap": 0.2}, "10240_m0.99": {"muap": 0.7}})
+    assert list(summary["run"]) == ["10240", "10240_m0.99"]
+    assert list(summary["label"]) == ["memory 10,240", "memory 10,240, momentum encoder m=0.99"]
+    assert list(summary["val_muap"]) == [0.2, 0.7]

@@ -152,6 +152,23 @@ def test_notebooks_are_committed_without_outputs():
         assert len(tagged) == 1, f"{path.name} needs exactly one 'parameters' cell"
 
 
+def test_papermill_reads_every_parameter_of_every_notebook():
+    """Papermill skips a parameters line with a second `=` (in a comment, say) and warns
+    "Passed unknown parameter" on every run: each assigned name must come through."""
+    import ast
+
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cell = next(c for c in nbformat.read(path, as_version=4).cells
+                    if "parameters" in c.get("metadata", {}).get("tags", []))
+        assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)]
+        assert assigned, f"{path.name}: its parameters cell assigns nothing"
+        assert [p.name for p in PythonTranslator.inspect(cell)] == assigned, path.name
+
+
 def test_operating_points_and_diagnosis_are_written(tiny_study):
     points = json.loads((tiny_study / "models" / "operating_points.json").read_text())
     assert {"best", "imagenet", "phash", "dhash"} <= set(points)

@@ -17,9 +17,10 @@ one) but not among themselves: the corpus drops only pHash near-duplicates, and 
 hold one design in many variants (with an emblem, in another colour, in a sister theme).
 So each row has two precisions: `precision` counts every accepted pair of two extra
 pictures as wrong (a lower bound), `precision_labelled` leaves those pairs out (the pairs
-whose truth is known: 5x more negatives than the test folder holds).  A sheet of a seeded
-sample of the trained model's accepted extra pairs (results/dedup/unlabelled_pairs.png)
-shows what they are.
+whose truth is known: 5x more negatives than the test folder holds).  The trained model's
+accepted pairs of two extra pictures are listed in results/dedup/unlabelled_pairs.csv, and a
+seeded sample of them drawn in unlabelled_pairs.png (`--sheet-only` draws it again from the
+list), to see what they are.
 
 Rows, each at its settings:
   imagededup_phash         imagededup 0.3.3, PHash().find_duplicates(max_distance_threshold=10)
@@ -36,14 +37,14 @@ that ran it (each row runs in a process of its own).
 
     python benchmarks/dedup_vs_imagededup.py [--eval-dir data/eval] [--full-corpus data/corpus_full]
         [--large-size 10000] [--operating-points models/operating_points.json] [--checkpoint CKPT]
-        [--out results/dedup/benchmark.csv] [--sheet results/dedup/unlabelled_pairs.png]
+        [--out results/dedup/benchmark.csv] [--unlabelled results/dedup/unlabelled_pairs.csv]
+    python benchmarks/dedup_vs_imagededup.py --sheet-only      # the sheet again, from the list
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import random
 import multiprocessing
 import os
 import resource
@@ -57,6 +58,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image, ImageDraw
 
 from mtl.data.manifest import rank_key
 from mtl.eval.evaluation import EvalSplit
@@ -82,10 +84,15 @@ def build_folder(split_dir: Path, folder: Path, extra: list[tuple[Path, str]] = 
         elif source_of[image_id] is not None:
             pictures[source_of[image_id]].add(Path(path).name)
     for path, picture in extra:
-        name = f"extra-{path.name}"
+        name = extra_name(path)
         shutil.copy2(path, folder / name)
         pictures[f"extra:{picture}"].add(name)
     return _pairs_within(copies.values()), _pairs_within(pictures.values())
+
+
+def extra_name(path: Path) -> str:
+    """An extra picture's file name in the folder."""
+    return f"extra-{path.name}"
 
 
 def is_unlabelled(pair: frozenset[str]) -> bool:
@@ -128,20 +135,38 @@ def _f1(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision * recall else 0.0
 
 
-def unlabelled_sheet(folder: Path, predicted: set[frozenset[str]], scores_of: dict, out: Path, n: int = 12,
-                     seed: int = 0) -> Path | None:
-    """A seeded random sample of the accepted pairs of two extra pictures, side by side with
-    their score: what the lower-bound precision counts as wrong."""
-    from mtl import plots
+def write_unlabelled(predicted: set[frozenset[str]], scores_of: dict, sources: dict[str, Path], out: Path) -> Path:
+    """The accepted pairs of two extra pictures, with their scores and the corpus files they
+    were copied from (so the sheet can be drawn again without the folder)."""
+    pairs = sorted((tuple(sorted(pair)) for pair in predicted if is_unlabelled(pair)),
+                   key=lambda pair: -scores_of[frozenset(pair)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"a": [a for a, _ in pairs], "b": [b for _, b in pairs],
+                  "score": [scores_of[frozenset(pair)] for pair in pairs],
+                  "source_a": [str(sources[a]) for a, _ in pairs],
+                  "source_b": [str(sources[b]) for _, b in pairs]}).to_csv(out, index=False)
+    return out
 
-    pairs = sorted(tuple(sorted(pair)) for pair in predicted if is_unlabelled(pair))
-    if not pairs:
-        return None
-    sample = random.Random(seed).sample(pairs, min(n, len(pairs)))
-    return plots.image_pairs([(folder / a, folder / b, f"score {scores_of[frozenset((a, b))]:.3f}: "
-                               f"{a.removeprefix('extra-')[:38]} / {b.removeprefix('extra-')[:38]}")
-                              for a, b in sample], out,
-                             title=f"{len(sample)} of {len(pairs):,} accepted pairs of two extra pictures")
+
+def unlabelled_sheet(pairs_csv: Path, out: Path, n: int = 16, columns: int = 4, seed: int = 0, box: int = 112) -> Path:
+    """A seeded random sample of the listed pairs, each pair side by side with its score:
+    what the lower-bound precision counts as wrong."""
+    from mtl.data.sheets import thumbnail_grid
+
+    pairs = pd.read_csv(pairs_csv)
+    sample = pairs.sample(n=min(n, len(pairs)), random_state=seed).sort_values("score", ascending=False)
+    pair_w, pair_h, gap = 2 * box + 6, box + 18, 18
+    rows = -(-len(sample) // columns)
+    sheet = Image.new("RGB", (columns * (pair_w + gap) + gap, rows * (pair_h + gap) + 40), "white")
+    ImageDraw.Draw(sheet).text((gap, 10), f"{len(sample)} of {len(pairs):,} accepted pairs of two extra pictures "
+                               f"(seeded sample; normalized score under each pair)", fill="black")
+    for i, row in enumerate(sample.itertuples()):
+        pair = thumbnail_grid([[Path(row.source_a), Path(row.source_b)]], box, (box + 6, 0), (0, 0),
+                              (pair_w, pair_h), labels=[((0, box + 4), f"{row.score:+.3f}", "black")])
+        sheet.paste(pair, (gap + (i % columns) * (pair_w + gap), 40 + (i // columns) * (pair_h + gap)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
 
 
 def _peak_mb() -> float:
@@ -220,10 +245,11 @@ def mtl_rows(checkpoint: Path | None, points: Path) -> dict[str, dict]:
 
 
 def run_folder(name: str, folder: Path, truth, unknown, work: Path, rows_options: dict, points: Path,
-               record, sheet: Path | None = None) -> list[dict]:
+               record, unlabelled: tuple[dict[str, Path], Path] | None = None) -> list[dict]:
     """Every row on one folder; `record(row)` keeps each as it comes (nothing lost on a stop),
-    and a row that fails is recorded with its error while the others go on.  `sheet`: where
-    to draw the trained model's accepted pairs of two extra pictures (unlabelled_sheet)."""
+    and a row that fails is recorded with its error while the others go on.  `unlabelled`:
+    (the extra pictures' sources by name, the CSV) where the trained model's accepted pairs
+    of two extra pictures are listed, and drawn beside it (unlabelled_sheet)."""
     n_images = sum(1 for _ in folder.iterdir())
     print(f"{name} folder: {n_images:,} images, {len(truth):,} true copy pairs, {len(unknown):,} unknown; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
@@ -254,8 +280,10 @@ def run_folder(name: str, folder: Path, truth, unknown, work: Path, rows_options
                      "unreadable": run["unreadable"], "peak_mb": run["peak_mb"], "model": run["model"],
                      "load_average": os.getloadavg()[0]})
         record(rows[-1])
-        if sheet is not None and row_name == "mtl_trained":
-            unlabelled_sheet(folder, run["pairs"] - unknown, run["scores"], sheet)
+        if unlabelled is not None and row_name == "mtl_trained":
+            sources, pairs_csv = unlabelled
+            write_unlabelled(run["pairs"] - unknown, run["scores"], sources, pairs_csv)
+            unlabelled_sheet(pairs_csv, pairs_csv.with_suffix(".png"))
         print(f"{name} {row_name}: F1 {rows[-1]['f1']:.3f} (precision {rows[-1]['precision']:.3f}, recall "
               f"{rows[-1]['recall']:.3f}) in {run['seconds']:.1f} s, peak {run['peak_mb']:.0f} MB", flush=True)
     return rows
@@ -271,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--operating-points", type=Path, default=Path("models/operating_points.json"))
     parser.add_argument("--checkpoint", type=Path, help="the trained model (default: the operating points' best)")
     parser.add_argument("--out", type=Path, default=Path("results/dedup/benchmark.csv"))
-    parser.add_argument("--sheet", type=Path, default=Path("results/dedup/unlabelled_pairs.png"),
-                        help="a sample of the trained model's accepted pairs of two extra pictures")
+    parser.add_argument("--unlabelled", type=Path, default=Path("results/dedup/unlabelled_pairs.csv"),
+                        help="the trained model's accepted pairs of two extra pictures (and a sheet beside it)")
+    parser.add_argument("--sheet-only", action="store_true", help="only draw the sheet again, from --unlabelled")
     args = parser.parse_args(argv)
+    if args.sheet_only:
+        print(f"-> {unlabelled_sheet(args.unlabelled, args.unlabelled.with_suffix('.png'))}")
+        return 0
 
     rows_options = mtl_rows(args.checkpoint, args.operating_points)
     rows = []
@@ -293,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = unseen_pictures(args.full_corpus, args.large_size - base)
             truth, unknown = build_folder(args.eval_dir / args.split, work / "large", extra)
             run_folder("large", work / "large", truth, unknown, work, rows_options, args.operating_points, record,
-                       args.sheet)
+                       ({extra_name(path): path for path, _ in extra}, args.unlabelled))
         else:
             print(f"large folder skipped: {args.full_corpus} is not built (mtl corpus --profile profiles/full.yaml)")
     table = pd.DataFrame(rows)

@@ -18,7 +18,9 @@ memory's older entries m_j (the batch excluded):
 
 The hypothesis holds if, with the memory, mean_norm and batch_similarity climb from the
 run's start over its early steps while the batch points away from the memory's mean
-(memory_alignment below 0), and neither happens without the memory.
+(memory_alignment below 0), and neither happens without the memory; in part if the run
+without a memory bunches too, less far.  The bunching is a transient of the early steps,
+so the summary keeps their extremes besides their means (EXTREMES).
 
     python -m mtl.memory_study --profile profiles/full.yaml --set data.train_pictures=5000 \\
         --memory-sizes 10240 0 --out results/memory/probe
@@ -169,6 +171,10 @@ def probe_run(params: dict, memory_size: int, every: int, work_dir: Path,
 # the early steps (after the first 1 % of the run, up to 10 %: where a bunching shows), and
 # its last tenth.
 WINDOWS = ("start", "early", "end")
+# The bunching and the run from the memory are transients of the early steps: the summary
+# also keeps how far they go there (the highest norm and within-batch cosine, the lowest
+# cosine to the memory's mean).
+EXTREMES = {"mean_norm": "max", "batch_similarity": "max", "memory_alignment": "min"}
 
 
 def with_run_names(probe: pd.DataFrame) -> pd.DataFrame:
@@ -195,6 +201,8 @@ def summarize(probe: pd.DataFrame, scores: dict[str, dict]) -> pd.DataFrame:
         for column in PROBE_COLUMNS:
             for window_name, window in windows.items():
                 row[f"{column}_{window_name}"] = window[column].mean()
+        for column, extreme in EXTREMES.items():  # a transient the early window's mean blurs
+            row[f"{column}_early_{extreme}"] = windows["early"][column].agg(extreme)
         row.update({f"val_{k}": v for k, v in scores.get(name, {}).items()})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -202,6 +202,7 @@ def scale_tables(results_dir: Path = RESULTS) -> dict[str, str]:
                       corpus_full=counts_table(corpus))
     for name, table in (("learning_curve", learning_curve_table(results_dir)),
                         ("learning_curve_mem0", learning_curve_table(results_dir, "learning_curve_mem0")),
+                        ("learning_curve_momentum", learning_curve_table(results_dir, "learning_curve_momentum")),
                         ("retrieval_profiles", profiles_table(results_dir)),
                         ("retrieval_profiles_headline", profiles_table(results_dir, HEADLINE_PROFILE_METHODS, True)),
                         ("timing_full", profile_timing_table(results_dir))):

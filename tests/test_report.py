@@ -234,3 +234,16 @@ def test_transfer_reading_says_where_the_threshold_stops_holding():
     breaks = pd.DataFrame({"images": [10000, 540, 2700], "precision": [0.43, 0.90, 0.86]})
     text = transfer_reading(breaks)
     assert "up to 2,700 images but not at 10,000 (0.43)" in text and "at every size" not in text
+
+
+def test_the_headline_table_names_each_method_and_counts_false_positives_in_whole_numbers(tmp_path):
+    from mtl.report import headline_table
+
+    methods = tmp_path / "methods.csv"
+    methods.write_text("method,muap,recall_at_p90,fp_at_threshold\n"
+                       "best_finetune,0.784,0.622,556\nbest_finetune_norm,0.836,0.722,163\nphash,0.5,0.4,\n")
+    lines = headline_table(methods).splitlines()
+    assert lines[0].startswith("| method | scores | μAP |")
+    assert "| `best_finetune` | raw | 0.784 | 0.622 | 556 |" in lines
+    assert "| `best_finetune` | normalized | 0.836 | 0.722 | 163 |" in lines
+    assert "| `phash` | raw | 0.500 | 0.400 | – |" in lines

@@ -338,7 +338,8 @@ def memory_reading(summary_csv: Path) -> str:
             f"{mem['mean_norm_end']:.2f} and {none['mean_norm_end']:.2f}, but with the memory its negatives are "
             f"{mem['share_from_memory_end']:.0%} of the active pairs and give nearly all of the gradient "
             f"({mem['grad_memory_end']:.4f} against {mem['grad_batch_end']:.5f} from the batch). Val μAP "
-            f"{mem['val_muap']:.3f} with the memory, {none['val_muap']:.3f} without." + "".join(momentum_reading(run, mem) for run in momentum))
+            f"{mem['val_muap']:.3f} with the memory, {none['val_muap']:.3f} without."
+            + "".join(momentum_reading(run, mem) for run in momentum))
 
 
 def momentum_reading(run: dict, plain: dict) -> str:
@@ -641,7 +642,8 @@ def unlabelled_note(trained: pd.DataFrame) -> str:
     row = large.iloc[0]
     return (f" The large folder's precision leaves out the pairs of two of its extra pictures, which carry no "
             f"labels among themselves (icon themes hold one design in many variants: "
-            f"results/dedup/unlabelled_pairs.png); counting each such pair as wrong, normalized precision is "
+            f"[a sample](results/dedup/unlabelled_pairs.png)); counting each such pair as wrong, normalized "
+            f"precision is "
             f"{row['precision_all']:.2f}, a lower bound.")
 
 

@@ -135,12 +135,14 @@ def recipe_params(params: dict, recipe: str) -> dict:
 
 def flatten(tree: dict, prefix: str = "", base: dict | None = None) -> list[tuple[str, Any]]:
     """Leaves of a nested mapping as (dotted key, value), in file order.  With `base`, a
-    mapping whose key is not a mapping in `base` (null there, say) stays one leaf."""
+    mapping whose key is not a mapping in `base` (null there, say), or that adds keys the
+    mapping in `base` lacks (a recipe's section naming a setting the recipe did not), stays
+    one leaf: `dvc exp run -S` and set_dotted set existing keys only."""
     leaves: list[tuple[str, Any]] = []
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         below = base.get(key) if isinstance(base, dict) else None
-        if isinstance(value, dict) and value and (base is None or isinstance(below, dict)):
+        if isinstance(value, dict) and value and (base is None or (isinstance(below, dict) and set(value) <= set(below))):
             leaves.extend(flatten(value, dotted + ".", below if base is not None else None))
         else:
             leaves.append((dotted, value))

@@ -72,3 +72,30 @@ def test_dotted_override_parses_yaml_values_and_rejects_unknown_keys():
 def test_deep_merge_keeps_untouched_keys():
     merged = deep_merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 5}})
     assert merged == {"a": {"b": 5, "c": 2}, "d": 3}
+
+
+def test_the_full_profiles_paper_recipe_fills_its_memory_with_a_momentum_encoder():
+    """At the full corpus's scale the paper's memory of 10,240 holds less than an epoch: the
+    `paper` recipe keeps it with the measured remedy (results/sweep/memory_all), `best` trains
+    without it, and the default profile keeps the paper's memory as the paper states it."""
+    from mtl.training.config import StageConfig
+
+    full = load_params(ROOT / "params.yaml", profile=ROOT / "profiles" / "full.yaml")
+    paper = StageConfig.from_params(recipe_params(full, "paper"), "frozen")
+    assert (paper.memory_size, paper.memory_momentum) == (10240, 0.99)
+    assert StageConfig.from_params(recipe_params(full, "best"), "frozen").memory_size == 0
+    default = StageConfig.from_params(recipe_params(load_params(ROOT / "params.yaml"), "paper"), "frozen")
+    assert (default.memory_size, default.memory_momentum) == (10240, 0.0)
+
+
+def test_a_profile_mapping_that_adds_a_key_is_set_whole():
+    from mtl.params import flatten
+
+    base = {"recipes": {"paper": {"loss": {"margin": 0.45, "memory_size": 10240}}}, "loss": {"margin": 0.3}}
+    overlay = {"recipes": {"paper": {"loss": {"margin": 0.45, "memory_size": 10240, "memory_momentum": 0.99}}},
+               "loss": {"margin": 0.5}}
+    assert flatten(overlay, base=base) == [
+        ("recipes.paper.loss", {"margin": 0.45, "memory_size": 10240, "memory_momentum": 0.99}), ("loss.margin", 0.5)]
+    for key, value in flatten(overlay, base=base):  # each leaf is a key the base has
+        set_dotted(base, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    assert base["recipes"]["paper"]["loss"]["memory_momentum"] == 0.99

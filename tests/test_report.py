@@ -247,3 +247,27 @@ def test_the_headline_table_names_each_method_and_counts_false_positives_in_whol
     assert "| `best_finetune` | raw | 0.784 | 0.622 | 556 |" in lines
     assert "| `best_finetune` | normalized | 0.836 | 0.722 | 163 |" in lines
     assert "| `phash` | raw | 0.500 | 0.400 | – |" in lines
+
+
+def test_the_memory_at_scale_finding_reads_the_memory_sweeps(tmp_path):
+    from mtl.report import memory_at_scale
+
+    def sweep(name, rows):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(tmp_path / "sweep" / name / "table.csv", index=False)
+
+    def row(variant, muap):
+        return {"variant": variant, "val_muap": muap, "val_recall_at_p90": muap - 0.1, "val_muap_norm": muap + 0.03}
+
+    assert memory_at_scale(tmp_path) == ""  # no sweep at all pictures yet
+    sweep("memory_all", [row("no_memory", 0.848), row("momentum_0.99", 0.874)])
+    text = memory_at_scale(tmp_path)
+    assert "— **holds**: stage 1 on every training picture" in text and "val μAP 0.874 vs. 0.848" in text
+    assert "5,000" not in text
+    sweep("memory_5k", [row("no_memory", 0.834), row("memory", 0.239), row("momentum_0.99", 0.840)])
+    assert "at 5,000 pictures 0.840 vs. 0.834, and 0.239 with the plain memory" in memory_at_scale(tmp_path)
+    sweep("memory_default", [row("no_memory", 0.88), row("memory", 0.89), row("momentum_0.99", 0.885)])
+    pd.DataFrame([row("no_memory", 0.848), row("momentum_0.99", 0.852)]).to_csv(
+        tmp_path / "sweep" / "memory_all" / "table.csv", index=False)  # a gain under 0.01 is not counted
+    text = memory_at_scale(tmp_path)
+    assert "— **does not hold here**" in text and "on the default corpus" in text

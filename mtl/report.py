@@ -276,7 +276,7 @@ def diagnosis_tables(results_dir: Path) -> dict[str, str]:
     return tables
 
 
-PROBE_QUANTITIES = [("mean_norm", "|batch mean|"), ("batch_similarity", "cos within batch"),
+PROBE_QUANTITIES = [("mean_norm", "‖batch mean‖"), ("batch_similarity", "cos within batch"),
                     ("memory_alignment", "cos(batch mean, memory mean)"),
                     ("share_from_memory", "active negatives from memory"),
                     ("grad_memory", "gradient from memory"), ("grad_batch", "gradient from batch"),

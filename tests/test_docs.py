@@ -54,6 +54,22 @@ def test_every_link_resolves(page):
     assert not broken, f"{page.name}: broken links {broken}"
 
 
+CELL_BORDER = re.compile(r"(?<!\\)\|")  # an unescaped pipe ends a table cell
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_every_table_row_has_as_many_cells_as_its_header(page):
+    """A pipe inside a cell (a header written |x|, say) splits it and shifts the whole row."""
+    lines, ragged = page.read_text().splitlines(), []
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("|") and re.fullmatch(r"\|[-:| ]+\|", lines[i + 1]) and not lines[i - 1].startswith("|"):
+            width = len(CELL_BORDER.split(line))
+            rows = [n for n in range(i + 1, len(lines)) if lines[n].startswith("|")]
+            rows = rows[:next((k for k, n in enumerate(rows) if n != rows[0] + k), len(rows))]
+            ragged += [n + 1 for n in rows if len(CELL_BORDER.split(lines[n])) != width]
+    assert not ragged, f"{page.name}: table rows with another number of cells than their header, lines {ragged}"
+
+
 def test_the_readme_leads_and_every_page_is_linked_from_it():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 300

@@ -142,7 +142,8 @@ def flatten(tree: dict, prefix: str = "", base: dict | None = None) -> list[tupl
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         below = base.get(key) if isinstance(base, dict) else None
-        if isinstance(value, dict) and value and (base is None or (isinstance(below, dict) and set(value) <= set(below))):
+        only_known_keys = isinstance(value, dict) and isinstance(below, dict) and set(value) <= set(below)
+        if isinstance(value, dict) and value and (base is None or only_known_keys):
             leaves.extend(flatten(value, dotted + ".", below if base is not None else None))
         else:
             leaves.append((dotted, value))

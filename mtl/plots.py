@@ -160,9 +160,8 @@ def diagnosis(active: pd.DataFrame, staleness: pd.DataFrame, path: str | Path) -
 def memory_probe(probe: pd.DataFrame, path: str | Path, smooth: int = 5) -> Path:
     """The memory probe (mtl.memory_study) over a stage-1 run, one line per run (memory size
     and momentum): how bunched the batch is, where it sits against the memory, and where the
-    gradient on the anchors comes from."""
-    if "label" not in probe:  # a probe.csv from before runs had names: the memory size names them
-        probe = probe.assign(label=[f"memory {m:,}" if m else "no memory" for m in probe["memory_size"]])
+    gradient on the anchors comes from.  `probe` carries each run's `label`
+    (mtl.memory_study.with_run_names)."""
     panels = [("mean_norm", "|mean of the batch's embeddings|"),
               ("batch_similarity", "mean cosine, different pictures in the batch"),
               ("memory_alignment", "cos(batch mean, memory mean)"),

@@ -75,7 +75,8 @@ def headline_table(methods_csv: Path) -> str:
                     if isinstance(row.get(count), float) and math.isfinite(row[count]):
                         row[count] = int(row[count])
                 rows.append(row)
-    return markdown_table(rows, [(k, h) for k, h in HEADLINE_COLUMNS if k in frame.columns or k in ("method", "scale")])
+    return markdown_table(rows, [(k, h) for k, h in HEADLINE_COLUMNS
+                                 if k in frame.columns or k in ("method", "scale")])
 
 
 def backgrounds_table(backgrounds_csv: Path) -> str:
@@ -296,6 +297,18 @@ def memory_probe_table(summary_csv: Path) -> str:
     return markdown_table(rows, [("run", "run (stage 1)"), *PROBE_QUANTITIES, ("val_muap", "val μAP")])
 
 
+def _early_peak(run: dict, key: str) -> float:
+    """A run's highest `key` over its early steps; the early mean in a summary from before the
+    extremes were kept (mtl.memory_study.EXTREMES)."""
+    return run.get(f"{key}_early_max", run[f"{key}_early"])
+
+
+def _early_lowest_alignment(run: dict) -> float:
+    """A run's lowest cosine between the batch's mean and the memory's over its early steps
+    (the early mean in a summary from before the extremes were kept)."""
+    return run.get("memory_alignment_early_min", run["memory_alignment_early"])
+
+
 def memory_reading(summary_csv: Path) -> str:
     """The probe's verdict on the hypothesis (mtl.memory_study). The bunching is a transient of
     the early steps, so it is read from their extremes where the summary has them: with the
@@ -312,14 +325,12 @@ def memory_reading(summary_csv: Path) -> str:
     size = max(runs)
     mem, none = runs[size], runs[0]
     momentum = summary[(summary["momentum"] > 0) & (summary["memory_size"] == size)].to_dict("records")
-
-    def peak(run: dict, key: str) -> float:
-        return run.get(f"{key}_early_max", run[f"{key}_early"])
+    peak = _early_peak
 
     def climbs(run: dict, key: str) -> bool:
         return peak(run, key) > run[f"{key}_start"] + 0.02
 
-    lowest = mem.get("memory_alignment_early_min", mem["memory_alignment_early"])
+    lowest = _early_lowest_alignment(mem)
     further = all(peak(mem, key) > peak(none, key) + 0.02 for key in ("mean_norm", "batch_similarity"))
     bunches = climbs(mem, "mean_norm") and climbs(mem, "batch_similarity")
     control = climbs(none, "mean_norm") and climbs(none, "batch_similarity")
@@ -344,11 +355,10 @@ def memory_reading(summary_csv: Path) -> str:
 
 def momentum_reading(run: dict, plain: dict) -> str:
     """What a momentum encoder filling the memory changes, against the plain memory run."""
-    lowest = run.get("memory_alignment_early_min", run["memory_alignment_early"])
     return (f" With a momentum encoder (m={run['momentum']:g}) filling the same memory, the early batch bunches "
-            f"to norm {run.get('mean_norm_early_max', run['mean_norm_early']):.2f} and cosine "
-            f"{run.get('batch_similarity_early_max', run['batch_similarity_early']):.2f} at most and stays with the "
-            f"memory (their cosine {lowest:.2f} at its lowest); the memory gives "
+            f"to norm {_early_peak(run, 'mean_norm'):.2f} and cosine {_early_peak(run, 'batch_similarity'):.2f} at "
+            f"most and stays with the memory (their cosine {_early_lowest_alignment(run):.2f} at its lowest); the "
+            f"memory gives "
             f"{run['share_from_memory_early']:.0%} of the early active negatives "
             f"({plain['share_from_memory_early']:.0%} without momentum) and as much gradient as the batch "
             f"({run['grad_memory_early']:.4f} against {run['grad_batch_early']:.4f}; "
@@ -673,8 +683,7 @@ def unlabelled_note(trained: pd.DataFrame) -> str:
     return (f" The large folder's precision leaves out the pairs of two of its extra pictures, which carry no "
             f"labels among themselves (icon themes hold one design in many variants: "
             f"[a sample](results/dedup/unlabelled_pairs.png)); counting each such pair as wrong, normalized "
-            f"precision is "
-            f"{row['precision_all']:.2f}, a lower bound.")
+            f"precision is {row['precision_all']:.2f}, a lower bound.")
 
 
 def transfer_reading(normalized: pd.DataFrame, target: float = 0.9) -> str:
@@ -709,7 +718,8 @@ def replace_block(text: str, name: str, content: str) -> str:
 DEDUP_COLUMNS = [
     ("folder", "folder"), ("images", "images"), ("method", "method"), ("scale", "scores"), ("threshold", "threshold"),
     ("predicted_pairs", "pairs"), ("precision", "precision"), ("precision_labelled", "precision, labelled pairs"),
-    ("recall", "recall"), ("f1", "F1"), ("f1_labelled", "F1, labelled pairs"), ("s_per_1000_images", "s / 1,000 images"), ("images_per_second", "img/s"),
+    ("recall", "recall"), ("f1", "F1"), ("f1_labelled", "F1, labelled pairs"),
+    ("s_per_1000_images", "s / 1,000 images"), ("images_per_second", "img/s"),
     ("warm_s_per_1000_images", "rerun s / 1,000"), ("peak_mb", "peak MB"),
 ]
 

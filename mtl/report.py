@@ -178,7 +178,7 @@ def features_table(metrics: dict) -> str:
 
 RECIPE_SETTINGS = [
     ("margin", "margin α"), ("memory_size", "memory"), ("memory_fix", "memory remedy"), ("lambda_koleo", "KoLeo λ"),
-    ("views", "views"), ("source", "stage-1 input"), ("epochs", "epochs"), ("lr", "lr"),
+    ("views", "views"), ("photo_repeats", "photo repeats"), ("source", "stage-1 input"), ("epochs", "epochs"), ("lr", "lr"),
     ("warmup_steps", "warm-up steps"), ("branch_lr_scale", "branch lr ×"), ("bn", "backbone BatchNorm"),
     ("embed_pool", "pooling"),
 ]

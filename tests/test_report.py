@@ -35,7 +35,7 @@ def test_gather_and_readme_tables(tmp_path):
     assert "| best/frozen | 2 | 40 | 0.500 | 0.600 |" in text
     assert "| memory_0 | loss.memory_size=0 | 0.500 | 0.700 |" in text
     # the recipes, read from params.yaml: real learning rates, the paper's differing cells in bold
-    assert "| paper / frozen | 0.45 | 10,240 | none (the paper's) | 0 | chain | features |" in text
+    assert "| paper / frozen | 0.45 | 10,240 | none (the paper's) | 0 | chain | **1** | features |" in text
     assert "| **4e-6** |" in text and "| best / frozen |" in text and "| 1e-4 |" in text
 
 
@@ -271,3 +271,17 @@ def test_the_memory_at_scale_finding_reads_the_memory_sweeps(tmp_path):
         tmp_path / "sweep" / "memory_all" / "table.csv", index=False)  # a gain under 0.01 is not counted
     text = memory_at_scale(tmp_path)
     assert "— **does not hold here**" in text and "on the default corpus" in text
+
+
+def test_the_recipe_table_reads_each_recipes_photo_repeats_from_the_parameters():
+    from mtl.params import read_yaml
+    from mtl.report import recipes_table
+
+    params = read_yaml("params.yaml")
+    params["train"]["photo_repeats"] = 3
+    params["recipes"]["paper"]["train"] = {"photo_repeats": 1}
+    rows = {line.split("|")[1].strip(): line for line in recipes_table(params).splitlines()[2:]}
+    header = [cell.strip() for cell in recipes_table(params).splitlines()[0].split("|")]
+    column = header.index("photo repeats")
+    assert rows["best / frozen"].split("|")[column].strip() == "3"
+    assert rows["paper / finetune"].split("|")[column].strip() == "**1**"   # differs from best: bold

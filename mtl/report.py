@@ -70,11 +70,7 @@ def headline_table(methods_csv: Path) -> str:
         for name in (method, f"{method}_norm"):
             if name in frame.index:
                 base, scale = split_normalized(name)
-                row = {**frame.loc[name].to_dict(), "method": f"`{base}`", "scale": scale}
-                for count in ("fp_at_threshold", "fp_photo"):  # a row of floats: counts back to whole numbers
-                    if isinstance(row.get(count), float) and math.isfinite(row[count]):
-                        row[count] = int(row[count])
-                rows.append(row)
+                rows.append({**frame.loc[name].to_dict(), "method": f"`{base}`", "scale": scale})
     return markdown_table(rows, [(k, h) for k, h in HEADLINE_COLUMNS
                                  if k in frame.columns or k in ("method", "scale")])
 

@@ -25,11 +25,22 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+# Columns that count things: a pandas row of floats brings them as 60.0, shown as 60.
+COUNT_COLUMNS = frozenset({"fp_at_threshold", "fp_photo"})
+
+
+def cell(key: str, value) -> str:
+    """One table cell: `fmt`, with counts as whole numbers."""
+    if key in COUNT_COLUMNS and isinstance(value, float) and math.isfinite(value) and value == int(value):
+        value = int(value)
+    return fmt(value)
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """rows of dicts → a Markdown table; columns are (key, header)."""
     head = "| " + " | ".join(h for _, h in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(cell(k, r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 

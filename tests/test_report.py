@@ -285,3 +285,13 @@ def test_the_recipe_table_reads_each_recipes_photo_repeats_from_the_parameters()
     column = header.index("photo repeats")
     assert rows["best / frozen"].split("|")[column].strip() == "3"
     assert rows["paper / finetune"].split("|")[column].strip() == "**1**"   # differs from best: bold
+
+
+def test_false_positive_counts_are_whole_numbers_in_every_table_however_small():
+    from mtl.tables import markdown_table
+
+    rows = [{"fp_at_threshold": 60.0, "fp_photo": 7.0, "muap": 0.5, "wall_seconds": 60.0},
+            {"fp_at_threshold": float("nan"), "fp_photo": 1234.0, "muap": 0.25, "wall_seconds": 12.5}]
+    table = markdown_table(rows, [("fp_at_threshold", "FP"), ("fp_photo", "FP photos"), ("muap", "μAP"),
+                                  ("wall_seconds", "wall s")])
+    assert table.splitlines()[2:] == ["| 60 | 7 | 0.500 | 60.0 |", "| – | 1,234 | 0.250 | 12.5 |"]

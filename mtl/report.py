@@ -412,6 +412,16 @@ def _work_key(stage: str) -> str:
     return {"evaluate": "retrieval"}.get(stage, stage)
 
 
+def _stage_work(stage_metrics: dict, stage: str) -> tuple[float | None, str]:
+    """A stage's own work in this run and its row label.  A training stage's work is its
+    `stage_wall_seconds` (its `wall_seconds` is the training's, which a reused finished run
+    did not spend again: the label says so, with what the training once took)."""
+    work = stage_metrics.get("stage_wall_seconds", stage_metrics.get("wall_seconds"))
+    if stage_metrics.get("reused_finished_run"):
+        return work, f"{stage} (its finished run reused; trained in {fmt(stage_metrics['wall_seconds'])} s)"
+    return work, stage
+
+
 def timing_table(metrics: dict, results_dir: Path = RESULTS) -> str:
     """Every stage's wall time as `dvc repro` ran it (results/timing/, written by
     scripts/stage: the interpreter, the notebook kernel and papermill included), its own
@@ -425,8 +435,8 @@ def timing_table(metrics: dict, results_dir: Path = RESULTS) -> str:
     before_walls = (before or {}).get("stages", {})
     rows = []
     for stage in sorted({*walls, *(s for s, v in before_walls.items() if v is not None)}, key=stage_rank):
-        wall, work = walls.get(stage), (metrics.get(_work_key(stage)) or {}).get("wall_seconds")
-        rows.append({"stage": stage, "wall": wall, "work": work if wall is not None else None,
+        wall, work, label = walls.get(stage), *_stage_work(metrics.get(_work_key(stage)) or {}, stage)
+        rows.append({"stage": label, "wall": wall, "work": work if wall is not None else None,
                      "overhead": wall - work if wall is not None and work is not None else None,
                      "before": before_walls.get(stage)})
     total = sum(r["wall"] for r in rows if r["wall"] is not None)

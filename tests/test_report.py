@@ -295,3 +295,39 @@ def test_false_positive_counts_are_whole_numbers_in_every_table_however_small():
     table = markdown_table(rows, [("fp_at_threshold", "FP"), ("fp_photo", "FP photos"), ("muap", "μAP"),
                                   ("wall_seconds", "wall s")])
     assert table.splitlines()[2:] == ["| 60 | 7 | 0.500 | 60.0 |", "| – | 1,234 | 0.250 | 12.5 |"]
+
+
+def test_a_reused_training_run_is_timed_as_this_run_spent_it_and_says_so(tmp_path):
+    from mtl.report import timing_table
+
+    (tmp_path / "timing").mkdir()
+    for stage, wall in (("train_frozen@paper", 7.7), ("train_frozen@best", 61.6)):
+        (tmp_path / "timing" / f"{stage}.json").write_text(json.dumps({"stage": stage, "wall_seconds": wall}))
+    metrics = {"train/paper/frozen": {"wall_seconds": 27.4, "stage_wall_seconds": 0.4, "reused_finished_run": True},
+               "train/best/frozen": {"wall_seconds": 50.0, "stage_wall_seconds": 52.5, "reused_finished_run": False}}
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in timing_table(metrics, tmp_path).splitlines()[2:]}
+    assert lines["train_frozen@paper (its finished run reused; trained in 27.4 s)"] == ["7.700", "0.400", "7.300"]
+    assert lines["train_frozen@best"] == ["61.6", "52.5", "9.100"]
+
+
+def test_the_training_stage_records_whether_it_reused_a_finished_run(tmp_path, monkeypatch):
+    from mtl.study import training_stages
+
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+
+    def fake_train(params, stage, out, init):      # trains only when no final checkpoint exists
+        final = out_dir / "final.pt"
+        if not final.is_file():
+            final.write_bytes(b"weights")
+        (out_dir / "log.csv").write_text("epoch,train_total\n1,0.5\n")
+        return final
+
+    monkeypatch.setattr(training_stages, "train_run", fake_train)
+    monkeypatch.setattr(training_stages.plots, "loss_curves", lambda *a, **k: None)
+    monkeypatch.setattr(training_stages, "summarize_log", lambda log: {"wall_seconds": 1.0})
+    params = {"loss": {"memory_size": 0, "margin": 0.45}}
+    first = training_stages.train_stage_report(params, "r", "frozen", out_dir, results_dir=tmp_path / "res")
+    again = training_stages.train_stage_report(params, "r", "frozen", out_dir, results_dir=tmp_path / "res")
+    assert (first["reused_finished_run"], again["reused_finished_run"]) == (False, True)

@@ -46,8 +46,13 @@ def train_stage_report(params: dict, run_name: str, stage: str, out_dir: str | P
                        init: str | Path | None = None, results_dir: str | Path | None = None) -> dict:
     """Train, then write the log, the loss curves (Fig. 3 / Fig. 4) and the metrics."""
     results_dir = Path(results_dir or RESULTS / run_name)
+    final = Path(out_dir) / "final.pt"
+    final_before = final.stat().st_mtime_ns if final.is_file() else None
     with stopwatch() as timing:
         train_run(params, stage, out_dir, init)
+    # A finished run of the same inputs is reused, not trained again (mtl.training.loop):
+    # the timing table then says so instead of setting the old training time beside this run.
+    reused = final_before is not None and final.stat().st_mtime_ns == final_before
     log = pd.read_csv(Path(out_dir) / "log.csv")
     write_csv(log, results_dir / "log.csv")
     title = {"frozen": "Stage 1: backbone frozen, branches trained",
@@ -57,5 +62,6 @@ def train_stage_report(params: dict, run_name: str, stage: str, out_dir: str | P
     metrics = summarize_log(log)
     metrics["memory_size"] = memory
     metrics["stage_wall_seconds"] = timing["seconds"]
+    metrics["reused_finished_run"] = reused
     write_json(results_dir / "metrics.json", metrics)
     return metrics

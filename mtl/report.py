@@ -542,6 +542,10 @@ def _claims_of_recipe(r: dict, recipe: str) -> list[str]:
             text += (f"; where it can bite, photo queries in the mixed gallery, {_verdict(cut)}: "
                      f"{fine['fp_photo']:.0f} → {gate['fp_photo']:.0f} (photo μAP {fine['muap_photo']:.3f} → "
                      f"{gate['muap_photo']:.3f})")
+        if _number(fine.get("fp_same_type")) is not None and fine["fp_at_threshold"]:
+            text += (f". Why: {fine['fp_same_type']:.0f} of its {fine['fp_at_threshold']:.0f} false positives pair "
+                     f"two images of one content type (clip art with clip art, photograph with photograph), which "
+                     f"no class gate can tell apart, with two classes or with photographs as a third")
         lines.append(text + f". A cut of at least {FP_CUT:.0%} at no more than {MUAP_TOLERANCE} μAP counts.")
     return lines
 

@@ -132,6 +132,25 @@ def test_evaluate_methods_gives_one_table_and_the_decisions_cut_false_positives(
     assert set(pd.read_csv(written["per_transformation"])["transformation"]) == {"blur", "crop"}
 
 
+def test_false_positives_are_counted_by_content_type_and_the_gate_removes_those_across_types(tmp_path):
+    from mtl.eval.evaluation import evaluate_methods
+
+    rng = np.random.default_rng(0)
+    per_split = {split: _write_split(tmp_path, split, rng) for split in ("val", "test")}
+    embeddings = {m: {s: per_split[s][m] for s in per_split} for m in ("backbone_gap1280", "mtl_finetune")}
+    # precision 0.5: a threshold low enough to accept wrong matches
+    evaluation = evaluate_methods(tmp_path / "eval", embeddings, k=5, betas=[0.0], decisions_from=["mtl_finetune"],
+                                  normalize=False, target_precision=0.5)
+    table = evaluation.table.set_index("method")
+    kinds = evaluation.false_positive_kinds(["mtl_finetune", "mtl_finetune_gate"])
+    assert list(kinds.columns) == ["method", "query_type", "reference_type", "same_type", "false_positives"]
+    for method in ("mtl_finetune", "mtl_finetune_gate"):    # they add up to the table's count
+        assert kinds[kinds["method"] == method]["false_positives"].sum() == table.loc[method, "fp_at_threshold"]
+    across = kinds[~kinds["same_type"]].groupby("method")["false_positives"].sum()
+    # distractors sit next to a reference of the other class: wrong matches across types, which the gate drops
+    assert across.get("mtl_finetune", 0) > 0 and across.get("mtl_finetune_gate", 0) == 0
+
+
 def test_every_method_gets_a_normalized_row_with_val_chosen_parameters(tmp_path):
     from mtl.eval.evaluation import evaluate_methods
 

@@ -331,3 +331,17 @@ def test_the_training_stage_records_whether_it_reused_a_finished_run(tmp_path, m
     first = training_stages.train_stage_report(params, "r", "frozen", out_dir, results_dir=tmp_path / "res")
     again = training_stages.train_stage_report(params, "r", "frozen", out_dir, results_dir=tmp_path / "res")
     assert (first["reused_finished_run"], again["reused_finished_run"]) == (False, True)
+
+
+def test_the_class_branch_finding_says_how_many_false_positives_share_a_content_type():
+    from mtl.report import _claims_of_recipe
+
+    base = {"muap": 0.8, "acc_at_1": 0.9, "muap_held_out": 0.3, "bytes_per_vector": 1280}
+    r = {"backbone_gap1280": {**base, "bytes_per_vector": 5120, "muap": 0.7},
+         "best_finetune": {**base, "fp_at_threshold": 575, "fp_same_type": 574},
+         "best_finetune_gate": {**base, "fp_at_threshold": 572}}
+    claim = next(line for line in _claims_of_recipe(r, "best") if "class branch" in line)
+    assert "**does not hold here**" in claim and "575 → 572 with the class gate" in claim
+    assert "574 of its 575 false positives pair two images of one content type" in claim
+    del r["best_finetune"]["fp_same_type"]                # not measured: no reason given
+    assert "Why" not in next(line for line in _claims_of_recipe(r, "best") if "class branch" in line)

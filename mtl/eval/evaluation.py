@@ -261,10 +261,36 @@ class MethodsEvaluation:
         })
         return out.sort_values("true_score", na_position="first", kind="stable").head(n).reset_index(drop=True)
 
+    def false_positive_kinds(self, methods: Sequence[str]) -> pd.DataFrame:
+        """The wrong matches each method accepts on test at its val-chosen threshold, counted by
+        the content type of the query's image and of the matched reference (`photo` for the photo
+        part, else the class): why a class gate can or cannot cut them, since it only separates
+        pairs whose types differ."""
+        split = self.test_split
+        query_type = _content_types(split.queries, "query_id")
+        reference_type = _content_types(split.references, "reference_id")
+        thresholds = self.table.set_index("method")["threshold"]
+        counts = []
+        for method in methods:
+            predictions = self._predictions(method)
+            wrong = predictions[(predictions["score"] >= thresholds[method]) & ~predictions["correct"]]
+            kinds = pd.DataFrame({"query_type": wrong["query_id"].map(query_type),
+                                  "reference_type": wrong["reference_id"].map(reference_type)})
+            table = kinds.value_counts().rename("false_positives").reset_index()
+            counts.append(table.assign(method=method, same_type=table["query_type"] == table["reference_type"]))
+        columns = ["method", "query_type", "reference_type", "same_type", "false_positives"]
+        return pd.concat(counts, ignore_index=True)[columns] if counts else pd.DataFrame(columns=columns)
+
     def _predictions(self, method: str) -> pd.DataFrame:
         if method not in self.test_predictions:
             raise KeyError(f"no method {method!r}; evaluated: {sorted(self.test_predictions)}")
         return self.test_predictions[method]
+
+
+def _content_types(frame: pd.DataFrame, id_column: str) -> pd.Series:
+    """id → `photo` for the eval set's photo part, else the image's class."""
+    photo = frame["part"].eq("photo") if "part" in frame else pd.Series(False, index=frame.index)
+    return pd.Series(np.where(photo, "photo", frame["class"].astype(str)), index=frame[id_column].astype(str))
 
 
 def image_pairs(frame: pd.DataFrame, caption_columns=("score", "transformation")) -> list[tuple[str, str, str]]:

@@ -64,6 +64,8 @@ MODELS = Path("models")
 HEADLINE_CURVES = ("phash", "dhash", "backbone_gap1280", "paper_finetune", "best_finetune", "best_finetune_160px")
 ABLATION_CURVES = ("backbone_pca320", "paper_frozen", "paper_frozen_mem0", "best_frozen", "best_frozen_mem0",
                    "best_finetune", "best_finetune_gate", "best_finetune_fusion", "best_finetune_gap1280")
+# The methods whose false positives are counted by content type (the class branch's claim).
+FALSE_POSITIVE_KIND_METHODS = ("backbone_gap1280", "paper_finetune", "best_finetune", "best_finetune_norm")
 # The methods whose normalization is also measured with a fixed background of training pictures.
 BACKGROUND_METHODS = ("backbone_gap1280", "paper_finetune", "best_finetune")
 
@@ -157,6 +159,8 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
     evaluation.save(results_dir)
     write_csv(background_table, results_dir / "backgrounds.csv")
     write_csv(folder_table, results_dir / "folder.csv")
+    kinds = evaluation.false_positive_kinds([m for m in FALSE_POSITIVE_KIND_METHODS if m in evaluation.test_predictions])
+    write_csv(kinds, results_dir / "false_positive_kinds.csv")
     curves = evaluation.pr_curve_arrays()
     headline = [m for m in HEADLINE_CURVES if m in curves]
     plots.pr_curves({"raw scores": {m: curves[m] for m in headline},
@@ -180,5 +184,7 @@ def evaluate_stage(params: dict, embeddings_dir: str | Path = "data/embeddings",
     metrics_path = results_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["wall_seconds"] = timing["seconds"]
+    for method, same in kinds[kinds["same_type"]].groupby("method")["false_positives"].sum().items():
+        metrics[method]["fp_same_type"] = int(same)   # wrong matches no class gate can separate
     write_json(metrics_path, metrics)
     return evaluation

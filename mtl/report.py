@@ -241,7 +241,9 @@ def generalization_table(table_csv: Path) -> str:
     frame["method"] = [m if m == "imagenet_gap1280" else Path(m).parent.parent.name + "_" + Path(m).parent.name
                        for m in frame["method"]]
     columns = [("method", "method"), ("image_size", "input px"), ("muap", "μAP"), ("acc_at_1", "acc@1"),
-               ("recall_at_p90", "R@P90"), ("muap_norm", "μAP normalized"), ("recall_at_p90_norm", "R@P90 normalized")]
+               ("recall_at_p90", "R@P90"), ("muap_photo", "μAP photos"), ("muap_clipart", "μAP clip art"),
+               ("muap_norm", "μAP normalized"), ("recall_at_p90_norm", "R@P90 normalized"),
+               ("muap_photo_norm", "μAP photos, normalized"), ("muap_clipart_norm", "μAP clip art, normalized")]
     return markdown_table(frame.to_dict("records"), [c for c in columns if c[0] in frame.columns])
 
 

@@ -90,3 +90,35 @@ def test_val_normalizations_come_from_the_operating_points(tmp_path):
         "phash": {"descriptor": "phash", "threshold": 0.7}}))
     assert val_normalizations(points, checkpoint) == {"gap1280": Normalization(3, 0.75), "mtl": Normalization(1, 0.5)}
     assert val_normalizations(points, tmp_path / "unknown.pt") == {"gap1280": Normalization(3, 0.75)}
+
+
+def test_the_photo_part_takes_the_unseen_packages_photographs_of_every_split(tmp_path, small_real_photos):
+    names = sorted(small_real_photos)
+    rows = []
+    for number, name in enumerate(names):
+        photo = number >= 4                          # the first four: general pictures, the rest photographs
+        source = "debian:opencv-doc" if photo else "debian:papirus-icon-theme"
+        small_real_photos[name].save(tmp_path / f"{name}.jpg", quality=95)
+        rows.append({"id": name, "path": f"{name}.jpg", "class": "scene" if photo else "clipart", "group": name,
+                     "split": ("train", "val", "test")[number % 3] if photo else "test", "source": source,
+                     "photo": str(photo)})
+    rows.append({**rows[-1], "id": "seen", "group": "seen", "source": "debian:endless-sky-data"})  # a default package
+    with (tmp_path / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    general = unseen_pictures(tmp_path / "manifest.csv", "default")
+    photos = unseen_pictures(tmp_path / "manifest.csv", "default", split=None, photos=True)
+    assert [r["id"] for r in general] == names[:4]
+    assert [r["id"] for r in photos] == names[4:]        # every split, not the default package's photograph
+    split = build_split(general, tmp_path, tmp_path / "out", references=2, photo_rows=photos, photo_references=1)
+    with (split / "references.csv").open(newline="") as handle:
+        references = {r["reference_id"]: r["part"] for r in csv.DictReader(handle)}
+    with (split / "queries.csv").open(newline="") as handle:
+        queries = list(csv.DictReader(handle))
+    assert sorted(references.values()) == ["general", "general", "photo"]
+    assert [ref for ref, part in references.items() if part == "photo"][0] in names[4:]
+    photo_queries = [q for q in queries if q["part"] == "photo"]
+    assert len(queries) == 6 and len(photo_queries) == 2
+    assert all(q["source_id"] in names[4:] for q in photo_queries)
+    assert sum(bool(q["reference_id"]) for q in photo_queries) == 1   # one copy, one distractor

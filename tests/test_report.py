@@ -345,3 +345,20 @@ def test_the_class_branch_finding_says_how_many_false_positives_share_a_content_
     assert "574 of its 575 false positives pair two images of one content type" in claim
     del r["best_finetune"]["fp_same_type"]                # not measured: no reason given
     assert "Why" not in next(line for line in _claims_of_recipe(r, "best") if "class branch" in line)
+
+
+def test_the_unseen_photographs_finding_reads_the_generalization_table(tmp_path):
+    from mtl.report import unseen_photographs
+
+    assert unseen_photographs(tmp_path) == ""                      # no check recorded: no line
+    (tmp_path / "generalization").mkdir()
+    table = tmp_path / "generalization" / "table.csv"
+    table.write_text("method,image_size,muap,muap_photo,muap_clipart,muap_photo_norm\n"
+                     "imagenet_gap1280,112,0.40,0.30,0.45,0.50\n"
+                     "models/best/finetune/final.pt,112,0.45,0.36,0.50,0.52\n"
+                     "models/best/finetune/final.pt,160,0.55,0.90,0.90,0.90\n")
+    line = unseen_photographs(tmp_path)
+    assert "**does not hold here**: photo μAP 0.360 vs. 0.300 (+0.060), normalized 0.520 vs. 0.500 (+0.020)" in line
+    assert "clip art 0.500 vs. 0.450 (+0.050)" in line              # the training size, not 160 px
+    table.write_text(table.read_text().replace("0.52\n", "0.54\n", 1))
+    assert "**holds**" in unseen_photographs(tmp_path)

@@ -9,13 +9,16 @@ art the default profile never sees), keeping only images from packages outside a
 package set, and edits each query with transformations that are in no family of
 mtl.data.transforms: pasted small onto another picture (collage), skewed, striped,
 flipped upside down, pixelated with noise, blurred inside a border.  Ground truth as in
-the evaluation set: one reference per picture, distractors from the other pictures.
+the evaluation set: one reference per picture, distractors from the other pictures.  The
+real photographs of those packages (every split: the default study trains on none of
+them) make a photo part of their own, searched in the same gallery (the `part` column).
 
     python -m mtl.eval.generalization --manifest data/corpus_full/manifest.csv \\
         --checkpoint models/paper/finetune/final.pt --checkpoint models/best/finetune/final.pt
 
 writes the split to `--split-dir` and `results/generalization/table.csv`: μAP, acc@1 and
-R@P90 of each checkpoint's embedding and of the ImageNet backbone's 1280-d output.
+R@P90 of each checkpoint's embedding and of the ImageNet backbone's 1280-d output, and μAP
+of the photo part's queries and of the clip-art queries apart.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter, ImageOps
 
+from mtl.data.manifest import is_photo_row
 from mtl.data.packages import package_names
 from mtl.eval.evaluation import EvalConfig, checkpoint_scores
 from mtl.eval.normalize import Normalization
@@ -84,19 +88,19 @@ UNSEEN_EDITS: dict[str, Edit] = {"collage": collage, "skew": skew, "stripes": st
                                  "pixelated_noise": pixelated_noise, "blurred_border": blurred_border}
 
 
-def unseen_pictures(manifest_csv: Path, exclude_set: str, split: str | None = "test") -> list[dict[str, str]]:
+def unseen_pictures(manifest_csv: Path, exclude_set: str, split: str | None = "test",
+                    photos: bool = False) -> list[dict[str, str]]:
     """Rows of the manifest from packages outside `exclude_set` (mtl.data.packages), of one
-    split (every split with None)."""
+    split (every split with None): the real photographs with `photos`, the rest without."""
     excluded = set(package_names(exclude_set))
     with manifest_csv.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if split is None or r["split"] == split]
-    return [r for r in rows if r["source"].removeprefix("debian:") not in excluded]
+    return [r for r in rows if r["source"].removeprefix("debian:") not in excluded and is_photo_row(r) == photos]
 
 
-def build_split(rows: list[dict[str, str]], corpus_dir: Path, out_dir: Path, references: int,
-                seed: int = 7) -> Path:
-    """Write references.csv, queries.csv and the images (evaluation-set format) to out_dir/test."""
-    rng = np.random.default_rng(seed)
+def _references_and_others(rows: list[dict[str, str]], references: int,
+                           rng: np.random.Generator) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """One image of each of `references` seeded pictures, and every image of the other pictures."""
     by_picture: dict[str, list[dict[str, str]]] = {}
     for row in sorted(rows, key=lambda r: r["id"]):
         by_picture.setdefault(row["group"], []).append(row)
@@ -106,21 +110,38 @@ def build_split(rows: list[dict[str, str]], corpus_dir: Path, out_dir: Path, ref
         raise ValueError(f"{len(pictures)} pictures, too few for {references} references and as many distractors")
     chosen = [by_picture[p][int(rng.integers(len(by_picture[p])))] for p in pictures[:references]]
     others = [row for p in pictures[references:] for row in by_picture[p]]
-    others = [others[i] for i in rng.permutation(len(others))]
+    return chosen, [others[i] for i in rng.permutation(len(others))]
+
+
+def build_split(rows: list[dict[str, str]], corpus_dir: Path, out_dir: Path, references: int,
+                seed: int = 7, photo_rows: Sequence[dict[str, str]] = (), photo_references: int = 0) -> Path:
+    """Write references.csv, queries.csv and the images (evaluation-set format) to out_dir/test:
+    a general part from `rows` and, with `photo_references`, a photo part from `photo_rows`
+    (one reference per photograph, a copy of each, distractors from the other photographs),
+    both searched in one gallery as in the evaluation set (the `part` column)."""
+    rng = np.random.default_rng(seed)
+    chosen, others = _references_and_others(rows, references, rng)
+    parts = [("general", chosen, others[:references])]
+    if photo_references:
+        photo_chosen, photo_others = _references_and_others(list(photo_rows), photo_references, rng)
+        parts.append(("photo", photo_chosen, photo_others[:photo_references]))
     # Collage backgrounds: other pictures, never a reference's.
     backgrounds = [Image.open(corpus_dir / r["path"]).convert("RGB") for r in others[:40]]
     split = out_dir / "test"
     (split / "references").mkdir(parents=True, exist_ok=True)
     (split / "queries").mkdir(exist_ok=True)
-    for row in chosen:
+    gallery = [(part, row) for part, refs, _ in parts for row in refs]
+    for _, row in gallery:
         Image.open(corpus_dir / row["path"]).convert("RGB").save(split / "references" / f"{row['id']}.jpg", quality=95)
-    write_csv(pd.DataFrame({"reference_id": [r["id"] for r in chosen],
-                            "path": [f"references/{r['id']}.jpg" for r in chosen],
-                            "class": [r["class"] for r in chosen]}), split / "references.csv")
-    plans = [(r, r["id"]) for r in chosen] + [(r, "") for r in others[:references]]
+    write_csv(pd.DataFrame({"reference_id": [r["id"] for _, r in gallery],
+                            "path": [f"references/{r['id']}.jpg" for _, r in gallery],
+                            "class": [r["class"] for _, r in gallery], "part": [part for part, _ in gallery]}),
+              split / "references.csv")
+    plans = [(part, r, r["id"]) for part, refs, _ in parts for r in refs] + \
+            [(part, r, "") for part, _, distractors in parts for r in distractors]
     names, queries = list(UNSEEN_EDITS), []
     for number, index in enumerate(rng.permutation(len(plans))):
-        row, reference = plans[index]
+        part, row, reference = plans[index]
         name = names[number % len(names)]
         edited = UNSEEN_EDITS[name](Image.open(corpus_dir / row["path"]).convert("RGB"),
                                     np.random.default_rng((seed, number)), backgrounds)
@@ -128,13 +149,14 @@ def build_split(rows: list[dict[str, str]], corpus_dir: Path, out_dir: Path, ref
             edited.save(tmp, quality=90)
         queries.append({"query_id": f"q{number:05d}", "path": f"queries/q{number:05d}.jpg", "class": row["class"],
                         "reference_id": reference, "transformation": name, "held_out": True,
-                        "source_id": row["id"], "source_group": row["group"]})
+                        "source_id": row["id"], "source_group": row["group"], "part": part})
     write_csv(pd.DataFrame(queries), split / "queries.csv")
     return split
 
 
 # Raw cosine and normalized scores (mtl.eval.normalize, k and β as the evaluation chose on val).
-SCORE_KEYS = ("muap", "acc_at_1", "recall_at_p90", "muap_norm", "acc_at_1_norm", "recall_at_p90_norm")
+SCORE_KEYS = ("muap", "acc_at_1", "recall_at_p90", "muap_photo", "muap_clipart", "muap_norm", "acc_at_1_norm",
+              "recall_at_p90_norm", "muap_photo_norm", "muap_clipart_norm")
 
 
 def val_normalizations(operating_points: Path, checkpoint: Path) -> dict[str, Normalization]:
@@ -180,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", action="append", required=True, type=Path,
                         help="repeatable; the first one's backbone gives the ImageNet row (a stage-1 checkpoint)")
     parser.add_argument("--references", type=int, default=300)
+    parser.add_argument("--photo-references", type=int, default=95,
+                        help="the photo part: real photographs of those packages, every split (0: none)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 160])
     parser.add_argument("--split-dir", type=Path, default=Path("data/generalization"))
     parser.add_argument("--out", type=Path, default=Path("results/generalization/table.csv"))
@@ -191,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = EvalConfig.from_params(load_params(args.params)["eval"])
     rows = unseen_pictures(args.manifest, args.exclude_package_set)
-    build_split(rows, args.manifest.parent, args.split_dir, args.references)
+    photos = unseen_pictures(args.manifest, args.exclude_package_set, split=None, photos=True)
+    build_split(rows, args.manifest.parent, args.split_dir, args.references, photo_rows=photos,
+                photo_references=args.photo_references)
     table = score_checkpoints(args.split_dir, args.checkpoint, args.sizes, cfg, args.operating_points)
     write_csv(table, args.out)
     print(table.to_string(index=False))
